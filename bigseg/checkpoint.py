@@ -1,0 +1,228 @@
+"""The one self-describing checkpoint format, and resolving `--model NAME|PATH` to a checkpoint.
+
+A checkpoint is a `torch.save`d dict of plain data and tensors only, so it loads with
+`weights_only=True`: architecture name and config, class names, palette, input normalisation,
+training metadata and the state dict. Shipped weights are listed in `weights/manifest.json`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigseg.errors import CheckpointError, InputError
+from bigseg.models import create_model, get_arch, model_config
+
+FORMAT = "bigseg-checkpoint"
+VERSION = 1
+WEIGHTS_DIR = Path(os.environ.get("BIGSEG_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
+
+
+@dataclass
+class Normalization:
+    """Input normalisation: x' = (x - mean) / std per band, x in 0..255 units."""
+
+    mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+
+
+@dataclass
+class Checkpoint:
+    arch: str
+    config: dict[str, Any]
+    classes: list[str]
+    palette: list[list[int]]
+    normalization: Normalization
+    state_dict: dict[str, torch.Tensor]
+    in_channels: int = 3
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def build_model(self) -> nn.Module:
+        """The model with these weights, in eval mode on the CPU."""
+        model = create_model(self.arch, self.num_classes, self.in_channels, **self.config)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in self.state_dict.items()}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise CheckpointError(f"weights do not fit architecture {self.arch!r}: "
+                                  f"{' '.join(first[1:2] or first[:1]).strip()}") from None
+        return model.eval()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": VERSION, "arch": self.arch, "config": self.config,
+            "classes": list(self.classes), "palette": [list(map(int, c)) for c in self.palette],
+            "normalization": {"mean": list(self.normalization.mean), "std": list(self.normalization.std)},
+            "in_channels": self.in_channels, "training": self.training, "state_dict": self.state_dict,
+        }
+
+
+def from_model(model: nn.Module, arch: str, classes: list[str], palette: list[list[int]] | None = None,
+               normalization: Normalization | None = None, training: dict[str, Any] | None = None,
+               half: bool = False) -> Checkpoint:
+    """Describe a trained `model` as a checkpoint (`half` stores floating weights as fp16)."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    return Checkpoint(arch=arch, config=model_config(model), classes=list(classes),
+                      palette=palette or default_palette(len(classes)),
+                      normalization=normalization or Normalization(), state_dict=state,
+                      in_channels=getattr(model, "in_channels", 3), training=training or {})
+
+
+def default_palette(n: int) -> list[list[int]]:
+    """The PASCAL VOC bit-interleaved colour map: distinct colours for any number of classes."""
+    palette = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette.append([r, g, b])
+    return palette
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
+    """Write atomically: a temporary name in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(ckpt.to_dict(), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load and validate a checkpoint file; any problem is one `CheckpointError` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable bigseg checkpoint ({reason})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a bigseg checkpoint (a plain state dict or another "
+                              f"tool's file?); use a file written by `bigseg train`")
+    if raw.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer bigseg (format {raw['version']}); upgrade bigseg")
+    try:
+        get_arch(raw["arch"])
+        norm = raw["normalization"]
+        ckpt = Checkpoint(arch=raw["arch"], config=dict(raw["config"]), classes=list(raw["classes"]),
+                          palette=[list(c) for c in raw["palette"]],
+                          normalization=Normalization(list(norm["mean"]), list(norm["std"])),
+                          state_dict=dict(raw["state_dict"]), in_channels=int(raw.get("in_channels", 3)),
+                          training=dict(raw.get("training", {})))
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is an incomplete bigseg checkpoint (missing {e})") from None
+    except InputError as e:  # unknown architecture
+        raise CheckpointError(f"{path}: {e}") from None
+    if len(ckpt.palette) < ckpt.num_classes or len(ckpt.normalization.mean) != ckpt.in_channels:
+        raise CheckpointError(f"{path} is inconsistent: palette or normalisation does not match "
+                              f"{ckpt.num_classes} classes / {ckpt.in_channels} bands")
+    return ckpt
+
+
+# --- shipped weights ---------------------------------------------------------------------------
+
+def read_manifest(weights_dir: Path | None = None) -> list[dict[str, Any]]:
+    path = (weights_dir or WEIGHTS_DIR) / "manifest.json"
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text())["models"]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_model(spec: str, weights_dir: Path | None = None) -> Checkpoint:
+    """`--model` semantics: an existing file path, else a manifest name (or an architecture that
+    has shipped weights), verified against its sha256."""
+    weights_dir = weights_dir or WEIGHTS_DIR
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return load_checkpoint(path)
+    entries = read_manifest(weights_dir)
+    entry = next((e for e in entries if e["name"] == spec), None) or next(
+        (e for e in entries if e["arch"] == spec), None)
+    if entry is None:
+        if spec.endswith((".pt", ".pth")) or os.sep in spec:
+            raise CheckpointError(f"model file not found: {spec}")
+        shipped = ", ".join(e["name"] for e in entries) or "none"
+        try:
+            get_arch(spec)
+        except InputError:
+            raise CheckpointError(f"unknown model {spec!r}: not a file, not a shipped model "
+                                  f"(shipped: {shipped}); see `bigseg models`") from None
+        raise CheckpointError(f"no weights are shipped for {spec!r} (shipped: {shipped}); "
+                              f"train one with `bigseg train --model {spec}` and pass the .pt file")
+    file = weights_dir / entry["file"]
+    if not file.is_file():
+        raise CheckpointError(f"shipped weights {file} are missing; reinstall bigseg")
+    digest = sha256(file)
+    if digest != entry["sha256"]:
+        raise CheckpointError(f"shipped weights {file} are damaged (sha256 {digest[:12]}..., "
+                              f"expected {entry['sha256'][:12]}...); reinstall bigseg")
+    return load_checkpoint(file)
+
+
+def shipped_archs(weights_dir: Path | None = None) -> set[str]:
+    return {e["arch"] for e in read_manifest(weights_dir)}
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
+    """Load an ImageNet state dict saved from torchvision's DenseNet into `model.backbone`.
+
+    Every backbone parameter must be found with the right shape; torchvision's norm5 and
+    classifier are dropped. Returns the names (in `model`) of the parameters loaded, so training
+    can give them the reduced learning rate.
+    """
+    from bigseg.models.densenet import torchvision_to_backbone_keys
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"backbone weights not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable state dict ({str(e).strip()[:120]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    mapped, _ = torchvision_to_backbone_keys(state)
+    backbone = model.backbone.state_dict()
+    missing = sorted(set(backbone) - set(mapped))
+    if missing:
+        raise CheckpointError(f"{path} does not fit the {type(model.backbone).__name__} backbone: "
+                              f"{len(missing)} tensors missing (first: {missing[0]})")
+    wrong = [k for k in backbone if tuple(mapped[k].shape) != tuple(backbone[k].shape)]
+    if wrong:
+        raise CheckpointError(f"{path} does not fit the backbone: {wrong[0]} has shape "
+                              f"{tuple(mapped[wrong[0]].shape)}, expected {tuple(backbone[wrong[0]].shape)}")
+    model.backbone.load_state_dict({k: mapped[k] for k in backbone})
+    return [f"backbone.{k}" for k, _ in model.backbone.named_parameters()]

@@ -1,0 +1,29 @@
+"""The project's error types: one root, each also a matching builtin, each message saying the fix."""
+
+
+class BigsegError(Exception):
+    """Root of every error bigseg raises on purpose; the CLI prints it as one line."""
+
+
+class InputError(BigsegError, ValueError):
+    """A user-supplied input (path, option value, band list) cannot be used."""
+
+
+class RasterFormatError(BigsegError, ValueError):
+    """A raster file cannot be opened or decoded as an image."""
+
+
+class CheckpointError(BigsegError, ValueError):
+    """A model file is missing, truncated, foreign or does not match its architecture."""
+
+
+class OutputError(BigsegError, OSError):
+    """An output cannot be written where it was asked to go."""
+
+
+class DatasetError(BigsegError, ValueError):
+    """A training or evaluation data folder has no layout bigseg recognises."""
+
+
+class TrainingError(BigsegError, RuntimeError):
+    """Training cannot go on (non-finite loss, incompatible resume state)."""

@@ -1,0 +1,209 @@
+"""The predictor: a checkpoint on a device, turned into a batched `predict(tiles)` callable and run
+over rasters of any size by the streaming tiling engine, writing masks as rows finish."""
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bigseg.checkpoint import Checkpoint
+from bigseg.errors import InputError
+from bigseg.io.gdal import gdal_env
+from bigseg.io.readers import Reader, open_raster
+from bigseg.io.writers import NODATA, GeoTiffWriter, OverlayWriter, PngWriter
+from bigseg.tiling import TileGrid, Window, stream_tiles
+
+DEFAULT_TILE = 1024
+DEFAULT_BATCH = 4
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    bands: tuple[int, ...] | None = None
+    value_range: tuple[float, float] | None = None
+    engine: str = "auto"
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    probs: bool = False
+    overlay: bool = False
+    cog: bool = False
+
+
+@dataclass
+class PredictResult:
+    input: Path
+    output: Path
+    width: int
+    height: int
+    tiles: int
+    seconds: float
+    extras: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / 1e6
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA without it is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise InputError(f"unsupported device {name!r}; use auto, cpu or cuda[:N]")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on GPUs that support it, fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in table:
+        raise InputError(f"unknown precision {name!r}; use auto, fp32, bf16 or fp16")
+    if table[name] is torch.float16 and device.type != "cuda":
+        raise InputError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
+    return table[name]
+
+
+class Segmenter:
+    """A trained model ready to segment arrays or files. The CLI's `predict` and `eval` call this."""
+
+    def __init__(self, checkpoint: Checkpoint, device: str = "auto", precision: str = "auto",
+                 tile: int = DEFAULT_TILE, overlap: int | None = None, batch_size: int = DEFAULT_BATCH):
+        self.checkpoint = checkpoint
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        if tile < 16:
+            raise InputError(f"--tile must be at least 16 pixels, got {tile}")
+        self.tile = tile
+        self.overlap = tile // 4 if overlap is None else overlap
+        if not 0 <= self.overlap < tile:
+            raise InputError(f"--overlap must be in [0, tile), got {self.overlap} for tile {tile}")
+        if batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.model = checkpoint.build_model().to(self.device)
+        norm = checkpoint.normalization
+        self._mean = torch.tensor(norm.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(norm.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.fill = np.asarray(norm.mean, np.float32).reshape(-1, 1, 1)
+
+    @property
+    def num_classes(self) -> int:
+        return self.checkpoint.num_classes
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """(n, bands, h, w) image values in 0..255 -> (n, classes, h, w) float32 logits."""
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        x = (x - self._mean) / self._std
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype)
+                    if self.dtype is not torch.float32 else nullcontext())
+        with torch.inference_mode(), autocast:
+            y = self.model(x)
+        return y.float().cpu().numpy()
+
+    def grid(self, width: int, height: int) -> TileGrid:
+        return TileGrid(width, height, self.tile, self.overlap)
+
+    def scores(self, image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Tiled logits of an in-memory (bands, H, W) image, exactly as files are processed."""
+        _, h, w = image.shape
+        valid = np.ones((h, w), bool) if valid is None else valid
+        out = np.zeros((self.num_classes, h, w), np.float32)
+        read = lambda win: (image[(slice(None), *win.slices)].astype(np.float32), valid[win.slices])  # noqa: E731
+        for row, band in stream_tiles(self.grid(w, h), read, self.logits, self.num_classes,
+                                      self.batch_size, self.fill):
+            out[:, row:row + band.shape[1]] = band
+        return out
+
+    def segment(self, image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Class indices (H, W) uint8 of a (bands, H, W) image; invalid pixels get 255."""
+        labels = self.scores(image, valid).argmax(0).astype(np.uint8)
+        if valid is not None:
+            labels[~valid] = NODATA
+        return labels
+
+    def predict_file(self, src: Path, dst: Path, read: ReadOptions = ReadOptions(),
+                     write: WriteOptions = WriteOptions(),
+                     on_tile: Callable[[Window], None] | None = None) -> PredictResult:
+        """Segment one file into `dst`; extra outputs go beside it. Nothing is left on failure."""
+        start = time.perf_counter()
+        with gdal_env(), ExitStack() as stack, open_raster(src, self.checkpoint.in_channels, read.bands,
+                                               read.value_range, read.engine) as reader:
+            sinks = self._open_sinks(reader, dst, write)
+            stack.callback(lambda: [s.abort() for s in sinks.values() if not getattr(s, "_done", False)])
+            grid = self.grid(reader.width, reader.height)
+            for row, band in stream_tiles(grid, reader.read, self.logits, self.num_classes,
+                                          self.batch_size, self.fill, on_tile):
+                self._write_band(reader, sinks, row, band)
+            written = []
+            for sink in sinks.values():
+                written.append(sink.commit())
+                sink._done = True
+        return PredictResult(src, written[0], reader.width, reader.height, len(grid),
+                             time.perf_counter() - start, written[1:], reader.notes)
+
+    def _open_sinks(self, reader: Reader, dst: Path, write: WriteOptions) -> dict:
+        ckpt = self.checkpoint
+        sinks: dict = {}
+        try:
+            if reader.kind == "image" and dst.suffix.lower() == ".png":
+                sinks["mask"] = PngWriter(dst, reader.width, reader.height)
+            else:
+                sinks["mask"] = GeoTiffWriter(dst, reader.width, reader.height, 1, reader.georef,
+                                              ckpt.palette, {"classes": ckpt.classes}, cog=write.cog)
+            if write.probs:
+                sinks["probs"] = GeoTiffWriter(sibling(dst, "probs", ".tif"), reader.width, reader.height,
+                                               ckpt.num_classes, reader.georef,
+                                               tags={"classes": ckpt.classes, "scale": "p = value / 255"},
+                                               cog=write.cog, mask=True)
+            if write.overlay:
+                sinks["overlay"] = OverlayWriter(sibling(dst, "overlay", ".png"), reader.width,
+                                                 reader.height, ckpt.palette)
+        except BaseException:
+            for sink in sinks.values():
+                sink.abort()
+            raise
+        return sinks
+
+    def _write_band(self, reader: Reader, sinks: dict, row: int, band: np.ndarray) -> None:
+        rows = band.shape[1]
+        valid = reader.read_valid(Window(0, row, reader.width, rows))
+        labels = band.argmax(0).astype(np.uint8)
+        labels[~valid] = NODATA
+        sinks["mask"].write(row, labels)
+        if "probs" in sinks:
+            e = np.exp(band - band.max(0, keepdims=True))
+            probs = np.rint(e / e.sum(0, keepdims=True) * 255).astype(np.uint8)
+            probs[:, ~valid] = 0
+            sinks["probs"].write(row, probs, valid)
+        if "overlay" in sinks:
+            overlay = sinks["overlay"]
+            image_rows = {int(r): reader.read(Window(0, int(r), reader.width, 1))[0][:, 0]
+                          for r in overlay.rows_in(row, rows)}
+            overlay.write(row, labels, image_rows)
+
+
+def sibling(path: Path, tag: str, suffix: str) -> Path:
+    """`city.mask.tif` -> `city.probs.tif`; `out.tif` -> `out.probs.tif`."""
+    stem = path.name[: -len(".mask" + path.suffix)] if path.name.endswith(".mask" + path.suffix) else path.stem
+    return path.with_name(f"{stem}.{tag}{suffix}")

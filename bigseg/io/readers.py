@@ -1,0 +1,269 @@
+"""Readers: open any raster once, then read windows of model-ready bands and their validity.
+
+rasterio (GDAL) for GeoTIFF/BigTIFF/COG and anything GDAL opens; tifffile for OME-TIFF and
+scanner/microscope TIFFs (decoding only the tiles or strips a window touches); OpenCV for PNG/JPEG.
+Every reader returns (channels, h, w) float32 in the model's 0..255 range and a boolean validity
+mask: nodata values, alpha bands, internal/external masks and NaN all become `False`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bigseg.errors import InputError, RasterFormatError
+from bigseg.io import bands as B
+from bigseg.tiling import Window
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2", ".ntf", ".gtif"}
+
+
+@dataclass
+class Georef:
+    """Where the pixels are on Earth: CRS and affine transform, or ground control points."""
+
+    crs: Any = None
+    transform: Any = None
+    gcps: list | None = None
+    gcps_crs: Any = None
+
+
+@dataclass
+class Reader:
+    path: Path
+    width: int
+    height: int
+    dtype: np.dtype
+    plan: B.BandPlan
+    kind: str  # "raster" (GeoTIFF-like output) or "image" (PNG output)
+    georef: Georef | None = None
+    notes: list[str] = field(default_factory=list)
+    scale: Any = None
+
+    @property
+    def channels(self) -> int:
+        return self.plan.channels
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        data, valid = self._read_raw(window)
+        data = B.rescale(B.apply_plan(self.plan, data), self.scale)
+        valid &= np.isfinite(data).all(0)
+        return data, valid
+
+    def read_valid(self, window: Window) -> np.ndarray:
+        return self._read_raw(window)[1]
+
+    def _read_raw(self, window: Window) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _finite(data: np.ndarray) -> np.ndarray:
+    if np.issubdtype(data.dtype, np.floating):
+        return np.isfinite(data).all(0)
+    return np.ones(data.shape[1:], bool)
+
+
+class GdalReader(Reader):
+    def __init__(self, path: Path, wanted: int, bands: tuple[int, ...] | None,
+                 value_range: tuple[float, float] | None):
+        import rasterio
+
+        try:
+            self.ds = rasterio.open(path)
+        except rasterio.errors.RasterioIOError as e:
+            raise RasterFormatError(f"{path}: not a readable raster ({_first_line(e)})") from None
+        try:
+            self._describe(path, wanted, bands, value_range)
+        except BaseException:
+            self.close()
+            raise
+
+    def _describe(self, path, wanted, bands, value_range) -> None:
+        from rasterio.enums import ColorInterp
+
+        ds = self.ds
+        interp = list(ds.colorinterp)
+        alpha = interp.index(ColorInterp.alpha) + 1 if ColorInterp.alpha in interp else None
+        palette = None
+        if ds.count == 1 and interp[0] == ColorInterp.palette:
+            cmap = ds.colormap(1)
+            palette = np.zeros((max(cmap) + 1, 4), np.uint8)
+            for k, v in cmap.items():
+                palette[k] = v
+        rgb = None
+        if all(c in interp for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
+            rgb = tuple(interp.index(c) + 1 for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
+        plan = B.plan_bands(path.name, ds.count, alpha, palette, wanted, bands, rgb)
+        georef = Georef(ds.crs, ds.transform, *(ds.gcps if ds.gcps[0] else (None, None)))
+        super().__init__(path, ds.width, ds.height, np.dtype(ds.dtypes[plan.indexes[0] - 1]), plan,
+                         "raster", georef, list(plan.notes))
+        if palette is None:
+            try:
+                self.scale = B.value_scale(self.dtype, *self._sample(), value_range)
+            except Exception as e:  # a file whose header opens but whose pixels do not decode
+                raise RasterFormatError(f"{path}: pixels cannot be decoded ({_first_line(e)})") from None
+
+    def _sample(self) -> tuple[np.ndarray, np.ndarray]:
+        from rasterio.enums import Resampling
+
+        f = max(1, -(-max(self.width, self.height) // B.SAMPLE_SIDE))
+        shape = (max(1, self.height // f), max(1, self.width // f))
+        data = self.ds.read(list(self.plan.indexes), out_shape=(len(self.plan.indexes), *shape),
+                            resampling=Resampling.nearest)
+        valid = self.ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+        return data, valid & _finite(data)
+
+    def _read_raw(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        from rasterio.windows import Window as RWindow
+
+        w = RWindow(window.col_off, window.row_off, window.width, window.height)
+        try:
+            data = self.ds.read(list(self.plan.indexes), window=w)
+            valid = self.ds.dataset_mask(window=w) > 0
+        except Exception as e:  # GDAL decode errors surface as several rasterio types
+            raise RasterFormatError(f"{self.path}: cannot decode pixels at rows {window.row_off}.."
+                                    f"{window.row_end} ({_first_line(e)})") from None
+        return data, valid & _finite(data)
+
+    def close(self) -> None:
+        self.ds.close()
+
+
+class TiffFileReader(Reader):
+    """Windowed reading with tifffile: decodes only the segments (tiles or strips) a window touches."""
+
+    def __init__(self, path: Path, wanted: int, bands: tuple[int, ...] | None,
+                 value_range: tuple[float, float] | None):
+        import tifffile
+
+        try:
+            self.tif = tifffile.TiffFile(path)
+            page = self.tif.series[0].levels[0].keyframe if self.tif.series else self.tif.pages.first
+            page = self.tif.pages[self.tif.series[0].levels[0].pages[0].index] if page is None else page
+        except Exception as e:  # tifffile raises several types for broken files
+            raise RasterFormatError(f"{path}: not a readable TIFF ({_first_line(e)})") from None
+        self.page = self.tif.pages[page.index] if hasattr(page, "index") else page
+        p = self.page
+        if p.planarconfig != 1 and p.samplesperpixel > 1:
+            raise RasterFormatError(f"{path}: band-separate (planar) TIFFs are read through GDAL only")
+        self.samples = p.samplesperpixel
+        self.seg_h = p.tilelength if p.is_tiled else p.rowsperstrip
+        self.seg_w = p.tilewidth if p.is_tiled else p.imagewidth
+        self.across = -(-p.imagewidth // self.seg_w)
+        alpha = self.samples if self.samples in (2, 4) and p.extrasamples else None
+        plan = B.plan_bands(path.name, self.samples, alpha, None, wanted, bands)
+        self.alpha = alpha
+        super().__init__(path, p.imagewidth, p.imagelength, np.dtype(p.dtype), plan, "raster", None,
+                         list(plan.notes))
+        self.scale = B.value_scale(self.dtype, *self._sample(), value_range)
+
+    def _segments(self, window: Window) -> np.ndarray:
+        """(h, w, samples) pixels of `window`, decoding each needed segment once."""
+        out = np.zeros((window.height, window.width, self.samples), self.dtype)
+        fh = self.tif.filehandle
+        for sy in range(window.row_off // self.seg_h, (window.row_end - 1) // self.seg_h + 1):
+            for sx in range(window.col_off // self.seg_w, (window.col_end - 1) // self.seg_w + 1):
+                index = sy * self.across + sx
+                fh.seek(self.page.dataoffsets[index])
+                raw = fh.read(self.page.databytecounts[index])
+                seg, _, _ = self.page.decode(raw, index, jpegtables=self.page.jpegtables)
+                seg = seg.reshape(seg.shape[-3:])
+                y0, x0 = sy * self.seg_h, sx * self.seg_w
+                ys = slice(max(window.row_off, y0), min(window.row_end, y0 + seg.shape[0]))
+                xs = slice(max(window.col_off, x0), min(window.col_end, x0 + seg.shape[1]))
+                out[ys.start - window.row_off:ys.stop - window.row_off,
+                    xs.start - window.col_off:xs.stop - window.col_off] = \
+                    seg[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+        return out
+
+    def _read_raw(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            pixels = np.moveaxis(self._segments(window), -1, 0)
+        except Exception as e:
+            raise RasterFormatError(f"{self.path}: cannot decode pixels ({_first_line(e)})") from None
+        data = pixels[[b - 1 for b in self.plan.indexes]]
+        valid = pixels[self.alpha - 1] > 0 if self.alpha else np.ones(data.shape[1:], bool)
+        return data, valid & _finite(data)
+
+    def _sample(self) -> tuple[np.ndarray, np.ndarray]:
+        step = max(1, -(-max(self.width, self.height) // B.SAMPLE_SIDE))
+        rows = [self._read_raw(Window(0, r, self.width, 1)) for r in range(0, self.height, step)]
+        data = np.concatenate([d[:, :, ::step] for d, _ in rows], 1)
+        valid = np.concatenate([v[:, ::step] for _, v in rows], 0)
+        return data, valid
+
+    def close(self) -> None:
+        self.tif.close()
+
+
+class OpenCVReader(Reader):
+    """PNG/JPEG through OpenCV: decoded whole (these formats have no windows), RGB order."""
+
+    def __init__(self, path: Path, wanted: int, bands: tuple[int, ...] | None,
+                 value_range: tuple[float, float] | None):
+        import cv2
+
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise RasterFormatError(f"{path}: not a readable image (OpenCV could not decode it)")
+        image = image[..., None] if image.ndim == 2 else image
+        if image.shape[2] >= 3:  # OpenCV is BGR(A)
+            image = image[..., [2, 1, 0, *range(3, image.shape[2])]]
+        self.image = np.moveaxis(image, -1, 0)
+        count = self.image.shape[0]
+        alpha = 4 if count == 4 else (2 if count == 2 else None)
+        rgb = (1, 2, 3) if count >= 3 else None
+        plan = B.plan_bands(path.name, count, alpha, None, wanted, bands, rgb if bands is None else None)
+        self.alpha = alpha
+        super().__init__(path, self.image.shape[2], self.image.shape[1], self.image.dtype, plan,
+                         "image", None, list(plan.notes))
+        step = max(1, -(-max(self.width, self.height) // B.SAMPLE_SIDE))
+        sample, valid = self._read_raw(Window(0, 0, self.width, self.height))
+        self.scale = B.value_scale(self.dtype, sample[:, ::step, ::step], valid[::step, ::step], value_range)
+
+    def _read_raw(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        rows, cols = window.slices
+        data = self.image[[b - 1 for b in self.plan.indexes], rows, cols]
+        valid = self.image[self.alpha - 1, rows, cols] > 0 if self.alpha else np.ones(data.shape[1:], bool)
+        return data, valid & _finite(data)
+
+
+def _first_line(e: BaseException) -> str:
+    """The most specific message: rasterio chains GDAL's own reason as the innermost cause."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def open_raster(path: str | Path, wanted_bands: int = 3, bands: tuple[int, ...] | None = None,
+                value_range: tuple[float, float] | None = None, engine: str = "auto") -> Reader:
+    """Open `path` with the right reader. `engine`: auto, gdal, tifffile or opencv."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; pass image files, a folder with --recursive, or a glob")
+    if path.stat().st_size == 0:
+        raise RasterFormatError(f"{path}: empty file (0 bytes)")
+    suffix = path.suffix.lower()
+    if engine == "auto":
+        name = path.name.lower()
+        engine = ("opencv" if suffix in IMAGE_SUFFIXES else
+                  "tifffile" if name.endswith((".ome.tif", ".ome.tiff")) else "gdal")
+    readers = {"gdal": GdalReader, "tifffile": TiffFileReader, "opencv": OpenCVReader}
+    if engine not in readers:
+        raise InputError(f"unknown reader {engine!r}; use auto, gdal, tifffile or opencv")
+    return readers[engine](path, wanted_bands, bands, value_range)

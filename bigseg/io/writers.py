@@ -1,0 +1,178 @@
+"""Writers for masks, probabilities and previews; every file goes to a temporary name first.
+
+Masks: single-band uint8 class indices, nodata 255. Georeferenced-style inputs give a tiled,
+deflate-compressed GeoTIFF (BigTIFF when needed) with the input's CRS/transform or GCPs and the
+class palette as colour table; `cog=True` turns it into a cloud-optimised GeoTIFF with overviews.
+PNG/JPEG inputs give a grayscale PNG of class indices. Probabilities: uint8 (p * 255), one band per
+class, nodata as an internal mask. Rows arrive top to bottom in bands.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from bigseg.errors import OutputError
+from bigseg.io.readers import Georef
+
+NODATA = 255
+BLOCK = 512
+
+
+def partial_path(path: Path) -> Path:
+    """Temporary name beside `path`; keeps the suffix so format-sniffing writers still work."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+class GeoTiffWriter:
+    """Stream row bands into a tiled GeoTIFF; `commit` renames it (converting to COG if asked)."""
+
+    def __init__(self, path: Path, width: int, height: int, count: int, georef: Georef | None,
+                 palette: Sequence[Sequence[int]] | None = None, tags: dict | None = None,
+                 cog: bool = False, mask: bool = False):
+        import rasterio
+        from rasterio.errors import NotGeoreferencedWarning
+
+        self.path, self.cog, self.mask = path, cog, mask
+        self.tmp = partial_path(path)
+        profile = dict(driver="GTiff", width=width, height=height, count=count, dtype="uint8",
+                       tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate",
+                       predictor=2 if mask else 1, BIGTIFF="IF_SAFER")
+        if not mask:
+            profile["nodata"] = NODATA
+        if georef is not None and georef.transform is not None and georef.gcps is None:
+            profile.update(crs=georef.crs, transform=georef.transform)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self.ds = rasterio.open(self.tmp, "w", **profile)
+        except Exception as e:
+            raise OutputError(f"cannot write {path}: {str(e).strip().splitlines()[0]}") from None
+        if georef is not None and georef.gcps:
+            self.ds.gcps = (georef.gcps, georef.gcps_crs)
+        if palette is not None:
+            cmap = {i: (*map(int, c[:3]), 255) for i, c in enumerate(palette[:NODATA])}
+            cmap[NODATA] = (0, 0, 0, 0)
+            self.ds.write_colormap(1, cmap)
+        if tags:
+            self.ds.update_tags(**{k: json.dumps(v) if not isinstance(v, str) else v for k, v in tags.items()})
+
+    def write(self, row_off: int, data: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """`data`: (rows, width) or (count, rows, width) uint8; `valid` feeds the internal mask."""
+        from rasterio.windows import Window
+
+        data = data[None] if data.ndim == 2 else data
+        window = Window(0, row_off, data.shape[2], data.shape[1])
+        self.ds.write(data, window=window)
+        if self.mask and valid is not None:
+            self.ds.write_mask((valid * 255).astype(np.uint8), window=window)
+
+    def commit(self) -> Path:
+        import rasterio.shutil
+
+        self.ds.close()
+        if self.cog:
+            cog_tmp = self.tmp.with_name(self.tmp.name + ".cog.tif")
+            try:
+                rasterio.shutil.copy(self.tmp, cog_tmp, driver="COG", COMPRESS="DEFLATE",
+                                     BIGTIFF="IF_SAFER", OVERVIEW_RESAMPLING="NEAREST", BLOCKSIZE=BLOCK)
+            finally:
+                _remove(self.tmp)
+            _commit(cog_tmp, self.path)
+        else:
+            _commit(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self.ds.close()
+        finally:
+            _remove(self.tmp)
+            _remove(self.tmp.with_name(self.tmp.name + ".cog.tif"))
+
+
+class PngWriter:
+    """Grayscale PNG of class indices; PNG has no windows, so rows are gathered and encoded at the end
+    (the input image is held whole by its reader anyway)."""
+
+    def __init__(self, path: Path, width: int, height: int):
+        self.path, self.tmp = path, partial_path(path)
+        self.array = np.full((height, width), NODATA, np.uint8)
+
+    def write(self, row_off: int, data: np.ndarray, valid: np.ndarray | None = None) -> None:
+        self.array[row_off:row_off + data.shape[0]] = data
+
+    def commit(self) -> Path:
+        import cv2
+
+        try:
+            ok = cv2.imwrite(str(self.tmp), self.array)
+        except cv2.error as e:
+            ok = False
+            reason = str(e)
+        else:
+            reason = "encoder refused"
+        if not ok:
+            _remove(self.tmp)
+            raise OutputError(f"cannot write {self.path}: {reason}")
+        _commit(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        _remove(self.tmp)
+
+
+class OverlayWriter:
+    """A colour preview of the mask blended over the image, at most `max_side` pixels on the long
+    side: rows and columns are sampled as bands of the mask arrive, so memory stays bounded."""
+
+    def __init__(self, path: Path, width: int, height: int, palette, max_side: int = 2048, alpha: float = 0.5):
+        f = max(width, height) / max_side if max(width, height) > max_side else 1.0
+        self.rows = np.minimum((np.arange(int(round(height / f))) * f + f / 2).astype(np.int64), height - 1)
+        self.cols = np.minimum((np.arange(int(round(width / f))) * f + f / 2).astype(np.int64), width - 1)
+        self.preview = np.zeros((len(self.rows), len(self.cols), 3), np.uint8)
+        lut = np.zeros((256, 3), np.float32)
+        lut[:len(palette[:NODATA])] = np.asarray(palette[:NODATA], np.float32)[:, :3]
+        self.lut, self.alpha = lut, alpha
+        self.path, self.tmp = path, partial_path(path)
+
+    def rows_in(self, row_off: int, count: int) -> np.ndarray:
+        """Image rows (absolute) the preview samples within [row_off, row_off + count)."""
+        return np.unique(self.rows[(self.rows >= row_off) & (self.rows < row_off + count)])
+
+    def write(self, row_off: int, labels: np.ndarray, image_rows: dict[int, np.ndarray]) -> None:
+        """`image_rows`: for each row from `rows_in`, that row's (3, width) 0..255 image values."""
+        for i in np.nonzero((self.rows >= row_off) & (self.rows < row_off + labels.shape[0]))[0]:
+            r = self.rows[i]
+            lab = labels[r - row_off, self.cols]
+            img = np.moveaxis(image_rows[r][:, self.cols], 0, -1)
+            color = self.lut[lab]
+            blend = np.where((lab == NODATA)[:, None], img, (1 - self.alpha) * img + self.alpha * color)
+            self.preview[i] = np.clip(blend, 0, 255).astype(np.uint8)
+
+    def commit(self) -> Path:
+        import cv2
+
+        if not cv2.imwrite(str(self.tmp), self.preview[..., ::-1]):
+            _remove(self.tmp)
+            raise OutputError(f"cannot write {self.path}")
+        _commit(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        _remove(self.tmp)

@@ -1,0 +1,59 @@
+"""Architectures by name: one decorator to register a builder, one door (`create_model`) to build."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from bigseg.errors import InputError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A registered architecture: its builder and the facts `bigseg models` shows."""
+
+    name: str
+    paper: str
+    builder: Callable[..., nn.Module]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+    reference: dict[str, Any] = field(default_factory=dict)  # config overrides of the authors' code
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register(name: str, paper: str, note: str = "", reference: dict[str, Any] | None = None, **defaults: Any):
+    """Register `builder(num_classes, in_channels, **config)` under `name` with config `defaults`;
+    `reference`: the overrides that reproduce the authors' published model, for reporting."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"architecture {name!r} is registered twice")
+        _REGISTRY[name] = ArchSpec(name, paper, builder, dict(defaults), note, dict(reference or {}))
+        return builder
+
+    return wrap
+
+
+def get_arch(name: str) -> ArchSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise InputError(f"unknown architecture {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_archs() -> list[ArchSpec]:
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, **config: Any) -> nn.Module:
+    """Build architecture `name`; `config` overrides its registered defaults."""
+    spec = get_arch(name)
+    return spec.builder(num_classes=num_classes, in_channels=in_channels, **{**spec.defaults, **config})
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The plain-data config that rebuilds `model` with `create_model` (stored in checkpoints)."""
+    return model.config.to_dict()

@@ -1,0 +1,168 @@
+"""The checkpoint format: round trip, clear errors for every kind of bad file, shipped manifest."""
+import json
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from bigseg.checkpoint import (Checkpoint, from_model, load_backbone_weights, load_checkpoint,
+                               read_manifest, resolve_model, save_checkpoint, sha256, WEIGHTS_DIR)
+from bigseg.errors import CheckpointError
+from bigseg.models import create_model
+from tests.conftest import CLASSES, tiny_model
+
+
+def test_round_trip_gives_identical_predictions(tiny_checkpoint):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    assert ckpt.arch == "ladder-dn121" and ckpt.classes == CLASSES and ckpt.in_channels == 3
+    assert ckpt.training == {"note": "test"} and len(ckpt.palette) == 3
+    model = ckpt.build_model()
+    again = save_checkpoint(ckpt, tiny_checkpoint.with_name("again.pt"))
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        assert torch.equal(model(x), load_checkpoint(again).build_model()(x))
+
+
+def test_half_precision_checkpoint_loads_as_float(tmp_path):
+    model = tiny_model().eval()
+    path = save_checkpoint(from_model(model, "ladder-dn121", CLASSES, half=True), tmp_path / "h.pt")
+    loaded = load_checkpoint(path).build_model()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=0.05)
+
+
+def test_save_is_atomic(tmp_path, tiny_checkpoint):
+    save_checkpoint(load_checkpoint(tiny_checkpoint), tmp_path / "x.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt", "x.pt"]
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("missing", "not found"),
+    ("truncated", "not a readable bigseg checkpoint"),
+    ("text", "not a readable bigseg checkpoint"),
+    ("empty", "not a readable bigseg checkpoint"),
+    ("state_dict", "not a bigseg checkpoint"),
+    ("code", "not a readable bigseg checkpoint"),
+    ("incomplete", "incomplete"),
+    ("unknown_arch", "unknown architecture"),
+])
+def test_bad_files_give_one_clear_error(tmp_path, tiny_checkpoint, kind, message):
+    path = tmp_path / "bad.pt"
+    if kind == "truncated":
+        path.write_bytes(tiny_checkpoint.read_bytes()[:2000])
+    elif kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "state_dict":
+        torch.save(tiny_model().state_dict(), path)
+    elif kind == "code":
+        torch.save({"format": "bigseg-checkpoint", "x": Evil()}, path)
+    elif kind == "incomplete":
+        torch.save({"format": "bigseg-checkpoint", "version": 1, "arch": "ladder-dn121"}, path)
+    elif kind == "unknown_arch":
+        raw = torch.load(tiny_checkpoint, weights_only=True)
+        raw["arch"] = "no-such-net"
+        torch.save(raw, path)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path, tiny_checkpoint):
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    raw["config"]["up_widths"] = [16, 8, 8, 8]
+    torch.save(raw, tmp_path / "mismatch.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(tmp_path / "mismatch.pt").build_model()
+
+
+def test_model_names_resolve_through_the_manifest(tmp_path, tiny_checkpoint):
+    (tmp_path / "w").mkdir()
+    target = tmp_path / "w" / "tiny.pt"
+    target.write_bytes(tiny_checkpoint.read_bytes())
+    manifest = {"models": [{"name": "tiny-test", "arch": "ladder-dn121", "file": "tiny.pt",
+                            "sha256": sha256(target)}]}
+    (tmp_path / "w" / "manifest.json").write_text(json.dumps(manifest))
+    assert resolve_model("tiny-test", tmp_path / "w").classes == CLASSES
+    assert resolve_model("ladder-dn121", tmp_path / "w").classes == CLASSES  # arch with shipped weights
+    target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(CheckpointError, match="damaged"):
+        resolve_model("tiny-test", tmp_path / "w")
+    with pytest.raises(CheckpointError, match="no weights are shipped for 'ladder-dn169'"):
+        resolve_model("ladder-dn169", tmp_path / "w")
+    with pytest.raises(CheckpointError, match="unknown model"):
+        resolve_model("whatever", tmp_path / "w")
+
+
+def test_shipped_manifest_entries_are_complete_and_intact():
+    for entry in read_manifest():
+        for key in ("name", "arch", "file", "sha256", "classes", "palette", "normalization", "metrics"):
+            assert key in entry, key
+        path = WEIGHTS_DIR / entry["file"]
+        assert sha256(path) == entry["sha256"]
+        ckpt = load_checkpoint(path)
+        assert ckpt.classes == entry["classes"] and ckpt.arch == entry["arch"]
+
+
+# --- torchvision-shaped DenseNet-121, written here from torchvision's documented layout -----------
+
+def torchvision_densenet121() -> nn.Module:
+    growth, blocks, init, bn_size = 32, (6, 12, 24, 16), 64, 4
+    features = OrderedDict(conv0=nn.Conv2d(3, init, 7, 2, 3, bias=False), norm0=nn.BatchNorm2d(init),
+                           relu0=nn.ReLU(), pool0=nn.MaxPool2d(3, 2, 1))
+    ch = init
+    for i, n in enumerate(blocks):
+        block = nn.Module()
+        for j in range(n):
+            layer = nn.Module()
+            layer.norm1 = nn.BatchNorm2d(ch + j * growth)
+            layer.relu1 = nn.ReLU()
+            layer.conv1 = nn.Conv2d(ch + j * growth, bn_size * growth, 1, bias=False)
+            layer.norm2 = nn.BatchNorm2d(bn_size * growth)
+            layer.relu2 = nn.ReLU()
+            layer.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
+            block.add_module(f"denselayer{j + 1}", layer)
+        features[f"denseblock{i + 1}"] = block
+        ch += n * growth
+        if i < 3:
+            features[f"transition{i + 1}"] = nn.Sequential(OrderedDict(
+                norm=nn.BatchNorm2d(ch), relu=nn.ReLU(), conv=nn.Conv2d(ch, ch // 2, 1, bias=False),
+                pool=nn.AvgPool2d(2, 2)))
+            ch //= 2
+    features["norm5"] = nn.BatchNorm2d(ch)
+    net = nn.Module()
+    net.features = nn.Sequential(features)
+    net.classifier = nn.Linear(ch, 1000)
+    return net
+
+
+def test_torchvision_densenet121_weights_load_into_the_backbone(tmp_path):
+    torch.manual_seed(1)
+    reference = torchvision_densenet121()
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+    state = reference.state_dict()
+    torch.save(state, tmp_path / "densenet121.pth")
+    model = create_model("ladder-dn121", 11)
+    names = load_backbone_weights(model, tmp_path / "densenet121.pth")
+    assert len(names) == sum(1 for _ in model.backbone.parameters())
+    ours = model.state_dict()
+    for key, value in state.items():
+        if key.startswith(("features.norm5", "classifier")):
+            continue
+        assert torch.equal(ours["backbone." + key], value), key
+
+
+def test_backbone_weights_of_another_shape_are_refused(tmp_path):
+    torch.save(create_model("ladder-dn169", 3).backbone.state_dict(), tmp_path / "dn169.pth")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_backbone_weights(create_model("ladder-dn121", 3), tmp_path / "dn169.pth")

@@ -1,0 +1,100 @@
+"""Tile geometry, blend window and streaming stitcher: exact coverage, exact stitching, bounded memory."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from bigseg.tiling import StreamingStitcher, TileGrid, Window, edge_profile, stream_tiles
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=st.integers(1, 700), h=st.integers(1, 700), tile=st.integers(16, 300), frac=st.floats(0, 0.9))
+def test_tiles_stay_in_bounds_and_every_pixel_gets_weight(w, h, tile, frac):
+    grid = TileGrid(w, h, tile, int(tile * frac))
+    total = np.zeros((h, w))
+    for win in grid:
+        assert 0 <= win.col_off and win.col_end <= w and 0 <= win.row_off and win.row_end <= h
+        assert (win.height, win.width) == grid.tile_shape
+        total[win.slices] += grid.weights(win)
+    assert total.min() > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(w=st.integers(1, 400), h=st.integers(1, 400), tile=st.integers(16, 128), frac=st.floats(0, 0.75))
+def test_identity_model_gives_back_the_input(w, h, tile, frac):
+    grid = TileGrid(w, h, tile, int(tile * frac))
+    image = np.random.default_rng(0).normal(size=(2, h, w)).astype(np.float32)
+    read = lambda win: (image[(slice(None), *win.slices)], np.ones((win.height, win.width), bool))
+    out = np.full_like(image, np.nan)
+    for row, band in stream_tiles(grid, read, lambda x: x, 2, 3, np.zeros((2, 1, 1), np.float32)):
+        out[:, row:row + band.shape[1]] = band
+    np.testing.assert_allclose(out, image, rtol=1e-6, atol=1e-6)
+
+
+def test_neighbours_at_nominal_overlap_sum_to_one():
+    grid = TileGrid(1000, 64, 256, 64)
+    total = np.zeros(1000)
+    for win in grid:
+        total[win.col_off:win.col_end] += grid.weights(win)[0]
+    assert grid.col_starts == [0, 192, 384, 576, 744]  # the last tile is shifted, not padded
+    assert np.allclose(total[:744], 1.0, atol=1e-6)  # regular overlaps: weights already sum to 1
+
+
+def test_blend_weight_is_zero_near_cuts_and_one_at_image_borders():
+    p = edge_profile(256, True, True, 64)
+    assert (p[:16] == 0).all() and (p[-16:] == 0).all() and (p[48:-48] == 1).all()
+    assert np.all(np.diff(p[16:48]) > 0)  # smooth rise, no hard cut line
+    assert (edge_profile(256, False, False, 64) == 1).all()
+
+
+def test_tiled_equals_whole_image_when_receptive_field_fits_in_the_overlap():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 4, 5, padding=2)).eval()  # receptive radius 4
+    image = np.random.default_rng(1).uniform(0, 255, (3, 301, 437)).astype(np.float32)
+    predict = lambda x: net(torch.from_numpy(x)).detach().numpy()
+    with torch.no_grad():
+        whole = predict(image[None])[0]
+        grid = TileGrid(437, 301, 96, 16)  # dead zone overlap/4 = 4 = receptive radius
+        read = lambda win: (image[(slice(None), *win.slices)], np.ones((win.height, win.width), bool))
+        tiled = np.zeros_like(whole)
+        for row, band in stream_tiles(grid, read, predict, 4, 5, np.zeros((3, 1, 1), np.float32)):
+            tiled[:, row:row + band.shape[1]] = band
+    np.testing.assert_allclose(tiled, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_stitcher_never_holds_more_than_one_tile_height():
+    grid = TileGrid(300, 5000, 128, 32)
+    stitcher = StreamingStitcher(grid, 2)
+    emitted = 0
+    for win in grid:
+        stitcher.add(win, np.ones((2, win.height, win.width), np.float32))
+        for row, band in stitcher.pop_finished():
+            assert row == emitted
+            emitted += band.shape[1]
+        assert stitcher._acc.shape[1] <= 128
+    assert emitted == 5000 and stitcher.done
+
+
+def test_tiles_out_of_order_are_refused():
+    grid = TileGrid(300, 300, 128, 32)
+    stitcher = StreamingStitcher(grid, 1)
+    with pytest.raises(ValueError, match="grid order"):
+        stitcher.add(Window(172, 0, 128, 128), np.zeros((1, 128, 128), np.float32))
+
+
+def test_all_invalid_tiles_are_not_predicted_and_invalid_pixels_are_filled():
+    image = np.full((1, 64, 200), 7.0, np.float32)
+    valid = np.zeros((64, 200), bool)
+    valid[:, 150:] = True
+    seen = []
+
+    def predict(x):
+        seen.append(x.copy())
+        return x
+
+    read = lambda win: (image[(slice(None), *win.slices)], valid[win.slices])
+    list(stream_tiles(TileGrid(200, 64, 64, 16), read, predict, 1, 8, np.full((1, 1, 1), -1, np.float32)))
+    batch = np.concatenate(seen)
+    assert len(batch) == 2  # tiles at columns 136 and 144 touch valid pixels; the rest are skipped
+    assert set(np.unique(batch)) == {-1.0, 7.0}

@@ -107,6 +107,114 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command()
+def train(
+    ctx: typer.Context,
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Data folder: Cityscapes, CamVid or images/+masks/."),
+    model: str = typer.Option("ladder-dn121", "--model", "-m", help="Architecture name (see `bigseg models`)."),
+    run: Path = typer.Option(Path("runs/latest"), "--run", help="Run folder for checkpoints and logs."),
+    resume: bool = typer.Option(False, help="Continue the run in --run exactly where it stopped."),
+    epochs: int = typer.Option(100, help="Epochs."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Images per step and process."),
+    crop: int = typer.Option(448, help="Square training crop in pixels."),
+    scale_min: float = typer.Option(0.5, help="Random scale range, lower end."),
+    scale_max: float = typer.Option(2.0, help="Random scale range, upper end."),
+    jitter: float = typer.Option(0.0, help="Photometric jitter (relative brightness/contrast/saturation)."),
+    optimizer: str = typer.Option("adam", help="adam or sgd."),
+    lr: float = typer.Option(4e-4, help="Peak learning rate."),
+    weight_decay: float = typer.Option(1e-4, help="Weight decay."),
+    schedule: str = typer.Option("cosine", help="cosine or poly."),
+    backbone_weights: Optional[Path] = typer.Option(None, help="torchvision DenseNet ImageNet state dict (.pth)."),
+    grad_checkpoint: bool = typer.Option(True, help="Recompute activations in backward to save memory."),
+    aux_weight: float = typer.Option(0.4, help="Weight of the auxiliary losses (ladder models)."),
+    spp_width: Optional[int] = typer.Option(None, help="SPP fuse width (default D/4 as in the paper; authors' code 512)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", help="auto (bf16 on GPU), fp32, bf16 or fp16."),
+    workers: int = typer.Option(2, help="Data loading processes."),
+    seed: int = typer.Option(0, help="Random seed (data order, augmentation, initialisation)."),
+    eval_every: int = typer.Option(1, help="Validate every N epochs (0: never)."),
+    val_split: str = typer.Option("val", help="Split used for model selection."),
+    sync_bn: bool = typer.Option(False, help="SyncBatchNorm across processes under torchrun."),
+    recompute_bn: int = typer.Option(0, help="After training, recompute BN statistics over N batches."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (resumable)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+) -> None:
+    """Train a model; checkpoints every epoch and on Ctrl-C, resumable, keeps the best by val mIoU."""
+    from bigseg.console import TrainProgress
+    from bigseg.errors import InputError
+    from bigseg.train.loop import TrainConfig, load_run_config, train as run_training
+
+    if resume:
+        given = {name for name in ctx.params
+                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+        changes = {k: ctx.params[k] for k in given - {"run", "resume", "quiet"}}
+        cfg = load_run_config(run, **changes)
+    elif data is None:
+        raise InputError("--data is required (a Cityscapes, CamVid or images/+masks/ folder)")
+    else:
+        cfg = _new_run_config(**{k: v for k, v in ctx.params.items() if k not in ("resume", "quiet")})
+    with TrainProgress(quiet, cfg.epochs) as progress:
+        result = run_training(cfg, resume=resume, on_event=progress.event)
+    if not quiet:
+        best = "n/a" if result.best_miou is None else f"{100 * result.best_miou:.2f}"
+        where = result.run_dir / ("best.pt" if result.stopped == "finished" else "last.pt")
+        print(f"{result.stopped}: {result.epochs_done} epochs, {result.steps_done} steps, best val mIoU {best}; "
+              f"{'model' if result.stopped == 'finished' else 'run checkpoint'}: {where}", file=sys.stderr)
+
+
+def _new_run_config(data, model, run, epochs, batch_size, crop, scale_min, scale_max, jitter, optimizer, lr,
+                    weight_decay, schedule, backbone_weights, grad_checkpoint, aux_weight, spp_width, device,
+                    precision, workers, seed, eval_every, val_split, sync_bn, recompute_bn, max_steps):
+    from bigseg.train.loop import TrainConfig
+
+    arch_config = {} if spp_width is None else {"spp_width": spp_width}
+    return TrainConfig(data=str(data), run_dir=str(run), arch=model, arch_config=arch_config, epochs=epochs,
+                      batch_size=batch_size, crop=crop, scale_min=scale_min, scale_max=scale_max,
+                      jitter=jitter, optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
+                      backbone_weights=str(backbone_weights) if backbone_weights else None,
+                      grad_checkpoint=grad_checkpoint, aux_weight=aux_weight, device=device,
+                      precision=precision, workers=workers, seed=seed, eval_every=eval_every,
+                      val_split=val_split, sync_bn=sync_bn, recompute_bn=recompute_bn, max_steps=max_steps)
+
+
+@app.command(name="eval")
+def evaluate(
+    data: Path = typer.Option(..., "--data", "-d", help="Labelled data folder (as for train)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Shipped model name or a .pt checkpoint."),
+    split: str = typer.Option("val", help="train, val or test."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON report path. Default: eval-<split>.json."),
+    tile: int = typer.Option(1024, help="Tile side in pixels."),
+    overlap: Optional[int] = typer.Option(None, help="Tile overlap in pixels. Default: tile/4."),
+    batch_size: int = typer.Option(4, "--batch-size", "-b", help="Tiles per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the mIoU line."),
+) -> None:
+    """Score a model on a labelled split: per-class IoU, mIoU, pixel accuracy (JSON + table)."""
+    from rich.table import Table
+
+    from bigseg.checkpoint import resolve_model
+    from bigseg.console import out as console
+    from bigseg.evaluation import evaluate as run_eval
+    from bigseg.inference import Segmenter
+    from bigseg.train.datasets import open_dataset
+
+    dataset = open_dataset(data, split)
+    segmenter = Segmenter(resolve_model(model), device, precision, tile, overlap, batch_size)
+    result = run_eval(segmenter, dataset, split)
+    report = out or Path(f"eval-{split}.json")
+    report.write_text(json.dumps({"model": model, **result.to_dict()}, indent=1))
+    s = result.scores
+    if not quiet:
+        table = Table(title=f"{dataset.name} {split}: {result.images} images, {result.seconds:.1f} s")
+        table.add_column("class")
+        table.add_column("IoU %", justify="right")
+        for name, iou in s["iou"].items():
+            table.add_row(name, "-" if iou is None else f"{100 * iou:.2f}")
+        console.print(table)
+    print(f"mIoU {100 * s['miou']:.2f}  pixel accuracy {100 * s['pixel_accuracy']:.2f}  ({report})")
+
+
 def _report(summary, quiet: bool, as_json: bool) -> None:
     if as_json:
         print(json.dumps({

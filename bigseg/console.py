@@ -67,3 +67,51 @@ class TileProgress:
             self.progress.console.print(message, markup=False)
         else:
             print(message, file=sys.stderr, flush=True)
+
+
+class TrainProgress:
+    """Epoch/step/loss/lr/images-per-second/ETA; a live line on a terminal, a line per epoch otherwise."""
+
+    def __init__(self, quiet: bool, epochs: int):
+        self.quiet, self.epochs = quiet, epochs
+        self.live = err.is_terminal and not quiet
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                                 TimeRemainingColumn(), console=err) if self.live else None
+        self.task = None
+
+    def __enter__(self):
+        if self.progress:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.__exit__(*exc)
+
+    def event(self, kind: str, info: dict) -> None:
+        if self.quiet:
+            return
+        if kind == "start":
+            total = info["total_steps"]
+            self.line(f"training on {info['train_images']} images, {info['steps_per_epoch']} steps/epoch, "
+                      f"{info['world']} process(es)")
+            if self.progress:
+                self.task = self.progress.add_task("train", total=total, info="",
+                                                   completed=info["epoch"] * info["steps_per_epoch"])
+        elif kind == "step" and self.progress:
+            self.progress.update(self.task, completed=info["global_step"], description=f"epoch {info['epoch'] + 1}",
+                                 info=f"loss {info['loss']:.3f} lr {info['lr']:.2e} {info['images_per_s']:.1f} img/s")
+        elif kind == "epoch":
+            val = f" val mIoU {100 * info['val_miou']:.2f}" if "val_miou" in info else ""
+            loss = "n/a" if info["train_loss"] is None else f"{info['train_loss']:.4f}"
+            self.line(f"epoch {info['epoch']}/{self.epochs}: loss {loss}{val} ({info['seconds']:.0f} s)"
+                      f"{' *best*' if info.get('best') else ''}")
+        elif kind == "stopped":
+            self.line(f"stopped ({info['why']}) at epoch {info['epoch'] + 1} step {info['step']}; "
+                      f"continue with --resume")
+
+    def line(self, message: str) -> None:
+        if self.progress:
+            self.progress.console.print(message, markup=False)
+        else:
+            print(message, file=sys.stderr, flush=True)

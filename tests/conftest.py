@@ -57,3 +57,28 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED
+
+
+def make_generic_dataset(root: Path, n: int = 6, size: tuple[int, int] = (80, 96), seed: int = 0) -> Path:
+    """images/ + masks/ + classes.json with learnable content: class = which colour a region has."""
+    import json
+
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], np.uint8)
+    h, w = size
+    for i in range(n):
+        label = np.zeros((h, w), np.uint8)
+        label[:, w // 3:] = 1
+        label[h // 2:, : w // 2] = 2
+        label = np.roll(label, int(rng.integers(0, w)), 1)
+        image = colours[label] + rng.integers(0, 30, (h, w, 3)).astype(np.uint8)
+        label[0, :5] = 255  # some ignore
+        cv2.imwrite(str(root / "images" / f"im{i:02d}.png"), image[..., ::-1])
+        cv2.imwrite(str(root / "masks" / f"im{i:02d}.png"), label)
+    (root / "classes.json").write_text(json.dumps({"classes": CLASSES, "palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255]],
+                                                   "ignore": [255]}))
+    return root

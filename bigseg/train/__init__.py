@@ -1,0 +1,1 @@
+"""Training: data layouts, augmentation, losses and the training loop."""

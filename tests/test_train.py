@@ -1,0 +1,194 @@
+"""Training: checkpointing keeps BN statistics, resume equals uninterrupted, losses, data layouts."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bigseg.checkpoint import load_checkpoint
+from bigseg.errors import DatasetError, TrainingError
+from bigseg.models.blocks import set_grad_checkpointing
+from bigseg.train.datasets import IGNORE, open_dataset
+from bigseg.train.losses import ladder_loss, soft_targets
+from bigseg.train.loop import TrainConfig, train
+from tests.cli_helpers import run_cli
+from tests.conftest import CLASSES, TINY, make_generic_dataset, tiny_model
+
+
+def test_checkpointed_step_equals_plain_step_including_bn_statistics():
+    torch.manual_seed(0)
+    plain = tiny_model().train()
+    ckpt = copy.deepcopy(plain)
+    assert set_grad_checkpointing(ckpt, True) > 10
+    x = torch.randn(2, 3, 128, 128)
+    y = torch.randint(0, 3, (2, 128, 128))
+    for net in (plain, ckpt):
+        logits, aux = net(x, return_aux=True)
+        ladder_loss(logits, aux, y)[0].backward()
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        if "running" in name:
+            assert torch.allclose(a, b, atol=1e-6), name
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+    set_grad_checkpointing(ckpt, False)
+    assert all(m.momentum == 0.1 for m in ckpt.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_checkpointing_keeps_fewer_activations():
+    """Saved-for-backward bytes shrink when dense units, stem and transitions are recomputed."""
+    def saved_bytes(net):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = net(torch.randn(2, 3, 256, 256))
+        return total
+    net = tiny_model().train()
+    plain = saved_bytes(net)
+    set_grad_checkpointing(net, True)
+    assert saved_bytes(net) < plain / 2
+
+
+def test_soft_targets_are_cell_histograms_without_mostly_ignored_cells():
+    labels = torch.tensor([[[0, 0, 1, 1],
+                            [0, 1, 1, 1],
+                            [2, 2, IGNORE, IGNORE],
+                            [2, 0, IGNORE, IGNORE]]])
+    target, keep = soft_targets(labels, 3, (2, 2))
+    assert torch.allclose(target[0, :, 0, 0], torch.tensor([0.75, 0.25, 0.0]))
+    assert torch.allclose(target[0, :, 0, 1], torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.allclose(target[0, :, 1, 0], torch.tensor([0.25, 0.0, 0.75]))
+    assert keep.tolist() == [[[True, True], [True, False]]]
+
+
+def test_ladder_loss_weights_final_and_auxiliary_terms():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 8, 8)
+    aux = [torch.randn(1, 3, 2, 2), torch.randn(1, 3, 4, 4)]
+    labels = torch.randint(0, 3, (1, 8, 8))
+    loss, parts = ladder_loss(logits, aux, labels, 0.4)
+    assert loss.item() == pytest.approx(0.6 * parts["main"] + 0.4 * parts["aux"], rel=1e-6)
+    assert parts["main"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+def tiny_config(data, run_dir, **kw) -> TrainConfig:
+    base = dict(data=str(data), run_dir=str(run_dir), arch_config=TINY, epochs=2, batch_size=2, crop=64,
+                workers=0, device="cpu", precision="fp32", val_tile=128, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    data = make_generic_dataset(tmp_path / "data", n=10)
+    full = train(tiny_config(data, tmp_path / "a", max_steps=6, eval_every=0))
+    first = train(tiny_config(data, tmp_path / "b", max_steps=3, eval_every=0))
+    assert first.stopped == "max_steps" and first.steps_done == 3
+    second = train(tiny_config(data, tmp_path / "b", max_steps=6, eval_every=0), resume=True)
+    assert full.losses == first.losses + second.losses  # bit for bit, across an epoch boundary
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    data = make_generic_dataset(tmp_path / "data")
+    train(tiny_config(data, tmp_path / "r", max_steps=1, eval_every=0))
+    with pytest.raises(TrainingError, match="different settings: lr"):
+        train(tiny_config(data, tmp_path / "r", lr=1e-3, eval_every=0), resume=True)
+
+
+def test_training_lowers_the_loss_and_writes_a_predict_ready_model(tmp_path, capsys):
+    data = make_generic_dataset(tmp_path / "data", n=10)
+    result = train(tiny_config(data, tmp_path / "run", epochs=6, lr=3e-3, recompute_bn=2))
+    assert result.stopped == "finished" and result.best_miou is not None
+    assert np.mean(result.losses[-4:]) < np.mean(result.losses[:4])
+    for name in ("best.pt", "final.pt", "last.pt", "log.csv", "log.json", "curves.png"):
+        assert (tmp_path / "run" / name).exists(), name
+    history = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert len(history) == 6 and all("val_miou" in r for r in history)
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt.classes == CLASSES and ckpt.training["metrics"]["val_miou"] == result.best_miou
+    code, out, err = run_cli(capsys, "eval", "--model", tmp_path / "run" / "best.pt", "--data", data,
+                             "--split", "val", "--out", tmp_path / "ev.json", "--device", "cpu")
+    assert code == 0, err
+    report = json.loads((tmp_path / "ev.json").read_text())
+    assert report["miou"] == pytest.approx(result.best_miou, abs=0.02) and "mIoU" in out
+
+
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):
+    data = make_generic_dataset(tmp_path / "data", n=6)
+    train(tiny_config(data, tmp_path / "run", epochs=1, eval_every=0))
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    import bigseg.train.loop as loop
+    monkeypatch.setattr(loop, "ladder_loss", lambda *a, **k: (torch.tensor(float("nan")), {}))
+    code, _, err = run_cli(capsys, "train", "--run", tmp_path / "run", "--resume", "--epochs", "2")
+    assert code == 1 and "not finite" in err
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    code, _, err = run_cli(capsys, "train", "--run", tmp_path / "run", "--resume", "--lr", "0.1")
+    assert code == 1 and "--lr cannot change when resuming" in err
+
+
+def test_backbone_weights_get_a_quarter_of_the_learning_rate(tmp_path):
+    from bigseg.train.loop import _optimizer
+    model = tiny_model()
+    names = {f"backbone.{n}" for n, _ in model.backbone.named_parameters()}
+    opt = _optimizer(tiny_config("x", "y", lr=1e-3), model, names)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 2.5e-4]
+    assert len(opt.param_groups[1]["params"]) == len(names)
+
+
+def test_layouts_are_recognised_and_unknown_ones_named(tmp_path):
+    import cv2
+    cs = tmp_path / "cs"
+    (cs / "leftImg8bit" / "val" / "aachen").mkdir(parents=True)
+    (cs / "gtFine" / "val" / "aachen").mkdir(parents=True)
+    cv2.imwrite(str(cs / "leftImg8bit" / "val" / "aachen" / "a_000001_000019_leftImg8bit.png"), np.zeros((4, 4, 3), np.uint8))
+    ids = np.array([[7, 8, 26, 0], [24, 33, 1, 23]] * 2, np.uint8)
+    cv2.imwrite(str(cs / "gtFine" / "val" / "aachen" / "a_000001_000019_gtFine_labelIds.png"), ids)
+    _, label = open_dataset(cs, "val")[0]
+    assert label[:2].tolist() == [[0, 1, 13, 255], [11, 18, 255, 10]]
+    cam = tmp_path / "camvid"
+    for d in ("train", "trainannot"):
+        (cam / d).mkdir(parents=True)
+    cv2.imwrite(str(cam / "train" / "x.png"), np.zeros((2, 2, 3), np.uint8))
+    cv2.imwrite(str(cam / "trainannot" / "x.png"), np.array([[0, 11], [10, 3]], np.uint8))
+    ds = open_dataset(cam, "train")
+    assert ds[0][1].tolist() == [[0, 255], [10, 3]] and len(ds.classes) == 11
+    with pytest.raises(DatasetError, match="unknown data layout; expected one of: Cityscapes"):
+        open_dataset(tmp_path, "train")
+
+
+def test_real_cityscapes_sample_decodes(shared_data):
+    ds = open_dataset(shared_data / "cityscapes-sample", "val")
+    image, label = ds[0]
+    assert image.shape[:2] == label.shape and len(ds.classes) == 19
+    assert set(np.unique(label)) <= set(range(19)) | {255}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun test runs on Linux CI")
+def test_distributed_training_with_two_cpu_processes(tmp_path):
+    data = make_generic_dataset(tmp_path / "data", n=10)  # 9 train, 1 val
+    job = tmp_path / "job.py"
+    job.write_text(
+        "import json\n"
+        "from bigseg.train.loop import TrainConfig, train\n"
+        f"r = train(TrainConfig(data={str(data)!r}, run_dir={str(tmp_path / 'run')!r}, "
+        f"arch_config=json.loads({json.dumps(TINY)!r}), epochs=2, batch_size=2, crop=64, workers=0, "
+        "device='cpu', precision='fp32', val_tile=128))\n"
+        "print('RESULT', r.steps_done)\n")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29513", str(job)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("RESULT 4") == 2  # 9 images // (2 ranks x 2) = 2 steps per epoch, 2 epochs
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "best.pt", "curves.png", "final.pt", "last.pt", "log.csv", "log.json"]

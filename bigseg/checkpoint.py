@@ -108,16 +108,21 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     return path
 
 
+def _load_tensors(path: Path, what: str, kind: str) -> Any:
+    """`torch.load` restricted to tensors and plain data; any failure is one CheckpointError line."""
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable {kind} ({reason})") from None
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load and validate a checkpoint file; any problem is one `CheckpointError` line."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"model file not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable bigseg checkpoint ({reason})") from None
+    raw = _load_tensors(path, "model file", "bigseg checkpoint")
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bigseg checkpoint (a plain state dict or another "
                               f"tool's file?); use a file written by `bigseg train`")
@@ -203,12 +208,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
     from bigseg.models.densenet import torchvision_to_backbone_keys
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"backbone weights not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable state dict ({str(e).strip()[:120]})") from None
+    state = _load_tensors(path, "backbone weights", "state dict")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

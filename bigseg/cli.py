@@ -81,9 +81,9 @@ def predict(
 
     def on_event(kind: str, payload) -> None:
         if kind == "start":
-            progress.start(payload.input.name, 0, tile * tile)
+            progress.start(payload.input.name, tile * tile)
         elif kind == "tile":
-            progress.tile()
+            progress.tile(*payload)
         elif kind == "done":
             progress.finish()
             for n in payload.notes:
@@ -250,5 +250,5 @@ def main() -> None:
         _error_line(str(e))
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted; unfinished outputs were removed", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -22,16 +22,13 @@ def note(message: str, quiet: bool = False) -> None:
         print(message, file=sys.stderr)
 
 
-class TileProgress:
-    """Per-file progress: tiles/s and megapixels/s. Rich bar on a TTY, one line per file otherwise."""
+class _Display:
+    """A rich progress display on a terminal (unless quiet); plain stderr lines otherwise."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool, *columns, transient: bool = False):
         self.quiet = quiet
-        self.live = err.is_terminal and not quiet
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 TextColumn("{task.completed}/{task.total} tiles"),
-                                 TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                                 console=err, transient=True) if self.live else None
+        live = err.is_terminal and not quiet
+        self.progress = Progress(*columns, console=err, transient=transient) if live else None
         self.task = None
 
     def __enter__(self):
@@ -42,23 +39,6 @@ class TileProgress:
     def __exit__(self, *exc):
         if self.progress:
             self.progress.__exit__(*exc)
-
-    def start(self, name: str, tiles: int, tile_pixels: int) -> None:
-        self.t0, self.done, self.tile_pixels = time.perf_counter(), 0, tile_pixels
-        if self.progress:
-            self.task = self.progress.add_task(name, total=tiles, rate="")
-
-    def tile(self) -> None:
-        self.done += 1
-        if self.progress:
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            rate = f"{self.done / dt:.1f} tiles/s {self.done * self.tile_pixels / dt / 1e6:.2f} MP/s"
-            self.progress.update(self.task, advance=1, rate=rate)
-
-    def finish(self) -> None:
-        if self.progress and self.task is not None:
-            self.progress.remove_task(self.task)
-            self.task = None
 
     def line(self, message: str) -> None:
         if self.quiet:
@@ -69,24 +49,38 @@ class TileProgress:
             print(message, file=sys.stderr, flush=True)
 
 
-class TrainProgress:
+class TileProgress(_Display):
+    """Per-file progress: tiles/s and megapixels/s. Rich bar on a TTY, one line per file otherwise."""
+
+    def __init__(self, quiet: bool = False):
+        super().__init__(quiet, TextColumn("{task.description}"), BarColumn(),
+                         TextColumn("{task.completed}/{task.total} tiles"), TextColumn("{task.fields[rate]}"),
+                         TimeRemainingColumn(), transient=True)
+
+    def start(self, name: str, tile_pixels: int) -> None:
+        self.t0, self.tile_pixels = time.perf_counter(), tile_pixels
+        if self.progress:
+            self.task = self.progress.add_task(name, total=None, rate="")
+
+    def tile(self, done: int, total: int) -> None:
+        if self.progress:
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            rate = f"{done / dt:.1f} tiles/s {done * self.tile_pixels / dt / 1e6:.2f} MP/s"
+            self.progress.update(self.task, completed=done, total=total, rate=rate)
+
+    def finish(self) -> None:
+        if self.progress and self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+
+
+class TrainProgress(_Display):
     """Epoch/step/loss/lr/images-per-second/ETA; a live line on a terminal, a line per epoch otherwise."""
 
     def __init__(self, quiet: bool, epochs: int):
-        self.quiet, self.epochs = quiet, epochs
-        self.live = err.is_terminal and not quiet
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                                 TimeRemainingColumn(), console=err) if self.live else None
-        self.task = None
-
-    def __enter__(self):
-        if self.progress:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress:
-            self.progress.__exit__(*exc)
+        super().__init__(quiet, TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                         TimeRemainingColumn())
+        self.epochs = epochs
 
     def event(self, kind: str, info: dict) -> None:
         if self.quiet:
@@ -109,9 +103,3 @@ class TrainProgress:
         elif kind == "stopped":
             self.line(f"stopped ({info['why']}) at epoch {info['epoch'] + 1} step {info['step']}; "
                       f"continue with --resume")
-
-    def line(self, message: str) -> None:
-        if self.progress:
-            self.progress.console.print(message, markup=False)
-        else:
-            print(message, file=sys.stderr, flush=True)

@@ -17,9 +17,9 @@ def render_street(width: int = 480, height: int = 360, seed: int = 0) -> tuple[n
     img = np.zeros((height, width, 3), np.float32)
     lab = np.zeros((height, width), np.uint8)
     horizon = int(height * 0.45)
-    # sky: vertical gradient from deep to pale blue
+    # sky: an overcast gradient, pale blue-grey to near white (as in most street-scene data)
     t = np.linspace(0, 1, horizon)[:, None]
-    img[:horizon] = (np.array([90, 140, 210]) * (1 - t) + np.array([200, 220, 240]) * t)[:, None, :]
+    img[:horizon] = (np.array([165, 180, 200]) * (1 - t) + np.array([228, 230, 234]) * t)[:, None, :]
     # buildings: a row of facades of varied height and colour, with windows
     x = 0
     while x < width:

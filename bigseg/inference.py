@@ -130,9 +130,9 @@ class Segmenter:
         valid = np.ones((h, w), bool) if valid is None else valid
         out = np.zeros((self.num_classes, h, w), np.float32)
         read = lambda win: (image[(slice(None), *win.slices)].astype(np.float32), valid[win.slices])  # noqa: E731
-        for row, band in stream_tiles(self.grid(w, h), read, self.logits, self.num_classes,
-                                      self.batch_size, self.fill):
-            out[:, row:row + band.shape[1]] = band
+        for window, block in stream_tiles(self.grid(w, h), read, self.logits, self.num_classes,
+                                          self.batch_size, self.fill):
+            out[(slice(None), *window.slices)] = block
         return out
 
     def segment(self, image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
@@ -144,17 +144,27 @@ class Segmenter:
 
     def predict_file(self, src: Path, dst: Path, read: ReadOptions = ReadOptions(),
                      write: WriteOptions = WriteOptions(),
-                     on_tile: Callable[[Window], None] | None = None) -> PredictResult:
-        """Segment one file into `dst`; extra outputs go beside it. Nothing is left on failure."""
+                     on_tile: Callable[[int, int], None] | None = None) -> PredictResult:
+        """Segment one file into `dst`; extra outputs go beside it. Nothing is left on failure.
+        `on_tile(done, total)` reports progress after every tile."""
         start = time.perf_counter()
         with gdal_env(), ExitStack() as stack, open_raster(src, self.checkpoint.in_channels, read.bands,
                                                read.value_range, read.engine) as reader:
             sinks = self._open_sinks(reader, dst, write)
             stack.callback(lambda: [s.abort() for s in sinks.values() if not getattr(s, "_done", False)])
             grid = self.grid(reader.width, reader.height)
-            for row, band in stream_tiles(grid, reader.read, self.logits, self.num_classes,
-                                          self.batch_size, self.fill, on_tile):
-                self._write_band(reader, sinks, row, band)
+            done = [0]
+
+            def tile_done(window: Window) -> None:
+                done[0] += 1
+                if on_tile is not None:
+                    on_tile(done[0], len(grid))
+
+            if on_tile is not None:
+                on_tile(0, len(grid))
+            for window, block in stream_tiles(grid, reader.read, self.logits, self.num_classes,
+                                              self.batch_size, self.fill, tile_done):
+                self._write_block(reader, sinks, window, block)
             written = []
             for sink in sinks.values():
                 written.append(sink.commit())
@@ -185,22 +195,21 @@ class Segmenter:
             raise
         return sinks
 
-    def _write_band(self, reader: Reader, sinks: dict, row: int, band: np.ndarray) -> None:
-        rows = band.shape[1]
-        valid = reader.read_valid(Window(0, row, reader.width, rows))
-        labels = band.argmax(0).astype(np.uint8)
+    def _write_block(self, reader: Reader, sinks: dict, window: Window, block: np.ndarray) -> None:
+        valid = reader.read_valid(window)
+        labels = block.argmax(0).astype(np.uint8)
         labels[~valid] = NODATA
-        sinks["mask"].write(row, labels)
+        sinks["mask"].write(window, labels)
         if "probs" in sinks:
-            e = np.exp(band - band.max(0, keepdims=True))
+            e = np.exp(block - block.max(0, keepdims=True))
             probs = np.rint(e / e.sum(0, keepdims=True) * 255).astype(np.uint8)
             probs[:, ~valid] = 0
-            sinks["probs"].write(row, probs, valid)
+            sinks["probs"].write(window, probs, valid)
         if "overlay" in sinks:
             overlay = sinks["overlay"]
-            image_rows = {int(r): reader.read(Window(0, int(r), reader.width, 1))[0][:, 0]
-                          for r in overlay.rows_in(row, rows)}
-            overlay.write(row, labels, image_rows)
+            image_rows = {int(r): reader.read(Window(window.col_off, int(r), window.width, 1))[0][:, 0]
+                          for r in overlay.rows_in(window)}
+            overlay.write(window, labels, image_rows)
 
 
 def sibling(path: Path, tag: str, suffix: str) -> Path:

@@ -73,7 +73,13 @@ def expand_inputs(inputs: list[str], recursive: bool) -> tuple[list[tuple[Path, 
 def plan_jobs(found: list[tuple[Path, Path]], out: Path | None) -> tuple[list[Job], list[Failure]]:
     """Output paths: `--out FILE` for one input, else `<out>/<relative stem>.mask.{tif,png}`."""
     if out is not None and len(found) == 1 and out.suffix.lower() in MASK_SUFFIXES and not out.is_dir():
-        return [Job(found[0][0], out)], []
+        src = found[0][0]
+        if out.suffix.lower() == ".png" and src.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InputError(f"--out {out}: {src.name} is written as a GeoTIFF (it keeps georeferencing "
+                             f"and streams); use a .tif name")
+        if out.resolve() == src.resolve():
+            raise InputError(f"--out {out} is the input itself; choose another name")
+        return [Job(src, out)], []
     folder = out or Path.cwd()
     if folder.suffix.lower() in MASK_SUFFIXES and not folder.is_dir() and len(found) > 1:
         raise InputError(f"--out {folder} names one file but there are {len(found)} inputs; give a folder")
@@ -103,7 +109,7 @@ def run_predict(segmenter: Segmenter, inputs: list[str], out: Path | None, *, re
                 overwrite: bool = False, read: ReadOptions = ReadOptions(),
                 write: WriteOptions = WriteOptions(),
                 on_event: Callable[[str, object], None] = lambda kind, payload: None) -> Summary:
-    """Predict every input; events: start(Job, tiles), tile(window), done(result), skip(job), fail(failure)."""
+    """Predict every input; events: start(job), tile((done, total)), done(result), skip(job), fail(failure)."""
     summary = Summary()
     found, summary.failed = expand_inputs(inputs, recursive)
     jobs, failed = plan_jobs(found, out)
@@ -119,7 +125,7 @@ def run_predict(segmenter: Segmenter, inputs: list[str], out: Path | None, *, re
         on_event("start", job)
         try:
             result = segmenter.predict_file(job.input, job.output, read, write,
-                                            on_tile=lambda w: on_event("tile", w))
+                                            on_tile=lambda done, total: on_event("tile", (done, total)))
         except BigsegError as e:
             failure = Failure(str(job.input), str(e))
             summary.failed.append(failure)

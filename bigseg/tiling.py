@@ -1,16 +1,21 @@
 """Tile grid, blend window and the streaming stitcher. Knows arrays and windows, never models.
 
-Geometry: tiles of `tile` x `tile` pixels step by `tile - overlap`; the last tile of a row or column
-is shifted back to end flush with the image (no padding), and an image smaller than the tile is one
-tile of the image's size. Blend window: along every tile edge that lies inside the image, the
-weight is 0 over the outer quarter of the overlap, rises as sin^2 over the middle half and is 1
-beyond; along image borders it is 1. Two neighbours at the nominal overlap therefore sum to exactly
-1, and no pixel takes any weight from a tile in which it lies within overlap/4 of a cut: a model
-whose receptive field reaches at most overlap/4 pixels stitches to the whole-image result.
+Geometry: along each axis n = ceil((L - overlap) / (tile - overlap)) tiles are spread evenly from
+0 to L - tile (no padding, no tile hanging over the edge), so every overlap lies between `overlap`
+and overlap + (tile - overlap) / (n - 1); an image smaller than the tile is one tile of its size.
 
-Memory: tiles arrive in row-major order; rows above the next pending tile are final and leave the
-stitcher at once, so it never holds more than one tile height of the image:
-    stitcher bytes <= (channels + 1) * 4 * tile * width   (plus one band of the same size on output)
+Blend window: along each tile edge that lies inside the image, with `ov` the actual overlap with
+the neighbour there, the weight is 0 over the outer ov/4, rises as sin^2 over the middle ov/2 and
+is 1 beyond; along image borders it is 1. Neighbours' weights therefore sum to exactly 1, and no
+pixel takes weight from a tile in which it lies within overlap/4 of a cut: a model whose receptive
+field reaches at most overlap/4 pixels stitches to exactly the whole-image result.
+
+Streaming: each axis is cut at every tile edge into "atoms"; an atom is final as soon as the last
+tile covering it (in row-major order) has been added, and is handed out and freed at once. Only
+the band where one tile row overlaps the next is held across the full width, so the stitcher holds
+at most about
+    (channels + 1) * 4 bytes * (max_overlap * width + 4 * tile * tile)
+whatever the image height; no full-width band of tile height ever exists.
 """
 from __future__ import annotations
 
@@ -43,12 +48,12 @@ class Window:
         return slice(self.row_off, self.row_end), slice(self.col_off, self.col_end)
 
 
-def axis_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Tile offsets along one axis: regular steps, the last one shifted to end at `length`."""
+def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile offsets along one axis: evenly spread, first at 0, last ending at `length`."""
     if length <= tile:
         return [0]
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return [round(k * (length - tile) / (n - 1)) for k in range(n)]
 
 
 @dataclass(frozen=True)
@@ -65,20 +70,24 @@ class TileGrid:
             raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got tile={self.tile} overlap={self.overlap}")
 
     @property
-    def stride(self) -> int:
-        return self.tile - self.overlap
-
-    @property
     def tile_shape(self) -> tuple[int, int]:
         return min(self.tile, self.height), min(self.tile, self.width)
 
     @property
     def row_starts(self) -> list[int]:
-        return axis_starts(self.height, self.tile, self.stride)
+        return axis_starts(self.height, self.tile, self.overlap)
 
     @property
     def col_starts(self) -> list[int]:
-        return axis_starts(self.width, self.tile, self.stride)
+        return axis_starts(self.width, self.tile, self.overlap)
+
+    @property
+    def max_overlap(self) -> int:
+        """The largest overlap between neighbouring tiles (rows or columns)."""
+        th, tw = self.tile_shape
+        gaps = [(b - a, t) for starts, t in ((self.row_starts, th), (self.col_starts, tw))
+                for a, b in zip(starts, starts[1:])]
+        return max((t - g for g, t in gaps), default=0)
 
     def __len__(self) -> int:
         return len(self.row_starts) * len(self.col_starts)
@@ -91,109 +100,142 @@ class TileGrid:
 
     def weights(self, window: Window) -> np.ndarray:
         """The blend window of one tile, shape (height, width), float32."""
-        wy = edge_profile(window.height, window.row_off > 0, window.row_end < self.height, self.overlap)
-        wx = edge_profile(window.width, window.col_off > 0, window.col_end < self.width, self.overlap)
+        th, tw = self.tile_shape
+        wy = _axis_profile(self.row_starts, window.row_off, th)
+        wx = _axis_profile(self.col_starts, window.col_off, tw)
         return np.outer(wy, wx)
 
 
-def edge_profile(length: int, ramp_start: bool, ramp_end: bool, overlap: int) -> np.ndarray:
-    """1-D blend weights of one tile side: dead zone overlap/4, sin^2 ramp over overlap/2, then 1."""
+def _axis_profile(starts: list[int], start: int, size: int) -> np.ndarray:
+    k = starts.index(start)
+    before = starts[k - 1] + size - start if k > 0 else 0
+    after = start + size - starts[k + 1] if k + 1 < len(starts) else 0
+    return edge_profile(size, before, after)
+
+
+def edge_profile(length: int, overlap_start: int, overlap_end: int) -> np.ndarray:
+    """1-D blend weights: at each end with overlap ov > 0, zero over ov/4, sin^2 rise over ov/2, then 1."""
     w = np.ones(length, np.float32)
-    dead = overlap // 4
-    ramp = overlap - 2 * dead
-    if ramp <= 0:
-        return w
-    rise = np.sin(0.5 * math.pi * (np.arange(ramp) + 0.5) / ramp) ** 2
-    profile = np.concatenate([np.zeros(dead), rise]).astype(np.float32)
-    n = min(len(profile), length)
-    if ramp_start:
-        w[:n] *= profile[:n]
-    if ramp_end:
-        w[length - n:] *= profile[:n][::-1]
+    for ov, at_start in ((overlap_start, True), (overlap_end, False)):
+        dead = ov // 4
+        ramp = ov - 2 * dead
+        if ov <= 0 or ramp <= 0:
+            continue
+        rise = np.sin(0.5 * math.pi * (np.arange(ramp) + 0.5) / ramp) ** 2
+        profile = np.concatenate([np.zeros(dead), rise]).astype(np.float32)[:length]
+        if at_start:
+            w[:len(profile)] *= profile
+        else:
+            w[length - len(profile):] *= profile[::-1]
     return w
 
 
+class _Axis:
+    """One axis cut at every tile edge: atom a spans [cuts[a], cuts[a + 1]); `last[a]` is the
+    index of the last tile covering it, `span[k]` the atoms tile k covers."""
+
+    def __init__(self, starts: list[int], size: int, length: int):
+        self.cuts = sorted({0, length, *starts, *(s + size for s in starts)})
+        atoms = range(len(self.cuts) - 1)
+        self.last = [max(k for k, s in enumerate(starts) if s <= self.cuts[a] and self.cuts[a + 1] <= s + size)
+                     for a in atoms]
+        self.span = [[a for a in atoms if s <= self.cuts[a] and self.cuts[a + 1] <= s + size] for s in starts]
+
+
 class StreamingStitcher:
-    """Blend per-tile scores (C, h, w) into full-width row bands, releasing rows as they finish.
+    """Blend per-tile scores (C, h, w) and hand out finished rectangles as soon as they are final.
 
     Feed every tile of `grid` in order through `add` (scores) or `skip` (nothing to blend, e.g. a
-    tile that is all nodata); after each call, `pop_finished` yields (row_off, band) for rows no
-    later tile touches, band of shape (C, rows, width) holding the weighted mean scores (0 where no
-    tile gave weight).
+    tile that is all nodata); after each call, `pop_finished` yields (window, block): block of shape
+    (C, h, w) holding the weighted mean scores (0 where no tile gave weight). Together the windows
+    cover the image exactly once.
     """
 
     def __init__(self, grid: TileGrid, channels: int):
         self.grid = grid
         self.channels = channels
-        self._tiles = list(grid)
+        th, tw = grid.tile_shape
+        self._rows = _Axis(grid.row_starts, th, grid.height)
+        self._cols = _Axis(grid.col_starts, tw, grid.width)
+        self._order = [(i, j) for i in range(len(grid.row_starts)) for j in range(len(grid.col_starts))]
         self._next = 0
-        self.top = 0
-        cap = grid.tile_shape[0]
-        self._acc = np.zeros((channels, cap, grid.width), np.float32)
-        self._wsum = np.zeros((cap, grid.width), np.float32)
+        self._atoms: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._ready: list[tuple[int, int]] = []
+        self.peak_pixels = 0  # largest number of pixels held at once (for tests and benchmarks)
 
     @property
     def done(self) -> bool:
-        return self.top >= self.grid.height
+        return self._next >= len(self._order) and not self._ready
 
-    def _expect(self, window: Window) -> None:
-        if self._next >= len(self._tiles) or self._tiles[self._next] != window:
-            expected = self._tiles[self._next] if self._next < len(self._tiles) else "no more tiles"
+    @property
+    def held_pixels(self) -> int:
+        return sum(w.size for _, w in self._atoms.values())
+
+    def _window(self, a: int, b: int) -> Window:
+        r, c = self._rows.cuts, self._cols.cuts
+        return Window(c[b], r[a], c[b + 1] - c[b], r[a + 1] - r[a])
+
+    def _advance(self, window: Window) -> tuple[int, int]:
+        if self._next >= len(self._order):
+            raise ValueError(f"tiles must arrive in grid order: got {window} after the last tile")
+        i, j = self._order[self._next]
+        th, tw = self.grid.tile_shape
+        expected = Window(self.grid.col_starts[j], self.grid.row_starts[i], tw, th)
+        if window != expected:
             raise ValueError(f"tiles must arrive in grid order: got {window}, expected {expected}")
         self._next += 1
+        self._ready += [(a, b) for a in self._rows.span[i] if self._rows.last[a] == i
+                        for b in self._cols.span[j] if self._cols.last[b] == j]
+        return i, j
 
     def add(self, window: Window, scores: np.ndarray) -> None:
-        self._expect(window)
         if scores.shape != (self.channels, window.height, window.width):
             raise ValueError(f"scores of shape {scores.shape} for window {window}")
-        self._reserve(window.row_end - self.top)
-        w = self.grid.weights(window)
-        rows = slice(window.row_off - self.top, window.row_end - self.top)
-        cols = slice(window.col_off, window.col_end)
-        self._acc[:, rows, cols] += scores * w
-        self._wsum[rows, cols] += w
-
-    def _reserve(self, rows: int) -> None:
-        """Grow the buffers when a caller adds tiles of a new tile row before popping the last."""
-        if rows > self._acc.shape[1]:
-            extra = rows - self._acc.shape[1]
-            self._acc = np.concatenate([self._acc, np.zeros((self.channels, extra, self.grid.width), np.float32)], 1)
-            self._wsum = np.concatenate([self._wsum, np.zeros((extra, self.grid.width), np.float32)], 0)
+        i, j = self._advance(window)
+        weights = self.grid.weights(window)
+        for a in self._rows.span[i]:
+            for b in self._cols.span[j]:
+                atom = self._window(a, b)
+                ys = slice(atom.row_off - window.row_off, atom.row_end - window.row_off)
+                xs = slice(atom.col_off - window.col_off, atom.col_end - window.col_off)
+                if (a, b) not in self._atoms:
+                    self._atoms[(a, b)] = (np.zeros((self.channels, atom.height, atom.width), np.float32),
+                                           np.zeros((atom.height, atom.width), np.float32))
+                acc, wsum = self._atoms[(a, b)]
+                w = weights[ys, xs]
+                acc += scores[:, ys, xs] * w
+                wsum += w
+        self.peak_pixels = max(self.peak_pixels, self.held_pixels)
 
     def skip(self, window: Window) -> None:
-        self._expect(window)
+        self._advance(window)
 
-    def pop_finished(self) -> Iterator[tuple[int, np.ndarray]]:
-        limit = self._tiles[self._next].row_off if self._next < len(self._tiles) else self.grid.height
-        k = limit - self.top
-        if k <= 0:
-            return
-        wsum = self._wsum[:k]
-        band = np.divide(self._acc[:, :k], wsum, out=np.zeros_like(self._acc[:, :k]), where=wsum > 0)
-        rest = self._acc.shape[1] - k
-        self._acc[:, :rest] = self._acc[:, k:].copy()
-        self._wsum[:rest] = self._wsum[k:].copy()
-        self._acc[:, rest:] = 0
-        self._wsum[rest:] = 0
-        start, self.top = self.top, limit
-        yield start, band
+    def pop_finished(self) -> Iterator[tuple[Window, np.ndarray]]:
+        ready, self._ready = self._ready, []
+        for a, b in ready:
+            atom = self._window(a, b)
+            if (a, b) not in self._atoms:
+                yield atom, np.zeros((self.channels, atom.height, atom.width), np.float32)
+                continue
+            acc, wsum = self._atoms.pop((a, b))
+            yield atom, np.divide(acc, wsum, out=acc, where=wsum > 0)
 
 
 def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.ndarray]],
                  predict: Callable[[np.ndarray], np.ndarray], channels: int, batch_size: int,
                  fill: np.ndarray, on_tile: Callable[[Window], None] | None = None,
-                 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Run `predict` over every tile in batches and yield finished (row_off, scores band)s.
+                 ) -> Iterator[tuple[Window, np.ndarray]]:
+    """Run `predict` over every tile in batches and yield finished (window, scores) rectangles.
 
     `read(window)` gives (bands, h, w) float32 and a validity mask; invalid pixels are replaced by
     `fill` (bands, 1, 1) before prediction, and tiles without a valid pixel are not predicted.
     `predict` maps (n, bands, h, w) to (n, channels, h, w). Memory: one batch of tiles plus the
-    stitcher's one tile height of the image (see the module docstring).
+    stitcher's overlap band (see the module docstring).
     """
     stitcher = StreamingStitcher(grid, channels)
     pending: list[tuple[Window, np.ndarray | None]] = []
 
-    def flush() -> Iterator[tuple[int, np.ndarray]]:
+    def flush() -> Iterator[tuple[Window, np.ndarray]]:
         batch = [data for _, data in pending if data is not None]
         scores = iter(predict(np.stack(batch)) if batch else [])
         for window, data in pending:

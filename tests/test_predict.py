@@ -261,3 +261,11 @@ def test_bad_inputs_give_one_clear_line_and_leave_nothing(tmp_path, tiny_checkpo
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], err
     assert not out.exists() or files(out) == []
+
+
+def test_output_names_that_would_lose_data_are_refused(tmp_path, tiny_checkpoint, capsys):
+    src = write_geotiff(tmp_path / "a.tif", 64, 64)
+    for out, message in ((tmp_path / "a.png", "use a .tif name"), (src, "is the input itself")):
+        code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "-o", out, "--overwrite", *FAST)
+        assert code == 1 and message in err
+    assert files(tmp_path) == ["a.tif", "tiny.pt"]

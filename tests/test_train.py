@@ -192,3 +192,18 @@ def test_distributed_training_with_two_cpu_processes(tmp_path):
     assert proc.stdout.count("RESULT 4") == 2  # 9 images // (2 ranks x 2) = 2 steps per epoch, 2 epochs
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "best.pt", "curves.png", "final.pt", "last.pt", "log.csv", "log.json"]
+
+
+def test_train_cli_loads_torchvision_backbone_weights(tmp_path, capsys):
+    """Full-size LDN121, one step on 64x64 crops: the loaded backbone trains at lr/4."""
+    from tests.test_checkpoint import torchvision_densenet121
+    data = make_generic_dataset(tmp_path / "data", n=4)
+    torch.save(torchvision_densenet121().state_dict(), tmp_path / "densenet121.pth")
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "run", "--backbone-weights",
+                           tmp_path / "densenet121.pth", "--max-steps", "1", "--batch-size", "2", "--crop", "64",
+                           "--workers", "0", "--device", "cpu", "--eval-every", "0", "--lr", "0.001")
+    assert code == 0, err
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["initial_lr"] == pytest.approx(groups[0]["initial_lr"] / 4)
+    assert groups[1]["weight_decay"] == pytest.approx(groups[0]["weight_decay"] / 4)

@@ -4,7 +4,7 @@ Masks: single-band uint8 class indices, nodata 255. Georeferenced-style inputs g
 deflate-compressed GeoTIFF (BigTIFF when needed) with the input's CRS/transform or GCPs and the
 class palette as colour table; `cog=True` turns it into a cloud-optimised GeoTIFF with overviews.
 PNG/JPEG inputs give a grayscale PNG of class indices. Probabilities: uint8 (p * 255), one band per
-class, nodata as an internal mask. Rows arrive top to bottom in bands.
+class, nodata as an internal mask. Results arrive as rectangles (windows), in no particular order.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from bigseg.errors import OutputError
 from bigseg.io.readers import Georef
+from bigseg.tiling import Window
 
 NODATA = 255
 BLOCK = 512
@@ -72,15 +73,15 @@ class GeoTiffWriter:
         if tags:
             self.ds.update_tags(**{k: json.dumps(v) if not isinstance(v, str) else v for k, v in tags.items()})
 
-    def write(self, row_off: int, data: np.ndarray, valid: np.ndarray | None = None) -> None:
-        """`data`: (rows, width) or (count, rows, width) uint8; `valid` feeds the internal mask."""
-        from rasterio.windows import Window
+    def write(self, window: Window, data: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """`data`: (h, w) or (count, h, w) uint8 for `window`; `valid` feeds the internal mask."""
+        from rasterio.windows import Window as RWindow
 
         data = data[None] if data.ndim == 2 else data
-        window = Window(0, row_off, data.shape[2], data.shape[1])
-        self.ds.write(data, window=window)
+        w = RWindow(window.col_off, window.row_off, window.width, window.height)
+        self.ds.write(data, window=w)
         if self.mask and valid is not None:
-            self.ds.write_mask((valid * 255).astype(np.uint8), window=window)
+            self.ds.write_mask((valid * 255).astype(np.uint8), window=w)
 
     def commit(self) -> Path:
         import rasterio.shutil
@@ -114,8 +115,8 @@ class PngWriter:
         self.path, self.tmp = path, partial_path(path)
         self.array = np.full((height, width), NODATA, np.uint8)
 
-    def write(self, row_off: int, data: np.ndarray, valid: np.ndarray | None = None) -> None:
-        self.array[row_off:row_off + data.shape[0]] = data
+    def write(self, window: Window, data: np.ndarray, valid: np.ndarray | None = None) -> None:
+        self.array[window.slices] = data
 
     def commit(self) -> Path:
         import cv2
@@ -139,7 +140,7 @@ class PngWriter:
 
 class OverlayWriter:
     """A colour preview of the mask blended over the image, at most `max_side` pixels on the long
-    side: rows and columns are sampled as bands of the mask arrive, so memory stays bounded."""
+    side: rows and columns are sampled as rectangles of the mask arrive, so memory stays bounded."""
 
     def __init__(self, path: Path, width: int, height: int, palette, max_side: int = 2048, alpha: float = 0.5):
         f = max(width, height) / max_side if max(width, height) > max_side else 1.0
@@ -151,19 +152,23 @@ class OverlayWriter:
         self.lut, self.alpha = lut, alpha
         self.path, self.tmp = path, partial_path(path)
 
-    def rows_in(self, row_off: int, count: int) -> np.ndarray:
-        """Image rows (absolute) the preview samples within [row_off, row_off + count)."""
-        return np.unique(self.rows[(self.rows >= row_off) & (self.rows < row_off + count)])
+    def rows_in(self, window: Window) -> np.ndarray:
+        """Image rows (absolute) the preview samples inside `window`."""
+        return np.unique(self.rows[(self.rows >= window.row_off) & (self.rows < window.row_end)])
 
-    def write(self, row_off: int, labels: np.ndarray, image_rows: dict[int, np.ndarray]) -> None:
-        """`image_rows`: for each row from `rows_in`, that row's (3, width) 0..255 image values."""
-        for i in np.nonzero((self.rows >= row_off) & (self.rows < row_off + labels.shape[0]))[0]:
+    def write(self, window: Window, labels: np.ndarray, image_rows: dict[int, np.ndarray]) -> None:
+        """`image_rows`: for each row from `rows_in`, that row's (3, window.width) image values."""
+        pi = np.nonzero((self.rows >= window.row_off) & (self.rows < window.row_end))[0]
+        pj = np.nonzero((self.cols >= window.col_off) & (self.cols < window.col_end))[0]
+        if not len(pi) or not len(pj):
+            return
+        cols = self.cols[pj] - window.col_off
+        for i in pi:
             r = self.rows[i]
-            lab = labels[r - row_off, self.cols]
-            img = np.moveaxis(image_rows[r][:, self.cols], 0, -1)
-            color = self.lut[lab]
-            blend = np.where((lab == NODATA)[:, None], img, (1 - self.alpha) * img + self.alpha * color)
-            self.preview[i] = np.clip(blend, 0, 255).astype(np.uint8)
+            lab = labels[r - window.row_off, cols]
+            img = np.moveaxis(image_rows[r][:, cols], 0, -1)
+            blend = np.where((lab == NODATA)[:, None], img, (1 - self.alpha) * img + self.alpha * self.lut[lab])
+            self.preview[i, pj] = np.clip(blend, 0, 255).astype(np.uint8)
 
     def commit(self) -> Path:
         import cv2

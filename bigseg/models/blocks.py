@@ -58,8 +58,9 @@ class Checkpointable(nn.Module):
         return self.compute(*inputs)
 
 
-def set_grad_checkpointing(model: nn.Module, enabled: bool) -> int:
-    """Turn recomputation on or off in every `Checkpointable` of `model`; returns how many changed.
+def set_grad_checkpointing(model: nn.Module, enabled: bool, only: tuple[type, ...] = ()) -> int:
+    """Turn recomputation on or off in every `Checkpointable` of `model` (or only those of the
+    `only` types); returns how many changed.
 
     Batchnorms inside a recomputed unit run forward twice per step, so their momentum is set to
     1 - sqrt(1 - m) while checkpointing and restored afterwards: running statistics then equal
@@ -68,6 +69,8 @@ def set_grad_checkpointing(model: nn.Module, enabled: bool) -> int:
     count = 0
     for module in model.modules():
         if not isinstance(module, Checkpointable) or module.checkpointing == enabled:
+            continue
+        if only and not isinstance(module, only):
             continue
         module.checkpointing = enabled
         count += 1

@@ -1,0 +1,42 @@
+"""The shipped weights: listed, intact, the default of `predict`, and sensible on a rendered street."""
+import numpy as np
+import pytest
+
+from bigseg.checkpoint import read_manifest, resolve_model
+from bigseg.examples import render_street
+from bigseg.inference import Segmenter
+
+SHIPPED = read_manifest()
+needs_weights = pytest.mark.skipif(not SHIPPED, reason="no weights shipped in weights/")
+
+
+@needs_weights
+def test_default_model_is_shipped_and_verified():
+    ckpt = resolve_model("ladder-dn121")  # verifies the sha256 on the way
+    entry = next(e for e in SHIPPED if e["arch"] == "ladder-dn121")
+    assert ckpt.classes == entry["classes"] and ckpt.palette == entry["palette"]
+    assert entry["training_command"].startswith("bigseg train")
+
+
+@needs_weights
+@pytest.mark.parametrize("seed", [0, 1])  # 0 is examples/street.jpg; see weights/README.md for seed 5
+def test_rendered_street_scene_is_segmented_sensibly(seed):
+    """Where the rendered scene is sky (road), sky (road) is predicted more than anything else."""
+    image, truth = render_street(480, 360, seed=seed)
+    seg = Segmenter(resolve_model("ladder-dn121"), "cpu", "fp32", tile=512)
+    labels = seg.segment(np.moveaxis(image, -1, 0))
+    classes = seg.checkpoint.classes
+    for name in ("sky", "road"):
+        votes = np.bincount(labels[truth == classes.index(name)], minlength=len(classes))
+        assert classes[votes.argmax()] == name, (name, dict(zip(classes, votes)))
+
+
+@needs_weights
+def test_shipped_score_on_camvid_test_is_reproduced(shared_data):
+    from bigseg.evaluation import evaluate
+    from bigseg.train.datasets import open_dataset
+
+    entry = next(e for e in SHIPPED if e["arch"] == "ladder-dn121")
+    seg = Segmenter(resolve_model(entry["name"]), "cpu", "fp32", tile=1024)
+    result = evaluate(seg, open_dataset(shared_data / "camvid", "test"), "test")
+    assert result.scores["miou"] == pytest.approx(entry["metrics"]["test"]["miou"], abs=0.002)

@@ -1,0 +1,52 @@
+"""Ship a trained run: write its best model in half precision to weights/ and record it in the
+manifest with its sha256, classes, palette, normalisation, training command, data and metrics.
+
+    python weights/ship.py runs/camvid/best.pt ladder-dn121-camvid \\
+        --eval val=eval-val.json --eval test=eval-test.json --command "bigseg train ..." --data CamVid
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bigseg.checkpoint import load_checkpoint, save_checkpoint, sha256
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("name")
+    parser.add_argument("--eval", action="append", default=[], help="SPLIT=eval.json from `bigseg eval`")
+    parser.add_argument("--command", required=True, help="the `bigseg train` command that made it")
+    parser.add_argument("--data", required=True, help="what it was trained on")
+    parser.add_argument("--licence", default="")
+    args = parser.parse_args()
+
+    ckpt = load_checkpoint(args.checkpoint)
+    ckpt.state_dict = {k: v.half() if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    file = f"{args.name}.pt"
+    save_checkpoint(ckpt, HERE / file)
+    metrics = {}
+    for item in args.eval:
+        split, path = item.split("=", 1)
+        report = json.loads(Path(path).read_text())
+        metrics[split] = {"miou": round(report["miou"], 4), "pixel_accuracy": round(report["pixel_accuracy"], 4),
+                          "iou": {k: None if v is None else round(v, 4) for k, v in report["iou"].items()},
+                          "images": report["images"]}
+    entry = {"name": args.name, "arch": ckpt.arch, "file": file, "sha256": sha256(HERE / file),
+             "classes": ckpt.classes, "palette": ckpt.palette,
+             "normalization": {"mean": ckpt.normalization.mean, "std": ckpt.normalization.std},
+             "training_command": args.command, "data": args.data, "licence": args.licence,
+             "epochs": ckpt.training.get("epochs"), "steps": ckpt.training.get("steps"), "metrics": metrics}
+    manifest_path = HERE / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": []}
+    manifest["models"] = [m for m in manifest["models"] if m["name"] != args.name] + [entry]
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    print(f"{HERE / file}: {(HERE / file).stat().st_size / 2**20:.1f} MiB, sha256 {entry['sha256'][:16]}...")
+
+
+if __name__ == "__main__":
+    main()

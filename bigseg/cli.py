@@ -62,6 +62,8 @@ def predict(
     bands: Optional[str] = typer.Option(None, help="1-based bands to use, in order, e.g. 1,2,3."),
     value_range: Optional[str] = typer.Option(None, help="LOW,HIGH mapped to 0..255 for non-8-bit input."),
     reader: str = typer.Option("auto", help="auto, gdal, tifffile or opencv."),
+    scales: str = typer.Option("1", help="Average softmax over these scales, e.g. 0.75,1,1.25,1.5."),
+    flip: bool = typer.Option(False, help="Also average over horizontally mirrored tiles."),
     probs: bool = typer.Option(False, help="Also write per-class probabilities (uint8, p*255)."),
     overlay: bool = typer.Option(False, help="Also write a colour preview over the image."),
     cog: bool = typer.Option(False, help="Write cloud-optimised GeoTIFFs with overviews."),
@@ -76,7 +78,8 @@ def predict(
     from bigseg.jobs import run_predict
 
     read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader)
-    segmenter = Segmenter(resolve_model(model), device, precision, tile, overlap, batch_size)
+    segmenter = Segmenter(resolve_model(model), device, precision, tile, overlap, batch_size,
+                          _parse_scales(scales), flip)
     progress = TileProgress(quiet or json_summary)
 
     def on_event(kind: str, payload) -> None:
@@ -188,6 +191,8 @@ def evaluate(
     batch_size: int = typer.Option(4, "--batch-size", "-b", help="Tiles per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16."),
+    scales: str = typer.Option("1", help="Average softmax over these scales, e.g. 0.75,1,1.25,1.5."),
+    flip: bool = typer.Option(False, help="Also average over horizontally mirrored images."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the mIoU line."),
 ) -> None:
     """Score a model on a labelled split: per-class IoU, mIoU, pixel accuracy (JSON + table)."""
@@ -200,10 +205,12 @@ def evaluate(
     from bigseg.train.datasets import open_dataset
 
     dataset = open_dataset(data, split)
-    segmenter = Segmenter(resolve_model(model), device, precision, tile, overlap, batch_size)
+    segmenter = Segmenter(resolve_model(model), device, precision, tile, overlap, batch_size,
+                          _parse_scales(scales), flip)
     result = run_eval(segmenter, dataset, split)
     report = out or Path(f"eval-{split}.json")
-    report.write_text(json.dumps({"model": model, **result.to_dict()}, indent=1))
+    report.write_text(json.dumps({"model": model, "scales": list(segmenter.scales), "flip": flip,
+                                  **result.to_dict()}, indent=1))
     s = result.scores
     if not quiet:
         table = Table(title=f"{dataset.name} {split}: {result.images} images, {result.seconds:.1f} s")
@@ -213,6 +220,15 @@ def evaluate(
             table.add_row(name, "-" if iou is None else f"{100 * iou:.2f}")
         console.print(table)
     print(f"mIoU {100 * s['miou']:.2f}  pixel accuracy {100 * s['pixel_accuracy']:.2f}  ({report})")
+
+
+def _parse_scales(text: str) -> tuple[float, ...]:
+    from bigseg.errors import InputError
+
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise InputError(f"--scales takes factors like 0.75,1,1.25, got {text!r}") from None
 
 
 def _report(summary, quiet: bool, as_json: bool) -> None:

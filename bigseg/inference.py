@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bigseg.checkpoint import Checkpoint
 from bigseg.errors import InputError
@@ -88,8 +89,12 @@ class Segmenter:
     """A trained model ready to segment arrays or files. The CLI's `predict` and `eval` call this."""
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", precision: str = "auto",
-                 tile: int = DEFAULT_TILE, overlap: int | None = None, batch_size: int = DEFAULT_BATCH):
+                 tile: int = DEFAULT_TILE, overlap: int | None = None, batch_size: int = DEFAULT_BATCH,
+                 scales: tuple[float, ...] = (1.0,), flip: bool = False):
         self.checkpoint = checkpoint
+        if not scales or any(not 0.1 <= s <= 4 for s in scales):
+            raise InputError(f"--scales must be factors between 0.1 and 4, got {scales}")
+        self.scales, self.flip = tuple(scales), flip
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
         if tile < 16:
@@ -111,15 +116,35 @@ class Segmenter:
     def num_classes(self) -> int:
         return self.checkpoint.num_classes
 
+    @property
+    def averages_probabilities(self) -> bool:
+        """Several scales or flips: tiles give averaged softmax probabilities instead of logits."""
+        return self.scales != (1.0,) or self.flip
+
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """(n, bands, h, w) image values in 0..255 -> (n, classes, h, w) float32 logits."""
+        """(n, bands, h, w) image values in 0..255 -> (n, classes, h, w) float32 scores: logits, or
+        with several scales / flips the mean softmax over them (as in DeepLab and RefineNet testing:
+        each scaled (and mirrored) copy is predicted, brought back to the tile's size, averaged)."""
         x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
         x = (x - self._mean) / self._std
         autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                     if self.dtype is not torch.float32 else nullcontext())
         with torch.inference_mode(), autocast:
-            y = self.model(x)
-        return y.float().cpu().numpy()
+            if not self.averages_probabilities:
+                return self.model(x).float().cpu().numpy()
+            h, w = x.shape[-2:]
+            total = None
+            for s in self.scales:
+                xs = x if s == 1 else F.interpolate(x, (max(1, round(h * s)), max(1, round(w * s))),
+                                                    mode="bilinear", align_corners=False)
+                for mirrored in ((False, True) if self.flip else (False,)):
+                    y = self.model(xs.flip(-1) if mirrored else xs).float()
+                    y = y.flip(-1) if mirrored else y
+                    if s != 1:
+                        y = F.interpolate(y, (h, w), mode="bilinear", align_corners=False)
+                    p = y.softmax(1)
+                    total = p if total is None else total + p
+            return (total / (len(self.scales) * (2 if self.flip else 1))).cpu().numpy()
 
     def grid(self, width: int, height: int) -> TileGrid:
         return TileGrid(width, height, self.tile, self.overlap)
@@ -201,8 +226,12 @@ class Segmenter:
         labels[~valid] = NODATA
         sinks["mask"].write(window, labels)
         if "probs" in sinks:
-            e = np.exp(block - block.max(0, keepdims=True))
-            probs = np.rint(e / e.sum(0, keepdims=True) * 255).astype(np.uint8)
+            if self.averages_probabilities:
+                p = block / np.maximum(block.sum(0, keepdims=True), 1e-12)
+            else:
+                e = np.exp(block - block.max(0, keepdims=True))
+                p = e / e.sum(0, keepdims=True)
+            probs = np.rint(p * 255).astype(np.uint8)
             probs[:, ~valid] = 0
             sinks["probs"].write(window, probs, valid)
         if "overlay" in sinks:

@@ -269,3 +269,30 @@ def test_output_names_that_would_lose_data_are_refused(tmp_path, tiny_checkpoint
         code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "-o", out, "--overwrite", *FAST)
         assert code == 1 and message in err
     assert files(tmp_path) == ["a.tif", "tiny.pt"]
+
+
+def test_multiscale_and_flip_average_probabilities(tiny_checkpoint, tmp_path, capsys):
+    import torch
+    import torch.nn.functional as F
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    image = np.random.default_rng(4).uniform(0, 255, (3, 96, 128)).astype(np.float32)
+    seg = Segmenter(ckpt, "cpu", "fp32", tile=256, scales=(0.5, 1.0), flip=True)
+    probs = seg.scores(image)
+    assert np.allclose(probs.sum(0), 1, atol=1e-5)
+    model = ckpt.build_model()
+    x = (torch.from_numpy(image)[None] - seg._mean) / seg._std
+    expected = 0
+    with torch.no_grad():
+        for xs in (F.interpolate(x, (48, 64), mode="bilinear", align_corners=False), x):
+            for mirror in (False, True):
+                y = model(xs.flip(-1) if mirror else xs)
+                y = y.flip(-1) if mirror else y
+                expected = expected + F.interpolate(y, (96, 128), mode="bilinear", align_corners=False).softmax(1)
+    np.testing.assert_allclose(probs, (expected / 4)[0].numpy(), atol=1e-5)
+    src = write_geotiff(tmp_path / "ms.tif", 150, 130)
+    code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "-o", tmp_path / "o", "--scales",
+                           "0.75,1,1.25", "--flip", "--probs", *FAST)
+    assert code == 0, err
+    with rasterio.open(tmp_path / "o" / "ms.probs.tif") as p:
+        assert np.abs(p.read().astype(int).sum(0) - 255).max() <= 2

@@ -64,6 +64,9 @@ def predict(
     reader: str = typer.Option("auto", help="auto, gdal, tifffile or opencv."),
     scales: str = typer.Option("1", help="Average softmax over these scales, e.g. 0.75,1,1.25,1.5."),
     flip: bool = typer.Option(False, help="Also average over horizontally mirrored tiles."),
+    crf: Optional[str] = typer.Option(None, help="Refine with a dense CRF: lattice or window."),
+    crf_params: Optional[str] = typer.Option(None, help="CRF settings, e.g. w1=4,theta_alpha=67,theta_beta=3,"
+                                             "w2=3,theta_gamma=1,iterations=10,radius=5,downsample=1."),
     probs: bool = typer.Option(False, help="Also write per-class probabilities (uint8, p*255)."),
     overlay: bool = typer.Option(False, help="Also write a colour preview over the image."),
     cog: bool = typer.Option(False, help="Write cloud-optimised GeoTIFFs with overviews."),
@@ -73,13 +76,14 @@ def predict(
     """Segment images of any size into class masks, tile by tile, in bounded memory."""
     from bigseg.checkpoint import resolve_model
     from bigseg.console import TileProgress
+    from bigseg.crf import parse_crf
     from bigseg.inference import ReadOptions, Segmenter, WriteOptions
     from bigseg.io.bands import parse_bands, parse_value_range
     from bigseg.jobs import run_predict
 
     read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader)
     segmenter = Segmenter(resolve_model(model), device, precision, tile, overlap, batch_size,
-                          _parse_scales(scales), flip)
+                          _parse_scales(scales), flip, parse_crf(crf, crf_params))
     progress = TileProgress(quiet or json_summary)
 
     def on_event(kind: str, payload) -> None:
@@ -193,6 +197,8 @@ def evaluate(
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16."),
     scales: str = typer.Option("1", help="Average softmax over these scales, e.g. 0.75,1,1.25,1.5."),
     flip: bool = typer.Option(False, help="Also average over horizontally mirrored images."),
+    crf: Optional[str] = typer.Option(None, help="Refine with a dense CRF: lattice or window."),
+    crf_params: Optional[str] = typer.Option(None, help="CRF settings (see predict --help)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the mIoU line."),
 ) -> None:
     """Score a model on a labelled split: per-class IoU, mIoU, pixel accuracy (JSON + table)."""
@@ -200,16 +206,18 @@ def evaluate(
 
     from bigseg.checkpoint import resolve_model
     from bigseg.console import out as console
+    from bigseg.crf import parse_crf
     from bigseg.evaluation import evaluate as run_eval
     from bigseg.inference import Segmenter
     from bigseg.train.datasets import open_dataset
 
     dataset = open_dataset(data, split)
     segmenter = Segmenter(resolve_model(model), device, precision, tile, overlap, batch_size,
-                          _parse_scales(scales), flip)
+                          _parse_scales(scales), flip, parse_crf(crf, crf_params))
     result = run_eval(segmenter, dataset, split)
     report = out or Path(f"eval-{split}.json")
     report.write_text(json.dumps({"model": model, "scales": list(segmenter.scales), "flip": flip,
+                                  "crf": None if segmenter.crf is None else segmenter.crf.__dict__,
                                   **result.to_dict()}, indent=1))
     s = result.scores
     if not quiet:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from bigseg.checkpoint import Checkpoint
+from bigseg.crf import CRFParams, dense_crf
 from bigseg.errors import InputError
 from bigseg.io.gdal import gdal_env
 from bigseg.io.readers import Reader, open_raster
@@ -90,8 +91,9 @@ class Segmenter:
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", precision: str = "auto",
                  tile: int = DEFAULT_TILE, overlap: int | None = None, batch_size: int = DEFAULT_BATCH,
-                 scales: tuple[float, ...] = (1.0,), flip: bool = False):
+                 scales: tuple[float, ...] = (1.0,), flip: bool = False, crf: CRFParams | None = None):
         self.checkpoint = checkpoint
+        self.crf = crf
         if not scales or any(not 0.1 <= s <= 4 for s in scales):
             raise InputError(f"--scales must be factors between 0.1 and 4, got {scales}")
         self.scales, self.flip = tuple(scales), flip
@@ -118,10 +120,20 @@ class Segmenter:
 
     @property
     def averages_probabilities(self) -> bool:
-        """Several scales or flips: tiles give averaged softmax probabilities instead of logits."""
-        return self.scales != (1.0,) or self.flip
+        """Several scales, flips or a CRF: tiles give probabilities instead of logits."""
+        return self.scales != (1.0,) or self.flip or self.crf is not None
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Tile scores, refined per tile by the dense CRF when one is set (see `_scores`)."""
+        scores = self._scores(batch)
+        if self.crf is None:
+            return scores
+        image = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        probs = torch.from_numpy(scores).to(self.device)
+        with torch.inference_mode():
+            return np.stack([dense_crf(p, im, self.crf).cpu().numpy() for p, im in zip(probs, image)])
+
+    def _scores(self, batch: np.ndarray) -> np.ndarray:
         """(n, bands, h, w) image values in 0..255 -> (n, classes, h, w) float32 scores: logits, or
         with several scales / flips the mean softmax over them (as in DeepLab and RefineNet testing:
         each scaled (and mirrored) copy is predicted, brought back to the tile's size, averaged)."""
@@ -130,8 +142,9 @@ class Segmenter:
         autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                     if self.dtype is not torch.float32 else nullcontext())
         with torch.inference_mode(), autocast:
-            if not self.averages_probabilities:
-                return self.model(x).float().cpu().numpy()
+            if self.scales == (1.0,) and not self.flip:
+                y = self.model(x).float()
+                return (y.softmax(1) if self.crf is not None else y).cpu().numpy()
             h, w = x.shape[-2:]
             total = None
             for s in self.scales:

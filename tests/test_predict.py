@@ -296,3 +296,14 @@ def test_multiscale_and_flip_average_probabilities(tiny_checkpoint, tmp_path, ca
     assert code == 0, err
     with rasterio.open(tmp_path / "o" / "ms.probs.tif") as p:
         assert np.abs(p.read().astype(int).sum(0) - 255).max() <= 2
+
+
+@pytest.mark.parametrize("backend", ["lattice", "window"])
+def test_predict_with_dense_crf_writes_probabilities(tmp_path, tiny_checkpoint, capsys, backend):
+    src = write_geotiff(tmp_path / "c.tif", 90, 70)
+    code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "-o", tmp_path / "o", "--crf", backend,
+                           "--crf-params", "iterations=2", "--probs", *FAST)
+    assert code == 0, err
+    with rasterio.open(tmp_path / "o" / "c.probs.tif") as p, rasterio.open(tmp_path / "o" / "c.mask.tif") as m:
+        probs, mask = p.read().astype(int), m.read(1)
+    assert np.abs(probs.sum(0) - 255).max() <= 2 and (probs.argmax(0) == mask).mean() > 0.99

@@ -123,28 +123,27 @@ class Segmenter:
         """Several scales, flips or a CRF: tiles give probabilities instead of logits."""
         return self.scales != (1.0,) or self.flip or self.crf is not None
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Tile scores, refined per tile by the dense CRF when one is set (see `_scores`)."""
-        scores = self._scores(batch)
-        if self.crf is None:
-            return scores
+    def tile_scores(self, batch: np.ndarray) -> np.ndarray:
+        """The engine's `predict(batch)`: (n, bands, h, w) image values in 0..255 -> (n, classes, h, w)
+        float32 logits, or probabilities with several scales, flips or a CRF (`averages_probabilities`)."""
         image = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        probs = torch.from_numpy(scores).to(self.device)
         with torch.inference_mode():
-            return np.stack([dense_crf(p, im, self.crf).cpu().numpy() for p, im in zip(probs, image)])
+            scores = self._scores(image)
+            if self.crf is not None:
+                scores = torch.stack([dense_crf(p, im, self.crf) for p, im in zip(scores, image)])
+        return scores.cpu().numpy()
 
-    def _scores(self, batch: np.ndarray) -> np.ndarray:
-        """(n, bands, h, w) image values in 0..255 -> (n, classes, h, w) float32 scores: logits, or
-        with several scales / flips the mean softmax over them (as in DeepLab and RefineNet testing:
-        each scaled (and mirrored) copy is predicted, brought back to the tile's size, averaged)."""
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-        x = (x - self._mean) / self._std
+    def _scores(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits, or with several scales / flips the mean softmax over them (as in DeepLab and
+        RefineNet testing: each scaled (and mirrored) copy is predicted, brought back to the tile's
+        size, averaged); softmax probabilities when a CRF follows."""
+        x = (image - self._mean) / self._std
         autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                     if self.dtype is not torch.float32 else nullcontext())
         with torch.inference_mode(), autocast:
             if self.scales == (1.0,) and not self.flip:
                 y = self.model(x).float()
-                return (y.softmax(1) if self.crf is not None else y).cpu().numpy()
+                return y.softmax(1) if self.crf is not None else y
             h, w = x.shape[-2:]
             total = None
             for s in self.scales:
@@ -157,18 +156,18 @@ class Segmenter:
                         y = F.interpolate(y, (h, w), mode="bilinear", align_corners=False)
                     p = y.softmax(1)
                     total = p if total is None else total + p
-            return (total / (len(self.scales) * (2 if self.flip else 1))).cpu().numpy()
+            return total / (len(self.scales) * (2 if self.flip else 1))
 
     def grid(self, width: int, height: int) -> TileGrid:
         return TileGrid(width, height, self.tile, self.overlap)
 
     def scores(self, image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-        """Tiled logits of an in-memory (bands, H, W) image, exactly as files are processed."""
+        """Tiled scores of an in-memory (bands, H, W) image, exactly as files are processed."""
         _, h, w = image.shape
         valid = np.ones((h, w), bool) if valid is None else valid
         out = np.zeros((self.num_classes, h, w), np.float32)
         read = lambda win: (image[(slice(None), *win.slices)].astype(np.float32), valid[win.slices])  # noqa: E731
-        for window, block in stream_tiles(self.grid(w, h), read, self.logits, self.num_classes,
+        for window, block in stream_tiles(self.grid(w, h), read, self.tile_scores, self.num_classes,
                                           self.batch_size, self.fill):
             out[(slice(None), *window.slices)] = block
         return out
@@ -200,7 +199,7 @@ class Segmenter:
 
             if on_tile is not None:
                 on_tile(0, len(grid))
-            for window, block in stream_tiles(grid, reader.read, self.logits, self.num_classes,
+            for window, block in stream_tiles(grid, reader.read, self.tile_scores, self.num_classes,
                                               self.batch_size, self.fill, tile_done):
                 self._write_block(reader, sinks, window, block)
             written = []

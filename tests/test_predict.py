@@ -199,7 +199,7 @@ def test_an_interrupted_run_leaves_no_output(tmp_path, tiny_checkpoint, monkeypa
     src = write_geotiff(tmp_path / "a.tif", 400, 400)
     seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu", tile=64, overlap=16, batch_size=2)
     calls = {"n": 0}
-    real = seg.logits
+    real = seg.tile_scores
 
     def failing(batch):
         calls["n"] += 1
@@ -207,7 +207,7 @@ def test_an_interrupted_run_leaves_no_output(tmp_path, tiny_checkpoint, monkeypa
             raise KeyboardInterrupt
         return real(batch)
 
-    monkeypatch.setattr(seg, "logits", failing)
+    monkeypatch.setattr(seg, "tile_scores", failing)
     out = tmp_path / "o"
     out.mkdir()
     with pytest.raises(KeyboardInterrupt):

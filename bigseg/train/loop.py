@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -327,7 +327,7 @@ def recompute_batchnorm(model: nn.Module, train_set, aug: Augment, cfg: TrainCon
     model.train()
     order = np.random.default_rng([cfg.seed, 10**6]).permutation(len(train_set)).tolist()
     view = AugmentedView(train_set, order, aug, cfg.seed, 10**6)
-    for i, (images, _) in enumerate(_loader(view, replace(cfg, workers=cfg.workers), 0)):
+    for i, (images, _) in enumerate(_loader(view, cfg, 0)):
         if i >= cfg.recompute_bn:
             break
         model((images.to(device) - mean) / std)

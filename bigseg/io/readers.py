@@ -150,11 +150,9 @@ class TiffFileReader(Reader):
 
         try:
             self.tif = tifffile.TiffFile(path)
-            page = self.tif.series[0].levels[0].keyframe if self.tif.series else self.tif.pages.first
-            page = self.tif.pages[self.tif.series[0].levels[0].pages[0].index] if page is None else page
+            self.page = self.tif.pages.first  # full resolution of the first series (OME-TIFF level 0)
         except Exception as e:  # tifffile raises several types for broken files
             raise RasterFormatError(f"{path}: not a readable TIFF ({_first_line(e)})") from None
-        self.page = self.tif.pages[page.index] if hasattr(page, "index") else page
         p = self.page
         if p.planarconfig != 1 and p.samplesperpixel > 1:
             raise RasterFormatError(f"{path}: band-separate (planar) TIFFs are read through GDAL only")

@@ -199,14 +199,12 @@ def shipped_archs(weights_dir: Path | None = None) -> set[str]:
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
-    """Load an ImageNet state dict saved from torchvision's DenseNet into `model.backbone`.
+    """Load an ImageNet state dict saved from torchvision's DenseNet or ResNet into `model.backbone`.
 
     Every backbone parameter must be found with the right shape; torchvision's norm5 and
     classifier are dropped. Returns the names (in `model`) of the parameters loaded, so training
     can give them the reduced learning rate.
     """
-    from bigseg.models.densenet import torchvision_to_backbone_keys
-
     path = Path(path)
     state = _load_tensors(path, "backbone weights", "state dict")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -214,7 +212,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    mapped, _ = torchvision_to_backbone_keys(state)
+    mapped = model.backbone.from_torchvision(state)
     backbone = model.backbone.state_dict()
     missing = sorted(set(backbone) - set(mapped))
     if missing:

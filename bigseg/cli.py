@@ -38,8 +38,8 @@ def models() -> None:
     from bigseg.models.complexity import architecture_rows
 
     table = Table(title="bigseg architectures (parameters at 19 classes, inference heads only)")
-    for col in ("name", "paper", "params", "authors' config", "weights", "note"):
-        table.add_column(col)
+    for col in ("name", "paper", "params", "reference", "weights", "note"):
+        table.add_column(col, no_wrap=col == "name")
     for row in architecture_rows():
         table.add_row(row["name"], row["paper"], f"{row['params'] / 1e6:.2f} M",
                       f"{row['reference_params'] / 1e6:.2f} M", "shipped" if row["shipped"] else "-",
@@ -135,6 +135,9 @@ def train(
     grad_checkpoint: bool = typer.Option(True, help="Recompute activations in backward to save memory."),
     aux_weight: float = typer.Option(0.4, help="Weight of the auxiliary losses (ladder models)."),
     spp_width: Optional[int] = typer.Option(None, help="SPP fuse width (default D/4 as in the paper; authors' code 512)."),
+    model_config: Optional[str] = typer.Option(
+        None, "--model-config", metavar="KEY=VALUE,...",
+        help="Architecture settings, e.g. output_stride=8 or budget_lambda=0.5,budget_mu=0.2 (tuples: 6/12/18)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU), fp32, bf16 or fp16."),
     workers: int = typer.Option(2, help="Data loading processes."),
@@ -170,11 +173,15 @@ def train(
 
 
 def _new_run_config(data, model, run, epochs, batch_size, crop, scale_min, scale_max, jitter, optimizer, lr,
-                    weight_decay, schedule, backbone_weights, grad_checkpoint, aux_weight, spp_width, device,
-                    precision, workers, seed, eval_every, val_split, sync_bn, recompute_bn, max_steps):
+                    weight_decay, schedule, backbone_weights, grad_checkpoint, aux_weight, spp_width, model_config,
+                    device, precision, workers, seed, eval_every, val_split, sync_bn, recompute_bn, max_steps):
+    from bigseg.models.registry import parse_model_config, validate_config
     from bigseg.train.loop import TrainConfig
 
-    arch_config = {} if spp_width is None else {"spp_width": spp_width}
+    arch_config = parse_model_config(model_config or "")
+    if spp_width is not None:
+        arch_config["spp_width"] = spp_width
+    validate_config(model, arch_config)
     return TrainConfig(data=str(data), run_dir=str(run), arch=model, arch_config=arch_config, epochs=epochs,
                       batch_size=batch_size, crop=crop, scale_min=scale_min, scale_max=scale_max,
                       jitter=jitter, optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,

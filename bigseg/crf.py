@@ -70,6 +70,18 @@ def dense_crf(probs: torch.Tensor, image: torch.Tensor, p: CRFParams = CRFParams
     """Refine (C, H, W) probabilities with the (3, H, W) 0..255 image; returns (C, H, W) probabilities."""
     if p.backend not in ("lattice", "window"):
         raise ValueError(f"unknown CRF back-end {p.backend!r}; use lattice or window")
+    if probs.device.type == "cpu":
+        # exp() of far Gaussian offsets and of confident logits lands in the denormal range,
+        # where x86 arithmetic is ~100x slower; flush them to zero for the CRF only
+        torch.set_flush_denormal(True)
+        try:
+            return _mean_field(probs, image, p)
+        finally:
+            torch.set_flush_denormal(False)
+    return _mean_field(probs, image, p)
+
+
+def _mean_field(probs: torch.Tensor, image: torch.Tensor, p: CRFParams) -> torch.Tensor:
     c, h, w = probs.shape
     probs, image = probs.float(), image.float()
     logp = probs.clamp_min(1e-8).log()
@@ -132,8 +144,14 @@ class WindowKernel(_Normalised):
         c = values.shape[0]
         k = 2 * self.radius + 1
         small = self._down(values)
-        cols = F.unfold(small[None], k, padding=self.radius)[0].reshape(c, k * k, *small.shape[-2:])
-        out = (cols * self.weights[None]).sum(1)
+        hh, ww = small.shape[-2:]
+        padded = F.pad(small, (self.radius,) * 4)
+        # accumulate one shifted copy per offset in place: the (C, k*k, H, W) unfolded tensor
+        # would cost k*k times the memory and is slower on CPU
+        out = torch.zeros_like(small)
+        for o in range(k * k):
+            dy, dx = divmod(o, k)
+            out.addcmul_(padded[:, dy:dy + hh, dx:dx + ww], self.weights[o])
         if self.step > 1:
             out = F.interpolate(out[None], self.shape, mode="bilinear", align_corners=False)[0]
         return out
@@ -192,16 +210,18 @@ class Permutohedral(_Normalised):
         self.vertex_codes, self.index = torch.unique(codes.reshape(-1), return_inverse=True)
         self.index = self.index.reshape(n, d + 1)
         m = len(self.vertex_codes)
-        vertex_keys = self._decode(self.vertex_codes)                          # (M, d)
+        # codes are positional in `base`, and every key +- a lattice step stays inside the
+        # encoded range (offset and base carry a margin of d+2), so a neighbour's code is
+        # the vertex's code plus a constant per direction
+        place = self.base ** torch.arange(d - 1, -1, -1, device=dev)
         self.neighbours = []
         for j in range(d + 1):
             step = torch.full((d,), -1, dtype=torch.long, device=dev)
             if j < d:
                 step[j] = d
-            n1 = self._lookup(vertex_keys + step)
-            n2 = self._lookup(vertex_keys - step)
+            delta = int((step * place).sum())
             # missing neighbours point at an extra all-zero row m
-            self.neighbours.append((torch.where(n1 < 0, m, n1), torch.where(n2 < 0, m, n2)))
+            self.neighbours.append((self._find(self.vertex_codes + delta, m), self._find(self.vertex_codes - delta, m)))
         self.m = m
         self._init_norm(torch.ones(n, 1, device=dev))
 
@@ -212,29 +232,25 @@ class Permutohedral(_Normalised):
             code = code * self.base + k[..., i]
         return code
 
-    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
-        out = []
-        for _ in range(self.d):
-            out.append(codes % self.base)
-            codes = codes // self.base
-        return torch.stack(out[::-1], -1) + self.offset
-
-    def _lookup(self, keys: torch.Tensor) -> torch.Tensor:
-        inside = ((keys - self.offset) >= 0).all(-1) & ((keys - self.offset) < self.base).all(-1)
-        codes = self._encode(keys.clamp(self.offset, self.offset + self.base - 1))
+    def _find(self, codes: torch.Tensor, missing: int) -> torch.Tensor:
         pos = torch.searchsorted(self.vertex_codes, codes).clamp_max(len(self.vertex_codes) - 1)
-        found = inside & (self.vertex_codes[pos] == codes)
-        return torch.where(found, pos, torch.full_like(pos, -1))
+        return torch.where(self.vertex_codes[pos] == codes, pos, missing)
 
     def _raw(self, values: torch.Tensor) -> torch.Tensor:
-        """(N, C) -> (N, C): splat, blur, slice."""
-        c = values.shape[1]
-        lattice = torch.zeros(self.m + 1, c, dtype=values.dtype, device=values.device)  # last row: 'absent'
-        weighted = self.bary[:, :, None] * values[:, None, :]                  # (N, d+1, C)
-        lattice.index_add_(0, self.index.reshape(-1), weighted.reshape(-1, c))
-        zero = lattice[self.m:]
+        """(N, C) -> (N, C): splat, blur, slice. Buffers are reused and gathers go through
+        index_select: on CPU this is 3x faster than fancy indexing and fresh tensors."""
+        c, m = values.shape[1], self.m
+        flat = self.index.reshape(-1)
+        lattice = values.new_zeros(m + 1, c)       # the last row stays zero: 'absent neighbour'
+        spare = values.new_zeros(m + 1, c)
+        left, right = values.new_empty(m, c), values.new_empty(m, c)
+        lattice.index_add_(0, flat, (self.bary[:, :, None] * values[:, None, :]).reshape(-1, c))
         for n1, n2 in self.neighbours:
-            lattice = torch.cat([torch.add(lattice[: self.m], lattice[n1] + lattice[n2], alpha=0.5), zero])
-        alpha = 1.0 / (1.0 + 2.0 ** (-self.d))
-        out = (lattice[self.index] * self.bary[:, :, None]).sum(1)
-        return out * alpha
+            torch.index_select(lattice, 0, n1, out=left)
+            torch.index_select(lattice, 0, n2, out=right)
+            left.add_(right)
+            torch.add(lattice[:m], left, alpha=0.5, out=spare[:m])
+            lattice, spare = spare, lattice
+        gathered = torch.index_select(lattice, 0, flat).reshape(self.n, self.d + 1, c)
+        out = torch.bmm(self.bary[:, None, :], gathered)[:, 0]
+        return out * (1.0 / (1.0 + 2.0 ** (-self.d)))

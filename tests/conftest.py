@@ -17,6 +17,17 @@ TINY = dict(densenet=dict(growth_rate=4, block_config=[1, 2, 2, 1], num_init_fea
 CLASSES = ["sky", "road", "car"]
 
 
+# a tiny configuration of every registered architecture (tests fail for one without)
+TINY_BY_ARCH = {
+    **{f"ladder-dn{d}": TINY for d in ("121", "169", "161")},
+    "deeplabv3plus-rn50": dict(depth=18, aspp_width=16, low_level_width=8, decoder_width=16),
+    "deeplabv3plus-rn101": dict(depth=18, output_stride=8, aspp_width=16, low_level_width=8, decoder_width=16),
+    "refinenet-rn101": dict(depth=18, widths=[8, 8, 8, 16]),
+    "dupsampling-rn50": dict(depth=18, compressed=8, width=16, low_level_width=8, fit_patches=400),
+    "dynamic-routing-l16": dict(layers=3, width=8),
+}
+
+
 def tiny_model(num_classes: int = 3, in_channels: int = 3, seed: int = 0):
     torch.manual_seed(seed)
     return create_model("ladder-dn121", num_classes, in_channels, **TINY)

@@ -129,7 +129,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeyp
     train(tiny_config(data, tmp_path / "run", epochs=1, eval_every=0))
     before = (tmp_path / "run" / "last.pt").read_bytes()
     import bigseg.train.loop as loop
-    monkeypatch.setattr(loop, "ladder_loss", lambda *a, **k: (torch.tensor(float("nan")), {}))
+    monkeypatch.setattr(loop, "model_loss", lambda *a, **k: (torch.tensor(float("nan")), {}))
     code, _, err = run_cli(capsys, "train", "--run", tmp_path / "run", "--resume", "--epochs", "2")
     assert code == 1 and "not finite" in err
     assert (tmp_path / "run" / "last.pt").read_bytes() == before

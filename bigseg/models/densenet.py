@@ -154,6 +154,10 @@ class DenseNet(nn.Module):
     def output_stride(self) -> int:
         return self.feature_info[-1]["reduction"]
 
+    @staticmethod
+    def from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return torchvision_to_backbone_keys(state)[0]
+
 
 # torchvision's very first DenseNet checkpoints spelled 'norm.1' for 'norm1' (torchvision's own fix-up).
 _OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")

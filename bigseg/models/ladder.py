@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bigseg.models.base import SegmentationModel
 from bigseg.models.blocks import BNReLUConv, Checkpointable, init_weights, pad_to_multiple
 from bigseg.models.densenet import DENSENET_VARIANTS, DenseNet, DenseNetConfig
 
@@ -99,13 +100,15 @@ class LadderConfig:
         return asdict(self)
 
 
-class LadderDenseNet(nn.Module):
+class LadderDenseNet(SegmentationModel):
     """LDN: `forward(x)` returns logits of x's size; `forward(x, return_aux=True)` also returns the
     auxiliary logits at 1/64 (SPP output), 1/32, 1/16 and 1/8, coarse to fine."""
 
+    loss_kind = "ladder"
+
     def __init__(self, num_classes: int, in_channels: int = 3, config: LadderConfig | None = None):
-        super().__init__()
         config = config or LadderConfig()
+        super().__init__(num_classes, in_channels, config)
         self.backbone = DenseNet(config.densenet, in_channels)
         info = self.backbone.feature_info
         d = info[-1]["channels"]

@@ -57,3 +57,37 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **config: An
 def model_config(model: nn.Module) -> dict[str, Any]:
     """The plain-data config that rebuilds `model` with `create_model` (stored in checkpoints)."""
     return model.config.to_dict()
+
+
+def parse_model_config(text: str) -> dict[str, Any]:
+    """`KEY=VALUE,...` -> dict: integers, floats, true/false, and tuples written a/b/c."""
+    def value(v: str) -> Any:
+        if "/" in v:
+            return [value(p) for p in v.split("/")]
+        if v.lower() in ("true", "false"):
+            return v.lower() == "true"
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+
+    out: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, v = item.partition("=")
+        if not sep or not key.strip() or not v.strip():
+            raise InputError(f"--model-config: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = value(v.strip())
+    return out
+
+
+def validate_config(name: str, config: dict[str, Any]) -> None:
+    """Build `name` with `config` on the meta device (no memory); a bad setting is an InputError."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            create_model(name, 2, **config)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"--model-config for {name}: {e}") from None

@@ -58,16 +58,24 @@ class SegmentationDataset:
 
         s = self.samples[i]
         image = cv2.imread(str(s.image), cv2.IMREAD_COLOR)
-        label = cv2.imread(str(s.label), cv2.IMREAD_UNCHANGED)
-        if image is None or label is None:
-            raise DatasetError(f"cannot decode {s.image if image is None else s.label}")
-        if label.ndim == 3:
-            raise DatasetError(f"{s.label}: labels must be single-channel class indices")
+        if image is None:
+            raise DatasetError(f"cannot decode {s.image}")
+        label = self.label(i)
         if label.shape != image.shape[:2]:
             raise DatasetError(f"{s.label}: label size {label.shape} differs from image {image.shape[:2]}")
-        if self.lut is not None:
-            label = self.lut[label]
         return image[..., ::-1].copy(), label
+
+    def label(self, i: int) -> np.ndarray:
+        """The class-index label map of sample `i` (IGNORE where unlabelled)."""
+        import cv2
+
+        s = self.samples[i]
+        label = cv2.imread(str(s.label), cv2.IMREAD_UNCHANGED)
+        if label is None:
+            raise DatasetError(f"cannot decode {s.label}")
+        if label.ndim == 3:
+            raise DatasetError(f"{s.label}: labels must be single-channel class indices")
+        return label if self.lut is None else self.lut[label]
 
 
 def _lut(mapping: dict[int, int]) -> np.ndarray:

@@ -26,7 +26,7 @@ from bigseg.models import create_model
 from bigseg.models.blocks import set_grad_checkpointing
 from bigseg.train import distributed as D
 from bigseg.train.datasets import open_dataset
-from bigseg.train.losses import ladder_loss
+from bigseg.train.losses import model_loss
 from bigseg.train.transforms import Augment, AugmentedView
 
 RUN_FORMAT = "bigseg-run"
@@ -174,6 +174,11 @@ def train(cfg: TrainConfig, resume: bool = False,
     pretrained: set[str] = set()
     if cfg.backbone_weights:
         pretrained = set(load_backbone_weights(model, cfg.backbone_weights))
+    prepared: dict = {}
+    if not resume and hasattr(model, "prepare_training"):
+        prepared = model.prepare_training(train_set, cfg.seed)  # e.g. DUpsampling's W (resume loads it)
+        if prepared:
+            on_event("prepared", prepared)
     if cfg.grad_checkpoint:
         set_grad_checkpointing(model, True)
     if cfg.sync_bn and d.active:
@@ -208,6 +213,7 @@ def train(cfg: TrainConfig, resume: bool = False,
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         best, history = state["best_miou"], list(state["history"])
+        prepared = dict(state.get("prepared", {}))
     if d.active:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -217,12 +223,12 @@ def train(cfg: TrainConfig, resume: bool = False,
                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                       scaler=scaler.state_dict(), rng=_rng_state(), epoch=epoch,
                       step_in_epoch=step_in_epoch, global_step=global_step, best_miou=best,
-                      history=history)
+                      history=history, prepared=prepared)
 
     def describe(net: nn.Module, metrics: dict | None = None) -> Checkpoint:
         return from_model(net, cfg.arch, classes, palette, norm, training={
             "data": str(cfg.data), "config": asdict(cfg), "epochs": epoch, "steps": global_step,
-            "metrics": metrics or {}})
+            "metrics": metrics or {}, **({"prepared": prepared} if prepared else {})})
 
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +250,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                 y = labels.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not torch.float32):
                     logits, aux = model(x, return_aux=True)
-                loss, parts = ladder_loss(logits, aux, y, cfg.aux_weight)
+                loss, parts = model_loss(_unwrap(model), logits, aux, y, global_step / total_steps, cfg.aux_weight)
                 if D.any_rank(d, not torch.isfinite(loss).item(), device):
                     raise TrainingError(f"the loss is not finite at epoch {epoch + 1}, step {step_in_epoch + 1} "
                                         f"({loss.item()}); the last good run checkpoint is {last_path}; "

@@ -47,3 +47,25 @@ def ladder_loss(logits: torch.Tensor, aux: list[torch.Tensor], labels: torch.Ten
     aux_losses = [soft_cross_entropy(a, *soft_targets(labels, a.shape[1], a.shape[-2:])) for a in aux]
     aux_mean = torch.stack(aux_losses).mean()
     return (1 - aux_weight) * main + aux_weight * aux_mean, {"main": main.item(), "aux": aux_mean.item()}
+
+
+def budget_loss(cost: torch.Tensor, lam: float, mu: float, progress: float, start: float = 0.4,
+                warmup: float = 0.02) -> torch.Tensor:
+    """Dynamic Routing's budget constraint lam * (C_exp / C_all - mu)^2 on the batch's mean
+    expected cost ratio, off before `start` of training and ramped linearly over `warmup`."""
+    ramp = min(1.0, max(0.0, (progress - start) / warmup)) if warmup > 0 else float(progress >= start)
+    return lam * ramp * (cost.float().mean() - mu) ** 2
+
+
+def model_loss(model, logits: torch.Tensor, aux, labels: torch.Tensor, progress: float,
+               aux_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of `model` (by its `loss_kind`) at `progress` (0..1) of the schedule."""
+    kind = getattr(model, "loss_kind", "ce")
+    if kind == "ladder":
+        return ladder_loss(logits, aux, labels, aux_weight)
+    main = segmentation_loss(logits, labels)
+    if kind == "budget":
+        c = model.config
+        budget = budget_loss(aux["cost"], c.budget_lambda, c.budget_mu, progress, c.budget_start, c.budget_warmup)
+        return main + budget, {"main": main.item(), "budget": budget.item(), "cost": aux["cost"].mean().item()}
+    return main, {"main": main.item()}

@@ -1,0 +1,246 @@
+"""The literature's other architectures: shapes, training signal, paper structure, checkpoints, CLI."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bigseg.checkpoint import load_backbone_weights, load_checkpoint
+from bigseg.models import create_model, get_arch
+from bigseg.models.complexity import count_macs, count_parameters
+from bigseg.models.dynamic import Gate
+from bigseg.models.resnet import ResNet, ResNetConfig
+from bigseg.train.losses import budget_loss, model_loss
+from tests.cli_helpers import run_cli
+from tests.conftest import TINY_BY_ARCH, make_generic_dataset
+
+TINY_CONFIGS = {name: config for name, config in TINY_BY_ARCH.items() if not name.startswith("ladder")}
+
+
+def tiny(name: str, classes: int = 3, **extra):
+    torch.manual_seed(0)
+    return create_model(name, classes, 3, **{**TINY_CONFIGS[name], **extra})
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("size", [(64, 64), (37, 51)])
+def test_logits_have_the_input_size_in_train_and_eval(name, size):
+    model = tiny(name)
+    x = torch.randn(2, 3, *size)
+    logits, _ = model.train()(x, return_aux=True)
+    assert logits.shape == (2, 3, *size)
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 3, *size)
+
+
+class _Labels:
+    """A dataset stand-in that only serves label maps (what prepare_training reads)."""
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def label(self, i):
+        return self.labels[i]
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(name):
+    model = tiny(name).train()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    y = torch.zeros(2, 64, 64, dtype=torch.long)
+    y[:, :, 32:] = 1
+    y[:, 40:, :20] = 2
+    x[:, 0] += 2 * (y == 1)
+    x[:, 1] += 2 * (y == 2)
+    if name.startswith("dupsampling"):
+        model.prepare_training(_Labels([y[0].numpy().astype(np.uint8)]))
+    # DUpsampling's orthonormal W decodes unit-scale logits: its code and temperature need
+    # larger steps to become confident in 8 steps
+    opt = torch.optim.Adam(model.parameters(), 1e-2 if name.startswith("dupsampling") else 1e-3)
+    losses = []
+    for _ in range(8):
+        logits, aux = model(x, return_aux=True)
+        loss, _ = model_loss(model, logits, aux, y, 0.5, 0.4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    # (with T = 1 a perfect code still leaves CE = 0.55 on 3 classes: DUpsampling learns slower)
+    assert losses[-1] < (0.85 if name.startswith("dupsampling") else 0.7) * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:])) or not name.startswith("dupsampling")
+
+
+def test_resnet_has_torchvisions_names_and_sizes():
+    # torchvision's resnet50/101 state dicts hold 320/626 tensors and 25.56M/44.55M parameters,
+    # of which fc holds 2 tensors and 2,049,000 parameters
+    for depth, tensors, params in ((50, 318, 25_557_032 - 2_049_000), (101, 624, 44_549_160 - 2_049_000)):
+        with torch.device("meta"):
+            net = ResNet(ResNetConfig(depth))
+        assert len(net.state_dict()) == tensors
+        assert sum(p.numel() for p in net.parameters()) == params
+    names = set(ResNet(ResNetConfig(18)).state_dict())
+    assert {"conv1.weight", "bn1.running_var", "layer1.0.conv2.weight", "layer2.0.downsample.0.weight",
+            "layer2.0.downsample.1.num_batches_tracked", "layer4.1.bn2.bias"} <= names
+
+
+def test_dilation_keeps_the_stride_and_torchvision_convention():
+    net = ResNet(ResNetConfig(50, output_stride=8))
+    assert [f["reduction"] for f in net.feature_info] == [4, 8, 8, 8]
+    assert net.layer3[0].conv2.dilation == (1, 1) and net.layer3[1].conv2.dilation == (2, 2)
+    assert net.layer4[0].conv2.dilation == (2, 2) and net.layer4[2].conv2.dilation == (4, 4)
+    assert net.layer4[0].conv2.stride == (1, 1)
+
+
+def test_resnet_backbone_loads_a_torchvision_state_dict(tmp_path):
+    model = tiny("deeplabv3plus-rn50")
+    torch.manual_seed(5)
+    donor = ResNet(ResNetConfig(18))
+    state = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in donor.state_dict().items()}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    torch.save(state, tmp_path / "resnet18.pth")
+    loaded = load_backbone_weights(model, tmp_path / "resnet18.pth")
+    assert len(loaded) == sum(1 for _ in model.backbone.parameters())
+    assert torch.equal(model.backbone.layer3[1].conv1.weight, state["layer3.1.conv1.weight"])
+
+
+def test_published_sizes():
+    # VainF/DeepLabV3Plus-Pytorch (one 3x3 decoder conv): 58.75 M parameters, 632 GMACs at 1024x2048 OS16
+    spec = get_arch("deeplabv3plus-rn101")
+    with torch.device("meta"):
+        ref = create_model("deeplabv3plus-rn101", 19, **spec.reference)
+        paper = create_model("deeplabv3plus-rn101", 19)
+    assert round(count_parameters(ref) / 1e6, 2) == 58.75
+    assert round(count_macs(ref, 1024, 2048) / 1e9) == 632
+    # the paper's decoder has two 3x3 convs of 256: one more 256x256x3x3 conv + BN
+    assert count_parameters(paper) - count_parameters(ref) == 256 * 256 * 9 + 2 * 256
+
+
+def test_deeplab_aspp_and_decoder_follow_the_paper():
+    model = create_model("deeplabv3plus-rn50", 19)
+    rates = [b[0].dilation[0] for b in model.aspp.branches[1:4]]
+    assert rates == [6, 12, 18] and model.aspp.branches[0][0].kernel_size == (1, 1)
+    assert model.low_level[0].out_channels == 48 and len(model.decoder) == 2
+    os8 = create_model("deeplabv3plus-rn50", 19, output_stride=8)
+    assert [b[0].dilation[0] for b in os8.aspp.branches[1:4]] == [12, 24, 36]
+
+
+def test_refinenet_blocks_follow_the_paper():
+    from bigseg.models.refinenet import RCU
+    model = create_model("refinenet-rn101", 19, depth=18)
+    widths = [b.crp.convs[0].out_channels for b in model.refine]
+    assert widths == [512, 256, 256, 256]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.refine.modules())
+    assert all(len(b.crp.convs) == 2 for b in model.refine)
+    assert len(model.refine[0].output) == 1 and len(model.refine[3].output) == 3  # +2 RCUs before softmax
+    assert all(isinstance(m, RCU) for m in model.refine[1].rcus[1])  # coarse input path: two RCUs
+    pool = torch.nn.functional.max_pool2d  # CRP pools 5x5 stride 1: the size is kept
+    assert pool(torch.zeros(1, 1, 9, 7), 5, 1, 2).shape[-2:] == (9, 7)
+
+
+def test_dupsampling_pca_reconstructs_piecewise_labels_and_travels_in_checkpoints(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = []
+    for _ in range(4):  # vertical and horizontal boundaries at random offsets: few patch types
+        lab = np.zeros((64, 64), np.uint8)
+        lab[:, rng.integers(8, 56):] = 1
+        lab[rng.integers(8, 56):, :] = 2
+        lab[:3, :3] = 255
+        labels.append(lab)
+    model = tiny("dupsampling-rn50", compressed=24)
+    facts = model.prepare_training(_Labels(labels))
+    w = model.dupsample.weight
+    assert torch.allclose(w.t() @ w, torch.eye(24), atol=1e-5)
+    assert facts["dupsampling_reconstruction_acc"] > 0.99 and bool(model.dupsample.fitted)
+    # decoding the code of a label patch gives the patch back (argmax)
+    y = torch.from_numpy(labels[1][16:32, 16:32].astype(np.int64))
+    v = model._patch_vectors(y[None]).float()
+    code = (v @ w)[0][:, None, None][None]
+    assert torch.equal(model.dupsample(code)[0].argmax(0), y)
+    from bigseg.checkpoint import from_model, save_checkpoint
+    save_checkpoint(from_model(model, "dupsampling-rn50", ["a", "b", "c"]), tmp_path / "m.pt")
+    back = load_checkpoint(tmp_path / "m.pt").build_model()
+    assert torch.equal(back.dupsample.weight, w) and bool(back.dupsample.fitted)
+
+
+def test_dynamic_routing_gates_costs_and_skipping(monkeypatch):
+    model = tiny("dynamic-routing-l16").eval()
+    assert model.cells_per_layer == [2, 3, 4]
+    assert [c.routes for c in model.cells[0]] == [("keep", "down"), ("up", "keep", "down")]
+    x = torch.randn(2, 3, 64, 64)
+    # every gate fully open: the expected cost is the whole routing space
+    monkeypatch.setattr(Gate, "forward", lambda self, h: torch.ones(h.shape[0], self.logits.out_channels))
+    _, aux = model(x, return_aux=True)
+    assert torch.allclose(aux["cost"], torch.ones(2))
+    # every 'down' route closed: scale 1/16 of layer 1 is never reached and its cell is skipped,
+    # with the same output as computing the closed routes with weight 0
+    calls = []
+
+    def gate(self, h):
+        g = torch.ones(h.shape[0], self.logits.out_channels)
+        for k, route in enumerate(self._routes):
+            if route == "down":
+                g[:, k] = 0
+        return g
+
+    for row in model.cells:
+        for cell in row:
+            if cell.gate is not None:
+                cell.gate._routes = cell.routes
+            cell.op.register_forward_hook(lambda m, i, o: calls.append(m))
+    monkeypatch.setattr(Gate, "forward", gate)
+    with torch.no_grad():
+        skipped, aux = model(x, return_aux=True)
+        assert model.cells[2][3].op not in calls and model.cells[2][2].op not in calls
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()  # same normalisation as in eval, but no skipping
+        full, _ = model(x, return_aux=True)
+    assert torch.allclose(skipped, full, atol=1e-5)
+    assert 0 < aux["cost"][0] < 1
+
+
+def test_budget_loss_starts_at_40_percent_with_a_ramp():
+    cost = torch.full((2,), 0.5)
+    assert budget_loss(cost, 0.5, 0.1, 0.39) == 0
+    assert budget_loss(cost, 0.5, 0.1, 0.41) == pytest.approx(0.5 * 0.5 * 0.16)
+    assert budget_loss(cost, 0.5, 0.1, 0.9) == pytest.approx(0.5 * 0.16)
+
+
+@pytest.mark.parametrize("name", ["deeplabv3plus-rn50", "dupsampling-rn50", "dynamic-routing-l16"])
+def test_train_then_predict_and_eval_from_the_cli(tmp_path, capsys, name):
+    data = make_generic_dataset(tmp_path / "data", n=4, size=(64, 64))
+    config = ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}"
+                      for k, v in TINY_CONFIGS[name].items())
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "run", "--model", name,
+                           "--model-config", config, "--epochs", "1", "--batch-size", "2", "--crop", "64",
+                           "--workers", "0", "--device", "cpu", "--eval-every", "0", "-q")
+    assert code == 0, err
+    ckpt = load_checkpoint(tmp_path / "run" / "final.pt")
+    assert ckpt.arch == name and ckpt.config["depth" if "depth" in ckpt.config else "layers"] in (18, 3)
+    if name.startswith("dupsampling"):
+        assert ckpt.training["prepared"]["dupsampling_patches"] > 0
+    code, _, err = run_cli(capsys, "predict", data / "images" / "im00.png", "--model", tmp_path / "run" / "final.pt",
+                           "-o", tmp_path / "mask.png", "--device", "cpu", "-q")
+    assert code == 0, err
+    assert (tmp_path / "mask.png").is_file()
+    code, out, err = run_cli(capsys, "eval", "--data", data, "--model", tmp_path / "run" / "final.pt", "--split",
+                             "train", "--device", "cpu", "-o", tmp_path / "e.json", "-q")
+    assert code == 0, err
+    assert 0 <= json.loads((tmp_path / "e.json").read_text())["miou"] <= 1
+
+
+def test_bad_model_config_is_one_line(tmp_path, capsys):
+    data = make_generic_dataset(tmp_path / "data", n=2, size=(32, 32))
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "run", "--model",
+                           "deeplabv3plus-rn50", "--model-config", "output_stride=12")
+    assert code == 1 and err.count("\n") == 1 and "output_stride" in err
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "run", "--model",
+                           "dynamic-routing-l16", "--model-config", "layers")
+    assert code == 1 and "KEY=VALUE" in err

@@ -2,6 +2,8 @@
 over rasters of any size by the streaming tiling engine, writing masks as rows finish."""
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bigseg import journal
 from bigseg.checkpoint import Checkpoint
 from bigseg.crf import CRFParams, dense_crf
 from bigseg.errors import InputError
@@ -108,6 +111,8 @@ class Segmenter:
         if batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
+        # how often a journaled output is synced to disk (resume granularity vs. a close/reopen)
+        self.checkpoint_seconds = float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5"))
         self.model = checkpoint.build_model().to(self.device)
         norm = checkpoint.normalization
         self._mean = torch.tensor(norm.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -182,13 +187,47 @@ class Segmenter:
     def predict_file(self, src: Path, dst: Path, read: ReadOptions = ReadOptions(),
                      write: WriteOptions = WriteOptions(),
                      on_tile: Callable[[int, int], None] | None = None) -> PredictResult:
-        """Segment one file into `dst`; extra outputs go beside it. Nothing is left on failure.
-        `on_tile(done, total)` reports progress after every tile."""
+        """Segment one file into `dst`; extra outputs go beside it. `on_tile(done, total)` reports
+        progress after every tile.
+
+        GeoTIFF outputs are journaled (`bigseg.journal`): every `checkpoint_seconds` the partial
+        outputs are closed and the number of final rows recorded, so a killed or interrupted job
+        resumes from there when run again with the same input and settings, with an identical
+        result. Without a journaled row (or for PNG outputs) nothing is left on failure."""
         start = time.perf_counter()
+        notes: list[str] = []
         with gdal_env(), ExitStack() as stack, open_raster(src, self.checkpoint.in_channels, read.bands,
                                                read.value_range, read.engine) as reader:
-            sinks = self._open_sinks(reader, dst, write)
-            stack.callback(lambda: [s.abort() for s in sinks.values() if not getattr(s, "_done", False)])
+            fp = journal.fingerprint(src, self.settings(read, write, dst))
+            resumable = not (reader.kind == "image" and dst.suffix.lower() == ".png")
+            rows_done = 0
+            previous = journal.read_journal(dst) if resumable else None
+            if previous is not None:
+                if previous["fingerprint"] == fp and 0 < previous["rows_done"] <= reader.height:
+                    rows_done = previous["rows_done"]
+                    notes.append(f"resuming the interrupted run at row {rows_done} of {reader.height}")
+                else:
+                    notes.append("the input or settings changed since the interrupted run: starting over")
+                journal.remove_journal(dst)
+            sinks = self._open_sinks(reader, dst, write, resume=rows_done > 0)
+            state = {"journaled": 0}
+
+            def cleanup() -> None:
+                if any(getattr(s, "_done", False) for s in sinks.values()):
+                    return
+                for sink in sinks.values():
+                    if state["journaled"] and hasattr(sink, "suspend"):
+                        sink.suspend()   # keep the partial output: the journal points into it
+                    else:
+                        sink.abort()
+                if not state["journaled"]:
+                    journal.remove_journal(dst)
+
+            stack.callback(cleanup)
+            if rows_done:
+                state["journaled"] = rows_done
+                journal.write_journal(dst, fp, rows_done, reader.height)
+                self._replay_overlay(reader, sinks, rows_done)
             grid = self.grid(reader.width, reader.height)
             done = [0]
 
@@ -199,17 +238,60 @@ class Segmenter:
 
             if on_tile is not None:
                 on_tile(0, len(grid))
+            rows = _RowTracker(reader.width, rows_done)
+            last_sync = time.monotonic()
             for window, block in stream_tiles(grid, reader.read, self.tile_scores, self.num_classes,
-                                              self.batch_size, self.fill, tile_done):
+                                              self.batch_size, self.fill, tile_done, done_rows=rows_done):
+                if window.row_end <= rows_done:
+                    continue  # already final on disk
                 self._write_block(reader, sinks, window, block)
+                if resumable and rows.add(window) and time.monotonic() - last_sync >= self.checkpoint_seconds:
+                    for sink in sinks.values():
+                        if hasattr(sink, "sync"):
+                            sink.sync()
+                    journal.write_journal(dst, fp, rows.done, reader.height)
+                    state["journaled"] = rows.done
+                    last_sync = time.monotonic()
             written = []
             for sink in sinks.values():
                 written.append(sink.commit())
                 sink._done = True
+            journal.remove_journal(dst)
         return PredictResult(src, written[0], reader.width, reader.height, len(grid),
-                             time.perf_counter() - start, written[1:], reader.notes)
+                             time.perf_counter() - start, written[1:], notes + reader.notes)
 
-    def _open_sinks(self, reader: Reader, dst: Path, write: WriteOptions) -> dict:
+    def settings(self, read: ReadOptions, write: WriteOptions, dst: Path) -> dict:
+        """Everything that shapes `dst`'s content, for the resume fingerprint."""
+        return {"weights": self.weights_digest, "arch": self.checkpoint.arch, "config": self.checkpoint.config,
+                "classes": self.checkpoint.classes, "tile": self.tile, "overlap": self.overlap,
+                "scales": self.scales, "flip": self.flip, "crf": None if self.crf is None else vars(self.crf),
+                "precision": str(self.dtype), "device": self.device.type, "read": vars(read),
+                "write": vars(write), "output": dst.name}
+
+    @property
+    def weights_digest(self) -> str:
+        if getattr(self, "_digest", None) is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.checkpoint.state_dict.items()):
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                         if t.numel() else b"")
+            self._digest = h.hexdigest()
+        return self._digest
+
+    def _replay_overlay(self, reader: Reader, sinks: dict, rows_done: int) -> None:
+        """A resumed job rebuilds the overlay preview of the finished rows from the partial mask."""
+        if "overlay" not in sinks:
+            return
+        overlay = sinks["overlay"]
+        for top in range(0, rows_done, 512):
+            window = Window(0, top, reader.width, min(512, rows_done - top))
+            labels = sinks["mask"].read(window)[0]
+            image_rows = {int(r): reader.read(Window(0, int(r), reader.width, 1))[0][:, 0]
+                          for r in overlay.rows_in(window)}
+            overlay.write(window, labels, image_rows)
+
+    def _open_sinks(self, reader: Reader, dst: Path, write: WriteOptions, resume: bool = False) -> dict:
         ckpt = self.checkpoint
         sinks: dict = {}
         try:
@@ -217,12 +299,13 @@ class Segmenter:
                 sinks["mask"] = PngWriter(dst, reader.width, reader.height)
             else:
                 sinks["mask"] = GeoTiffWriter(dst, reader.width, reader.height, 1, reader.georef,
-                                              ckpt.palette, {"classes": ckpt.classes}, cog=write.cog)
+                                              ckpt.palette, {"classes": ckpt.classes}, cog=write.cog,
+                                              resume=resume)
             if write.probs:
                 sinks["probs"] = GeoTiffWriter(sibling(dst, "probs", ".tif"), reader.width, reader.height,
                                                ckpt.num_classes, reader.georef,
                                                tags={"classes": ckpt.classes, "scale": "p = value / 255"},
-                                               cog=write.cog, mask=True)
+                                               cog=write.cog, mask=True, resume=resume)
             if write.overlay:
                 sinks["overlay"] = OverlayWriter(sibling(dst, "overlay", ".png"), reader.width,
                                                  reader.height, ckpt.palette)
@@ -251,6 +334,23 @@ class Segmenter:
             image_rows = {int(r): reader.read(Window(window.col_off, int(r), window.width, 1))[0][:, 0]
                           for r in overlay.rows_in(window)}
             overlay.write(window, labels, image_rows)
+
+
+class _RowTracker:
+    """Counts the output rows finished from the top as stitched rectangles are written."""
+
+    def __init__(self, width: int, done: int = 0):
+        self.width, self.done = width, done
+        self._bands: dict[int, list[int]] = {}  # row_off -> [height, columns written]
+
+    def add(self, window: Window) -> bool:
+        """Record `window`; True when the finished rows advanced."""
+        band = self._bands.setdefault(window.row_off, [window.height, 0])
+        band[1] += window.width
+        before = self.done
+        while self.done in self._bands and self._bands[self.done][1] >= self.width:
+            self.done += self._bands.pop(self.done)[0]
+        return self.done > before
 
 
 def sibling(path: Path, tag: str, suffix: str) -> Path:

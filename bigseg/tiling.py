@@ -224,13 +224,15 @@ class StreamingStitcher:
 def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.ndarray]],
                  predict: Callable[[np.ndarray], np.ndarray], channels: int, batch_size: int,
                  fill: np.ndarray, on_tile: Callable[[Window], None] | None = None,
-                 ) -> Iterator[tuple[Window, np.ndarray]]:
+                 done_rows: int = 0) -> Iterator[tuple[Window, np.ndarray]]:
     """Run `predict` over every tile in batches and yield finished (window, scores) rectangles.
 
     `read(window)` gives (bands, h, w) float32 and a validity mask; invalid pixels are replaced by
     `fill` (bands, 1, 1) before prediction, and tiles without a valid pixel are not predicted.
     `predict` maps (n, bands, h, w) to (n, channels, h, w). Memory: one batch of tiles plus the
-    stitcher's overlap band (see the module docstring).
+    stitcher's overlap band (see the module docstring). `done_rows`: the rows above are already
+    final (a resumed job); tiles entirely inside them are neither read nor predicted, and the
+    rectangles yielded there are meaningless (the caller drops them).
     """
     stitcher = StreamingStitcher(grid, channels)
     pending: list[tuple[Window, np.ndarray | None]] = []
@@ -249,6 +251,9 @@ def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.n
         pending.clear()
 
     for window in grid:
+        if window.row_end <= done_rows:
+            pending.append((window, None))
+            continue
         data, valid = read(window)
         if not valid.any():
             pending.append((window, None))

@@ -43,14 +43,25 @@ def _remove(path: Path) -> None:
 class GeoTiffWriter:
     """Stream row bands into a tiled GeoTIFF; `commit` renames it (converting to COG if asked)."""
 
+    resumable = True
+
     def __init__(self, path: Path, width: int, height: int, count: int, georef: Georef | None,
                  palette: Sequence[Sequence[int]] | None = None, tags: dict | None = None,
-                 cog: bool = False, mask: bool = False):
+                 cog: bool = False, mask: bool = False, resume: bool = False):
         import rasterio
         from rasterio.errors import NotGeoreferencedWarning
 
         self.path, self.cog, self.mask = path, cog, mask
         self.tmp = partial_path(path)
+        if resume:
+            try:
+                self.ds = rasterio.open(self.tmp, "r+")
+            except Exception as e:
+                raise OutputError(f"cannot resume {self.tmp}: {str(e).strip().splitlines()[0]}") from None
+            if (self.ds.width, self.ds.height, self.ds.count) != (width, height, count):
+                self.ds.close()
+                raise OutputError(f"cannot resume {self.tmp}: it is not this job's partial output")
+            return
         profile = dict(driver="GTiff", width=width, height=height, count=count, dtype="uint8",
                        tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate",
                        predictor=2 if mask else 1, BIGTIFF="IF_SAFER")
@@ -83,6 +94,18 @@ class GeoTiffWriter:
         if self.mask and valid is not None:
             self.ds.write_mask((valid * 255).astype(np.uint8), window=w)
 
+    def sync(self) -> None:
+        """Close and reopen: everything written so far is on disk, with a valid TIFF directory."""
+        import rasterio
+
+        self.ds.close()
+        self.ds = rasterio.open(self.tmp, "r+")
+
+    def read(self, window: Window) -> np.ndarray:
+        from rasterio.windows import Window as RWindow
+
+        return self.ds.read(window=RWindow(window.col_off, window.row_off, window.width, window.height))
+
     def commit(self) -> Path:
         import rasterio.shutil
 
@@ -99,6 +122,10 @@ class GeoTiffWriter:
             _commit(self.tmp, self.path)
         return self.path
 
+    def suspend(self) -> None:
+        """Close, keeping the partial file for a resumed run."""
+        self.ds.close()
+
     def abort(self) -> None:
         try:
             self.ds.close()
@@ -110,6 +137,8 @@ class GeoTiffWriter:
 class PngWriter:
     """Grayscale PNG of class indices; PNG has no windows, so rows are gathered and encoded at the end
     (the input image is held whole by its reader anyway)."""
+
+    resumable = False
 
     def __init__(self, path: Path, width: int, height: int):
         self.path, self.tmp = path, partial_path(path)
@@ -140,7 +169,10 @@ class PngWriter:
 
 class OverlayWriter:
     """A colour preview of the mask blended over the image, at most `max_side` pixels on the long
-    side: rows and columns are sampled as rectangles of the mask arrive, so memory stays bounded."""
+    side: rows and columns are sampled as rectangles of the mask arrive, so memory stays bounded.
+    Resumable: a resumed job replays the finished rows from the partial mask."""
+
+    resumable = True
 
     def __init__(self, path: Path, width: int, height: int, palette, max_side: int = 2048, alpha: float = 0.5):
         f = max(width, height) / max_side if max(width, height) > max_side else 1.0

@@ -1,0 +1,59 @@
+"""Resume inside one image: a small journal beside the partial output records how many output
+rows (from the top) are final on disk, under a fingerprint of the input and every setting that
+shapes the result. A re-run with the same fingerprint continues from there; any difference
+starts over.
+
+The journal is `.NAME.journal.json` next to the output; it is written (atomically) only after
+the partial outputs were closed with those rows in them, so it never claims more than the disk
+holds, whatever kills the process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+VERSION = 1
+
+
+def journal_path(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.journal.json")
+
+
+def fingerprint(src: Path, settings: dict[str, Any]) -> str:
+    """Input identity (resolved path, size, modification time) + settings + format version."""
+    st = src.stat()
+    blob = json.dumps({"input": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                       "settings": settings, "version": VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def read_journal(dst: Path) -> dict[str, Any] | None:
+    """The journal of `dst`'s interrupted run, or None (absent or unreadable: start over)."""
+    try:
+        data = json.loads(journal_path(dst).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("rows_done"), int) or "fingerprint" not in data:
+        return None
+    return data
+
+
+def write_journal(dst: Path, fp: str, rows_done: int, height: int) -> None:
+    path = journal_path(dst)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"fingerprint": fp, "rows_done": rows_done, "height": height, "version": VERSION}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remove_journal(dst: Path) -> None:
+    for p in (journal_path(dst), journal_path(dst).with_name(journal_path(dst).name + ".tmp")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass

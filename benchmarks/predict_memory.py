@@ -1,5 +1,6 @@
 """Peak resident memory of `bigseg predict` on a 20000x20000 versus a 5000x5000 georeferenced RGB
-GeoTIFF with identical settings (CPU, a small ladder config): memory must not grow with the image.
+GeoTIFF with identical settings (CPU, a small ladder config): memory must not grow with the image,
+and it must lie within 25% of the `predict --dry-run` estimate.
 
     python benchmarks/predict_memory.py [--work DIR] [--sizes 5000,20000]
 
@@ -8,6 +9,7 @@ Each prediction runs in its own process; its peak RSS comes from the kernel (wai
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -75,8 +77,12 @@ def main() -> None:
                "--batch-size", str(BATCH), "--quiet"]
         rss, seconds = peak_rss_mb(cmd)
         rows.append((side, rss, seconds))
+        plan = json.loads(subprocess.run(cmd + ["--dry-run", "--json"], capture_output=True, text=True,
+                                         check=True).stdout)[0]
+        est = plan["memory_mib"]["host"]
         print(f"{side}x{side}: {side * side / 1e6:.0f} MP, peak RSS {rss:.0f} MiB, {seconds:.1f} s, "
-              f"{side * side / 1e6 / seconds:.2f} MP/s", flush=True)
+              f"{side * side / 1e6 / seconds:.2f} MP/s; --dry-run estimate {est:.0f} MiB, "
+              f"measured/estimate {rss / est:.2f} (limit 0.75..1.25)", flush=True)
     from bigseg.tiling import TileGrid
 
     (s0, r0, _), (s1, r1, _) = rows[0], rows[-1]

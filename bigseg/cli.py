@@ -55,7 +55,8 @@ def predict(
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Look for images in subfolders."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo outputs that already exist."),
     tile: int = typer.Option(1024, help="Tile side in pixels."),
-    overlap: Optional[int] = typer.Option(None, help="Tile overlap in pixels. Default: tile/4."),
+    overlap: Optional[int] = typer.Option(None, help="Tile overlap in pixels. Default: from the model "
+                                          "(4 x its context margin), tile/4 for global-context models."),
     batch_size: int = typer.Option(4, "--batch-size", "-b", help="Tiles per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     precision: str = typer.Option("auto", help="auto, fp32, bf16 or fp16 (fp16 on GPU only)."),
@@ -70,8 +71,11 @@ def predict(
     probs: bool = typer.Option(False, help="Also write per-class probabilities (uint8, p*255)."),
     overlay: bool = typer.Option(False, help="Also write a colour preview over the image."),
     cog: bool = typer.Option(False, help="Write cloud-optimised GeoTIFFs with overviews."),
+    seams: bool = typer.Option(False, "--seams", help="Report how often neighbouring tiles disagree in their overlaps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
     json_summary: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tiles, outputs, peak memory) and stop."),
+    estimate: bool = typer.Option(False, "--estimate", help="With --dry-run: time a short warm-up to estimate the run time."),
 ) -> None:
     """Segment images of any size into class masks, tile by tile, in bounded memory."""
     from bigseg.checkpoint import resolve_model
@@ -84,6 +88,18 @@ def predict(
     read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader)
     segmenter = Segmenter(resolve_model(model), device, precision, tile, overlap, batch_size,
                           _parse_scales(scales), flip, parse_crf(crf, crf_params))
+    if dry_run:
+        from bigseg.console import print_plans
+        from bigseg.jobs import dry_run as plan_jobs
+
+        plans, failed = plan_jobs(segmenter, inputs, out, recursive=recursive, read=read,
+                                  write=WriteOptions(probs, overlay, cog, seams), estimate=estimate)
+        print_plans(plans, json_summary)
+        for failure in failed:
+            _error_line(failure.error)
+        if failed:
+            raise typer.Exit(1)
+        return
     progress = TileProgress(quiet or json_summary)
 
     def on_event(kind: str, payload) -> None:
@@ -95,6 +111,10 @@ def predict(
             progress.finish()
             for n in payload.notes:
                 progress.line(f"note: {payload.input.name}: {n}")
+            if payload.seams is not None:
+                s = payload.seams
+                progress.line(f"seams: {payload.input.name}: neighbouring tiles disagree on {100 * s['rate']:.3f}% "
+                              f"of {s['compared']} overlap pixels")
             progress.line(f"{payload.input} -> {payload.output} ({payload.width}x{payload.height}, "
                           f"{payload.tiles} tiles, {payload.seconds:.1f} s, "
                           f"{payload.megapixels / max(payload.seconds, 1e-9):.2f} MP/s)")
@@ -106,7 +126,7 @@ def predict(
 
     with progress:
         summary = run_predict(segmenter, inputs, out, recursive=recursive, overwrite=overwrite,
-                              read=read, write=WriteOptions(probs, overlay, cog), on_event=on_event)
+                              read=read, write=WriteOptions(probs, overlay, cog, seams), on_event=on_event)
     for failure in summary.failed:
         _error_line(failure.error)
     _report(summary, quiet, json_summary)
@@ -250,7 +270,8 @@ def _report(summary, quiet: bool, as_json: bool) -> None:
     if as_json:
         print(json.dumps({
             "done": [{"input": str(r.input), "output": str(r.output), "extras": [str(p) for p in r.extras],
-                      "width": r.width, "height": r.height, "tiles": r.tiles, "seconds": round(r.seconds, 3)}
+                      "width": r.width, "height": r.height, "tiles": r.tiles, "seconds": round(r.seconds, 3),
+                      "notes": r.notes, **({"seams": r.seams} if r.seams is not None else {})}
                      for r in summary.done],
             "skipped": [{"input": str(j.input), "output": str(j.output)} for j in summary.skipped],
             "failed": [{"input": f.input, "error": f.error} for f in summary.failed],

@@ -103,3 +103,34 @@ class TrainProgress(_Display):
         elif kind == "stopped":
             self.line(f"stopped ({info['why']}) at epoch {info['epoch'] + 1} step {info['step']}; "
                       f"continue with --resume")
+
+
+def print_plans(plans: list, as_json: bool = False) -> None:
+    """`predict --dry-run`: one block per input, or a JSON list on stdout."""
+    from rich.markup import escape
+
+    if as_json:
+        import json
+
+        print(json.dumps([p.to_dict() for p in plans], indent=2))
+        return
+    for p in plans:
+        m = p.memory_mib
+        out.print(f"[bold]{escape(p.input)}[/bold] -> {escape(p.output)}")
+        out.print(f"  input     {p.width}x{p.height} ({p.width * p.height / 1e6:.1f} MP), {p.bands} bands used, "
+                  f"read with {p.reader}")
+        out.print(f"  tiles     {p.tiles} ({p.tile_rows} rows x {p.tile_cols} columns) of {p.tile} px, "
+                  f"{p.batches} batches on {p.device} ({p.precision})")
+        out.print(f"  overlap   {p.overlap} px, {p.overlap_from}")
+        out.print(f"  blend     {p.blend}")
+        for o in p.outputs:
+            extra = ", BigTIFF" if o["bigtiff"] else ""
+            out.print(f"  output    {escape(o['path'])}: {o['format']}, {o['bands']} band(s){extra}")
+        gpu = "" if m.get("gpu") is None else f", GPU {m['gpu']:.0f} MiB (activations {m['gpu_activations']:.0f})"
+        terms = ", ".join(f"{k} {v:.0f}" for k, v in m.items() if k not in ("host", "gpu", "gpu_activations"))
+        out.print(escape(f"  memory    host {m['host']:.0f} MiB{gpu}  [{terms}]"))
+        if p.estimate_seconds is not None:
+            out.print(f"  time      about {p.estimate_seconds:.1f} s "
+                      f"({p.width * p.height / 1e6 / max(p.estimate_seconds, 1e-9):.2f} MP/s, from a warm-up)")
+        for n in p.notes:
+            out.print(f"  note      {escape(n)}")

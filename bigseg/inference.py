@@ -21,6 +21,7 @@ from bigseg.errors import InputError
 from bigseg.io.gdal import gdal_env
 from bigseg.io.readers import Reader, open_raster
 from bigseg.io.writers import NODATA, GeoTiffWriter, OverlayWriter, PngWriter
+from bigseg.models.receptive import default_overlap
 from bigseg.tiling import TileGrid, Window, stream_tiles
 
 DEFAULT_TILE = 1024
@@ -39,6 +40,7 @@ class WriteOptions:
     probs: bool = False
     overlay: bool = False
     cog: bool = False
+    seams: bool = False  # report how often neighbouring tiles disagree in their overlaps
 
 
 @dataclass
@@ -51,6 +53,7 @@ class PredictResult:
     seconds: float
     extras: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    seams: dict | None = None  # overlap pixels compared / disagreeing (with WriteOptions.seams)
 
     @property
     def megapixels(self) -> float:
@@ -105,15 +108,24 @@ class Segmenter:
         if tile < 16:
             raise InputError(f"--tile must be at least 16 pixels, got {tile}")
         self.tile = tile
-        self.overlap = tile // 4 if overlap is None else overlap
-        if not 0 <= self.overlap < tile:
-            raise InputError(f"--overlap must be in [0, tile), got {self.overlap} for tile {tile}")
         if batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
         # how often a journaled output is synced to disk (resume granularity vs. a close/reopen)
         self.checkpoint_seconds = float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5"))
         self.model = checkpoint.build_model().to(self.device)
+        self.notes: list[str] = []  # things said once per run (e.g. out-of-memory back-off)
+        margin = getattr(self.model, "context_margin", None)
+        if overlap is not None:
+            self.overlap, self.overlap_from = overlap, "--overlap"
+        elif margin is None:
+            self.overlap = default_overlap(None, tile)
+            self.overlap_from = "tile/4: the model sees the whole tile (global pooling or unbounded context)"
+        else:
+            self.overlap = default_overlap(margin, tile)
+            self.overlap_from = f"from the model's context margin {margin} px (4 x margin, at most tile/2)"
+        if not 0 <= self.overlap < tile:
+            raise InputError(f"--overlap must be in [0, tile), got {self.overlap} for tile {tile}")
         norm = checkpoint.normalization
         self._mean = torch.tensor(norm.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(norm.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -130,7 +142,65 @@ class Segmenter:
 
     def tile_scores(self, batch: np.ndarray) -> np.ndarray:
         """The engine's `predict(batch)`: (n, bands, h, w) image values in 0..255 -> (n, classes, h, w)
-        float32 logits, or probabilities with several scales, flips or a CRF (`averages_probabilities`)."""
+        float32 logits, or probabilities with several scales, flips or a CRF (`averages_probabilities`).
+
+        Out-of-memory back-off: a batch that does not fit is split in halves (and later batches
+        stay at the size that fit), down to one tile; a single tile that does not fit is predicted
+        in sub-tiles of half its side with the same overlap rules. Tiles are independent, so a
+        halved batch gives the same result as that batch size from the start."""
+        n = len(batch)
+        step = min(n, self._fitting_batch or n)
+        out, i = [], 0
+        while i < n:
+            chunk = batch[i:i + step]
+            try:
+                out.append(self._tile_scores(chunk))
+                i += len(chunk)
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not _out_of_memory(e):
+                    raise
+                self._release_memory()
+                if step > 1:
+                    step //= 2
+                    self._fitting_batch = step
+                    self._note(f"out of memory with {2 * step} tiles per batch: continuing with {step}")
+                else:
+                    out.append(self._subtiled(chunk))
+                    i += 1
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    _fitting_batch: int | None = None
+
+    def _note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+
+    def _take_notes(self) -> list[str]:
+        taken, self.notes = self.notes, []
+        return taken
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _subtiled(self, one: np.ndarray) -> np.ndarray:
+        """Predict one (1, bands, h, w) tile that does not fit through a grid of half-size tiles."""
+        _, _, h, w = one.shape
+        side = max(h, w) // 2
+        if side < 32:
+            raise InputError("out of memory even for 32-pixel tiles; use --device cpu or a smaller model")
+        overlap = default_overlap(getattr(self.model, "context_margin", None), side)
+        self._note(f"out of memory with one {max(h, w)}-pixel tile: predicting it in {side}-pixel sub-tiles "
+                   f"(overlap {overlap})")
+        grid = TileGrid(w, h, side, overlap)
+        out = np.zeros((1, self.num_classes, h, w), np.float32)
+        valid = np.ones((h, w), bool)
+        read = lambda win: (one[0][(slice(None), *win.slices)], valid[win.slices])  # noqa: E731
+        for window, block in stream_tiles(grid, read, self.tile_scores, self.num_classes, 1, self.fill):
+            out[(0, slice(None), *window.slices)] = block
+        return out
+
+    def _tile_scores(self, batch: np.ndarray) -> np.ndarray:
         image = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
         with torch.inference_mode():
             scores = self._scores(image)
@@ -240,8 +310,10 @@ class Segmenter:
                 on_tile(0, len(grid))
             rows = _RowTracker(reader.width, rows_done)
             last_sync = time.monotonic()
+            seams = {} if write.seams else None
             for window, block in stream_tiles(grid, reader.read, self.tile_scores, self.num_classes,
-                                              self.batch_size, self.fill, tile_done, done_rows=rows_done):
+                                              self.batch_size, self.fill, tile_done, done_rows=rows_done,
+                                              seams=seams):
                 if window.row_end <= rows_done:
                     continue  # already final on disk
                 self._write_block(reader, sinks, window, block)
@@ -252,13 +324,20 @@ class Segmenter:
                     journal.write_journal(dst, fp, rows.done, reader.height)
                     state["journaled"] = rows.done
                     last_sync = time.monotonic()
+            if seams is not None:
+                seams["rate"] = round(seams["disagreed"] / max(seams["compared"], 1), 6)
+                if rows_done:
+                    seams["note"] = f"rows {rows_done} and below only (resumed run)"
+                if hasattr(sinks["mask"], "ds"):
+                    sinks["mask"].ds.update_tags(seam_disagreement=str(seams["rate"]))
             written = []
             for sink in sinks.values():
                 written.append(sink.commit())
                 sink._done = True
             journal.remove_journal(dst)
         return PredictResult(src, written[0], reader.width, reader.height, len(grid),
-                             time.perf_counter() - start, written[1:], notes + reader.notes)
+                             time.perf_counter() - start, written[1:], notes + reader.notes + self._take_notes(),
+                             seams)
 
     def settings(self, read: ReadOptions, write: WriteOptions, dst: Path) -> dict:
         """Everything that shapes `dst`'s content, for the resume fingerprint."""
@@ -334,6 +413,11 @@ class Segmenter:
             image_rows = {int(r): reader.read(Window(window.col_off, int(r), window.width, 1))[0][:, 0]
                           for r in overlay.rows_in(window)}
             overlay.write(window, labels, image_rows)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) \
+        or "out of memory" in str(e).lower()
 
 
 class _RowTracker:

@@ -136,4 +136,24 @@ def run_predict(segmenter: Segmenter, inputs: list[str], out: Path | None, *, re
     return summary
 
 
-__all__ = ["Job", "Failure", "Summary", "expand_inputs", "plan_jobs", "run_predict"]
+def dry_run(segmenter: Segmenter, inputs: list[str], out: Path | None, *, recursive: bool = False,
+            read: ReadOptions = ReadOptions(), write: WriteOptions = WriteOptions(),
+            estimate: bool = False) -> tuple[list, list[Failure]]:
+    """The plan of every job (`bigseg.plan.Plan`) without running the model (except a short
+    timed warm-up with `estimate`); unreadable inputs are failures, as in a real run."""
+    from bigseg.plan import plan_file
+
+    found, failed = expand_inputs(inputs, recursive)
+    jobs, more = plan_jobs(found, out)
+    failed += more
+    plans = []
+    for job in jobs:
+        try:
+            plans.append(plan_file(segmenter, job.input, job.output, read, write, segmenter.overlap_from,
+                                   estimate))
+        except BigsegError as e:
+            failed.append(Failure(str(job.input), str(e)))
+    return plans, failed
+
+
+__all__ = ["Job", "Failure", "Summary", "dry_run", "expand_inputs", "plan_jobs", "run_predict"]

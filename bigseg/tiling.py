@@ -151,9 +151,13 @@ class StreamingStitcher:
     cover the image exactly once.
     """
 
-    def __init__(self, grid: TileGrid, channels: int):
+    def __init__(self, grid: TileGrid, channels: int, seams: bool = False):
         self.grid = grid
         self.channels = channels
+        # seam report: where two tiles both give weight to a pixel, do their argmax labels agree?
+        self.seams = seams
+        self.seam_compared = self.seam_disagreed = 0
+        self._labels: dict[tuple[int, int], np.ndarray] = {}
         th, tw = grid.tile_shape
         self._rows = _Axis(grid.row_starts, th, grid.height)
         self._cols = _Axis(grid.col_starts, tw, grid.width)
@@ -203,9 +207,26 @@ class StreamingStitcher:
                                            np.zeros((atom.height, atom.width), np.float32))
                 acc, wsum = self._atoms[(a, b)]
                 w = weights[ys, xs]
+                if self.seams:
+                    self._compare(a, b, scores[:, ys, xs], w, wsum)
                 acc += scores[:, ys, xs] * w
                 wsum += w
         self.peak_pixels = max(self.peak_pixels, self.held_pixels)
+
+    def _compare(self, a: int, b: int, scores: np.ndarray, w: np.ndarray, wsum: np.ndarray) -> None:
+        used = w > 0
+        if not used.any():
+            return
+        labels = scores.argmax(0).astype(np.uint8)
+        first = self._labels.get((a, b))
+        if first is None:
+            self._labels[(a, b)] = labels
+            return
+        both = used & (wsum > 0)
+        self.seam_compared += int(both.sum())
+        self.seam_disagreed += int((both & (labels != first)).sum())
+        fresh = used & (wsum == 0)
+        first[fresh] = labels[fresh]
 
     def skip(self, window: Window) -> None:
         self._advance(window)
@@ -218,13 +239,41 @@ class StreamingStitcher:
                 yield atom, np.zeros((self.channels, atom.height, atom.width), np.float32)
                 continue
             acc, wsum = self._atoms.pop((a, b))
+            self._labels.pop((a, b), None)
             yield atom, np.divide(acc, wsum, out=acc, where=wsum > 0)
+
+
+def stitcher_peak_pixels(grid: TileGrid) -> int:
+    """The largest area `StreamingStitcher` holds at once on `grid`, from its bookkeeping alone
+    (every tile predicted, none skipped: the worst case)."""
+    th, tw = grid.tile_shape
+    rows = _Axis(grid.row_starts, th, grid.height)
+    cols = _Axis(grid.col_starts, tw, grid.width)
+    area = lambda a, b: (rows.cuts[a + 1] - rows.cuts[a]) * (cols.cuts[b + 1] - cols.cuts[b])  # noqa: E731
+    live: set[tuple[int, int]] = set()
+    held = peak = 0
+    for i in range(len(grid.row_starts)):
+        for j in range(len(grid.col_starts)):
+            for a in rows.span[i]:
+                for b in cols.span[j]:
+                    if (a, b) not in live:
+                        live.add((a, b))
+                        held += area(a, b)
+            peak = max(peak, held)
+            for a in rows.span[i]:
+                if rows.last[a] != i:
+                    continue
+                for b in cols.span[j]:
+                    if cols.last[b] == j and (a, b) in live:
+                        live.discard((a, b))
+                        held -= area(a, b)
+    return peak
 
 
 def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.ndarray]],
                  predict: Callable[[np.ndarray], np.ndarray], channels: int, batch_size: int,
                  fill: np.ndarray, on_tile: Callable[[Window], None] | None = None,
-                 done_rows: int = 0) -> Iterator[tuple[Window, np.ndarray]]:
+                 done_rows: int = 0, seams: dict | None = None) -> Iterator[tuple[Window, np.ndarray]]:
     """Run `predict` over every tile in batches and yield finished (window, scores) rectangles.
 
     `read(window)` gives (bands, h, w) float32 and a validity mask; invalid pixels are replaced by
@@ -232,9 +281,11 @@ def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.n
     `predict` maps (n, bands, h, w) to (n, channels, h, w). Memory: one batch of tiles plus the
     stitcher's overlap band (see the module docstring). `done_rows`: the rows above are already
     final (a resumed job); tiles entirely inside them are neither read nor predicted, and the
-    rectangles yielded there are meaningless (the caller drops them).
+    rectangles yielded there are meaningless (the caller drops them). `seams`: a dict that receives
+    `compared` and `disagreed`, the overlap pixels two tiles both weighted and those whose argmax
+    labels differ (the seam report).
     """
-    stitcher = StreamingStitcher(grid, channels)
+    stitcher = StreamingStitcher(grid, channels, seams=seams is not None)
     pending: list[tuple[Window, np.ndarray | None]] = []
 
     def flush() -> Iterator[tuple[Window, np.ndarray]]:
@@ -262,3 +313,5 @@ def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.n
         if sum(d is not None for _, d in pending) >= batch_size:
             yield from flush()
     yield from flush()
+    if seams is not None:
+        seams.update(compared=stitcher.seam_compared, disagreed=stitcher.seam_disagreed)

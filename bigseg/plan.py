@@ -1,0 +1,201 @@
+"""`predict --dry-run`: what a job will do and how much memory it will take, without running it.
+
+Peak memory is estimated from a formula (all sizes in bytes, B = batch, T = tile side,
+C = classes, K = input bands):
+
+    host = runtime + checkpoint + weights + gdal_cache + inputs + activations(cpu) + scores + stitcher
+      runtime      interpreter, torch, GDAL, OpenCV once imported (RUNTIME_MIB, measured)
+      checkpoint   the loaded state dict; weights: the float32 model built from it
+      gdal_cache   GDAL_CACHEMAX (64 MiB, set by bigseg)
+      inputs       2 x B x K x T^2 x 4 (the read batch and its normalised copy)
+      activations  peak live tensor bytes of one forward pass of B tiles, traced on the meta
+                   device (no memory, no compute); on the host only when the device is the CPU
+      scores       with several scales or flips: 2 x B x C x T^2 x 4 (running sum + one
+                   prediction); otherwise 0 (the batch's logits are the forward's last activation)
+      stitcher     the streaming stitcher's largest held area x (C + 1) x 4, simulated on the grid
+    gpu  = CUDA_CONTEXT_MIB + weights (+ a half copy under autocast) + activations + inputs / 2 +
+           scores
+
+The predict benchmark (`benchmarks/predict_memory.py`) compares the estimate with the measured
+peak RSS.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+from bigseg.io.gdal import gdal_env
+from bigseg.io.readers import open_raster
+from bigseg.tiling import TileGrid, stitcher_peak_pixels
+
+MIB = 2 ** 20
+RUNTIME_MIB = 270       # python + torch + rasterio/GDAL + OpenCV + bigseg imported (measured, CPU build)
+CUDA_CONTEXT_MIB = 600  # CUDA context and cuDNN/cuBLAS handles, outside torch's allocator
+GDAL_CACHE_MIB = 64
+
+
+class _PeakTensorBytes(TorchDispatchMode):
+    """Tracks the peak of live tensor bytes created inside the mode (meta tensors included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._ids: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tree_map(self._track, out)
+        return out
+
+    def _track(self, t):
+        if isinstance(t, torch.Tensor) and id(t) not in self._ids:
+            n = t.numel() * t.element_size()
+            self._ids.add(id(t))
+            self.live += n
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._free, id(t), n)
+        return t
+
+    def _free(self, key: int, n: int) -> None:
+        self.live -= n
+        self._ids.discard(key)
+
+
+def activation_bytes(checkpoint, batch: int, height: int, width: int, dtype: torch.dtype = torch.float32) -> int:
+    """Peak live activation bytes of one inference forward pass, traced on the meta device."""
+    from bigseg.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(checkpoint.arch, checkpoint.num_classes, checkpoint.in_channels, **checkpoint.config)
+    model = model.eval().to(dtype)
+    x = torch.zeros(batch, checkpoint.in_channels, height, width, device="meta", dtype=dtype)
+    tracker = _PeakTensorBytes()
+    with torch.inference_mode(), tracker:
+        model(x)
+    return tracker.peak
+
+
+@dataclass
+class Plan:
+    input: str
+    output: str
+    width: int
+    height: int
+    bands: int
+    dtype: str
+    reader: str
+    tiles: int
+    tile_rows: int
+    tile_cols: int
+    batches: int
+    tile: int
+    overlap: int
+    overlap_from: str
+    blend: str
+    device: str
+    precision: str
+    outputs: list[dict] = field(default_factory=list)
+    memory_mib: dict = field(default_factory=dict)
+    estimate_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def memory_estimate(segmenter, width: int, height: int, bands: int) -> dict:
+    """The formula of the module docstring, in MiB per term, with `host` and `gpu` totals."""
+    ckpt = segmenter.checkpoint
+    th, tw = min(segmenter.tile, height), min(segmenter.tile, width)
+    grid = segmenter.grid(width, height)
+    b = min(segmenter.batch_size, len(grid))
+    c = ckpt.num_classes
+    params = sum(v.numel() for v in ckpt.state_dict.values() if v.is_floating_point())
+    stored = sum(v.numel() * v.element_size() for v in ckpt.state_dict.values())
+    on_gpu = segmenter.device.type == "cuda"
+    dtype = segmenter.dtype if on_gpu else torch.float32
+    scale_max = max(segmenter.scales)
+    act_h, act_w = max(1, round(th * scale_max)), max(1, round(tw * scale_max))
+    act = activation_bytes(ckpt, b, act_h, act_w, dtype)
+    inputs = 2 * b * bands * th * tw * 4
+    # one forward's output is the last live activation (counted there); averaging over scales or
+    # flips keeps a running sum and one prediction beside it
+    scores = 2 * b * c * th * tw * 4 if segmenter.averages_probabilities else 0
+    stitcher = stitcher_peak_pixels(grid) * (c + 1) * 4
+    terms = {"runtime": RUNTIME_MIB, "checkpoint": stored / MIB, "weights": params * 4 / MIB,
+             "gdal_cache": GDAL_CACHE_MIB, "inputs": inputs / MIB,
+             "activations": 0.0 if on_gpu else act / MIB, "scores": scores / MIB, "stitcher": stitcher / MIB}
+    out = {k: round(v, 1) for k, v in terms.items()}
+    out["host"] = round(sum(terms.values()), 1)
+    if on_gpu:
+        half = params * 2 if dtype is not torch.float32 else 0
+        gpu = CUDA_CONTEXT_MIB * MIB + params * 4 + half + act + inputs / 2 + scores
+        out["gpu_activations"] = round(act / MIB, 1)
+        out["gpu"] = round(gpu / MIB, 1)
+    else:
+        out["gpu"] = None
+    return out
+
+
+def plan_file(segmenter, src: Path, dst: Path, read, write, overlap_from: str,
+              estimate: bool = False) -> Plan:
+    """Open `src` (metadata and the rescale statistics only) and describe the job."""
+    from bigseg.inference import sibling
+
+    with gdal_env(), open_raster(src, segmenter.checkpoint.in_channels, read.bands, read.value_range,
+                                 read.engine) as reader:
+        grid = segmenter.grid(reader.width, reader.height)
+        valid_tiles = len(grid)
+        plan = Plan(
+            input=str(src), output=str(dst), width=reader.width, height=reader.height,
+            bands=segmenter.checkpoint.in_channels, dtype=str(getattr(reader, "dtype", "uint8")),
+            reader=type(reader).__name__, tiles=len(grid), tile_rows=len(grid.row_starts),
+            tile_cols=len(grid.col_starts), batches=-(-valid_tiles // segmenter.batch_size),
+            tile=segmenter.tile, overlap=segmenter.overlap, overlap_from=overlap_from,
+            blend=f"sin^2 ramp, zero weight within {segmenter.overlap // 4} px of inner tile edges",
+            device=str(segmenter.device), precision=str(segmenter.dtype).removeprefix("torch."),
+            notes=list(reader.notes))
+        png = reader.kind == "image" and dst.suffix.lower() == ".png"
+        big = reader.width * reader.height > 4e9 / 1.1  # GDAL's BIGTIFF=IF_SAFER threshold, uint8 mask
+        plan.outputs.append({"path": str(dst), "format": "PNG" if png else ("COG" if write.cog else "GeoTIFF"),
+                             "bigtiff": (not png) and big, "bands": 1})
+        if write.probs:
+            plan.outputs.append({"path": str(sibling(dst, "probs", ".tif")), "format": "COG" if write.cog else "GeoTIFF",
+                                 "bigtiff": reader.width * reader.height * segmenter.num_classes > 4e9 / 1.1,
+                                 "bands": segmenter.num_classes})
+        if write.overlay:
+            plan.outputs.append({"path": str(sibling(dst, "overlay", ".png")), "format": "PNG", "bigtiff": False,
+                                 "bands": 3})
+        plan.memory_mib = memory_estimate(segmenter, reader.width, reader.height, plan.bands)
+        if estimate:
+            plan.estimate_seconds = _time_estimate(segmenter, reader, grid)
+    return plan
+
+
+def _time_estimate(segmenter, reader, grid: TileGrid, warmup: int = 1, measured: int = 2) -> float:
+    """Time a few real batches of the first tiles (reading + inference) and scale to the grid."""
+    windows = list(grid)
+    b = segmenter.batch_size
+    batches = [windows[i:i + b] for i in range(0, min(len(windows), (warmup + measured) * b), b)]
+    fill = segmenter.fill
+    timed, tiles = 0.0, 0
+    for k, batch in enumerate(batches):
+        t0 = time.perf_counter()
+        data = []
+        for w in batch:
+            x, valid = reader.read(w)
+            data.append(np.where(valid, x, fill).astype(np.float32))
+        shapes = {d.shape for d in data}
+        if len(shapes) == 1:
+            segmenter.tile_scores(np.stack(data))
+        if k >= warmup or len(batches) <= warmup:
+            timed += time.perf_counter() - t0
+            tiles += len(batch)
+    return round(timed / max(tiles, 1) * len(windows), 1)

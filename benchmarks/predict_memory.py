@@ -55,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--sizes", default="5000,20000")
+    parser.add_argument("--model", default=None, help="a shipped model or checkpoint instead of the small config")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bigseg-mem-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -64,8 +65,8 @@ def main() -> None:
     from bigseg.models import create_model
 
     torch.manual_seed(0)
-    model = save_checkpoint(from_model(create_model("ladder-dn121", CLASSES, **SMALL), "ladder-dn121",
-                                       [f"c{i}" for i in range(CLASSES)]), work / "small.pt")
+    model = args.model or save_checkpoint(from_model(create_model("ladder-dn121", CLASSES, **SMALL), "ladder-dn121",
+                                                     [f"c{i}" for i in range(CLASSES)]), work / "small.pt")
     rows = []
     for side in (int(s) for s in args.sizes.split(",")):
         src = work / f"synthetic_{side}.tif"

@@ -85,9 +85,13 @@ def predict(
     from bigseg.io.bands import parse_bands, parse_value_range
     from bigseg.jobs import run_predict
 
+    from bigseg.sharding import device_for_rank, rank_from_env
+
     read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader)
-    segmenter = Segmenter(resolve_model(model), device, precision, tile, overlap, batch_size,
-                          _parse_scales(scales), flip, parse_crf(crf, crf_params))
+    rank = rank_from_env()
+    quiet = quiet or rank.rank > 0  # under torchrun, rank 0 speaks for everyone
+    segmenter = Segmenter(resolve_model(model), device_for_rank(device, rank), precision, tile, overlap,
+                          batch_size, _parse_scales(scales), flip, parse_crf(crf, crf_params))
     if dry_run:
         from bigseg.console import print_plans
         from bigseg.jobs import dry_run as plan_jobs
@@ -129,7 +133,7 @@ def predict(
                               read=read, write=WriteOptions(probs, overlay, cog, seams), on_event=on_event)
     for failure in summary.failed:
         _error_line(failure.error)
-    _report(summary, quiet, json_summary)
+    _report(summary, quiet, json_summary and rank.rank == 0)
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -289,7 +293,7 @@ _printed: set[str] = set()
 def _error_line(message: str) -> None:
     from bigseg.console import error
 
-    if message not in _printed:
+    if message and message not in _printed:
         _printed.add(message)
         error(message)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from bigseg import sharding
 from bigseg.errors import BigsegError, InputError, OutputError
 from bigseg.inference import PredictResult, ReadOptions, Segmenter, WriteOptions
 from bigseg.io.readers import IMAGE_SUFFIXES, RASTER_SUFFIXES
@@ -116,6 +117,19 @@ def run_predict(segmenter: Segmenter, inputs: list[str], out: Path | None, *, re
     summary.failed += failed
     for folder in sorted({job.output.parent for job in jobs}):
         check_writable(folder)
+    rank = sharding.rank_from_env()
+    if rank.active:  # under torchrun: this rank's share, then everyone's outcome
+        sharding.init(rank)
+        mine = sharding.run_distributed(segmenter, jobs, rank, read, write, overwrite, on_event)
+        for done, skipped, failures in sharding.gather(rank, mine):
+            summary.done += done
+            summary.skipped += skipped
+            summary.failed += failures
+        sharding.shutdown(rank)
+        if rank.rank != 0:  # rank 0 reports; the others only share the exit status
+            summary.done, summary.skipped = [], []
+            summary.failed = [Failure(f.input, "") for f in summary.failed]
+        return summary
     for job in jobs:
         if job.output.exists() and not overwrite:
             summary.skipped.append(job)

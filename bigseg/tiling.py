@@ -273,7 +273,8 @@ def stitcher_peak_pixels(grid: TileGrid) -> int:
 def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.ndarray]],
                  predict: Callable[[np.ndarray], np.ndarray], channels: int, batch_size: int,
                  fill: np.ndarray, on_tile: Callable[[Window], None] | None = None,
-                 done_rows: int = 0, seams: dict | None = None) -> Iterator[tuple[Window, np.ndarray]]:
+                 done_rows: int = 0, seams: dict | None = None,
+                 stop_rows: int | None = None) -> Iterator[tuple[Window, np.ndarray]]:
     """Run `predict` over every tile in batches and yield finished (window, scores) rectangles.
 
     `read(window)` gives (bands, h, w) float32 and a validity mask; invalid pixels are replaced by
@@ -281,7 +282,9 @@ def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.n
     `predict` maps (n, bands, h, w) to (n, channels, h, w). Memory: one batch of tiles plus the
     stitcher's overlap band (see the module docstring). `done_rows`: the rows above are already
     final (a resumed job); tiles entirely inside them are neither read nor predicted, and the
-    rectangles yielded there are meaningless (the caller drops them). `seams`: a dict that receives
+    rectangles yielded there are meaningless (the caller drops them). `stop_rows`: stop once every
+    row above it is final (tiles starting at or below it are not run; one part of a distributed
+    job). `seams`: a dict that receives
     `compared` and `disagreed`, the overlap pixels two tiles both weighted and those whose argmax
     labels differ (the seam report).
     """
@@ -302,6 +305,8 @@ def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.n
         pending.clear()
 
     for window in grid:
+        if stop_rows is not None and window.row_off >= stop_rows:
+            break
         if window.row_end <= done_rows:
             pending.append((window, None))
             continue

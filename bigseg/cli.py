@@ -71,6 +71,7 @@ def predict(
     probs: bool = typer.Option(False, help="Also write per-class probabilities (uint8, p*255)."),
     overlay: bool = typer.Option(False, help="Also write a colour preview over the image."),
     cog: bool = typer.Option(False, help="Write cloud-optimised GeoTIFFs with overviews."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (slow start, faster GPU tiles)."),
     seams: bool = typer.Option(False, "--seams", help="Report how often neighbouring tiles disagree in their overlaps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
     json_summary: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
@@ -91,7 +92,7 @@ def predict(
     rank = rank_from_env()
     quiet = quiet or rank.rank > 0  # under torchrun, rank 0 speaks for everyone
     segmenter = Segmenter(resolve_model(model), device_for_rank(device, rank), precision, tile, overlap,
-                          batch_size, _parse_scales(scales), flip, parse_crf(crf, crf_params))
+                          batch_size, _parse_scales(scales), flip, parse_crf(crf, crf_params), compile_model)
     if dry_run:
         from bigseg.console import print_plans
         from bigseg.jobs import dry_run as plan_jobs

@@ -97,7 +97,8 @@ class Segmenter:
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", precision: str = "auto",
                  tile: int = DEFAULT_TILE, overlap: int | None = None, batch_size: int = DEFAULT_BATCH,
-                 scales: tuple[float, ...] = (1.0,), flip: bool = False, crf: CRFParams | None = None):
+                 scales: tuple[float, ...] = (1.0,), flip: bool = False, crf: CRFParams | None = None,
+                 compile: bool = False):
         self.checkpoint = checkpoint
         self.crf = crf
         if not scales or any(not 0.1 <= s <= 4 for s in scales):
@@ -114,6 +115,11 @@ class Segmenter:
         # how often a journaled output is synced to disk (resume granularity vs. a close/reopen)
         self.checkpoint_seconds = float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5"))
         self.model = checkpoint.build_model().to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # tiles share one shape: autotune once
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model = torch.compile(self.model, dynamic=False)
         self.notes: list[str] = []  # things said once per run (e.g. out-of-memory back-off)
         margin = getattr(self.model, "context_margin", None)
         if overlap is not None:
@@ -201,11 +207,20 @@ class Segmenter:
         return out
 
     def _tile_scores(self, batch: np.ndarray) -> np.ndarray:
-        image = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        host = torch.from_numpy(np.ascontiguousarray(batch))
+        if self.device.type == "cuda":  # page-locked staging: the copy runs asynchronously
+            image = host.pin_memory().to(self.device, non_blocking=True)
+        else:
+            image = host
         with torch.inference_mode():
             scores = self._scores(image)
             if self.crf is not None:
                 scores = torch.stack([dense_crf(p, im, self.crf) for p, im in zip(scores, image)])
+            if self.device.type == "cuda":
+                out = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+                out.copy_(scores, non_blocking=True)
+                torch.cuda.current_stream(self.device).synchronize()
+                return out.numpy()
         return scores.cpu().numpy()
 
     def _scores(self, image: torch.Tensor) -> torch.Tensor:
@@ -213,6 +228,8 @@ class Segmenter:
         RefineNet testing: each scaled (and mirrored) copy is predicted, brought back to the tile's
         size, averaged); softmax probabilities when a CRF follows."""
         x = (image - self._mean) / self._std
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
         autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                     if self.dtype is not torch.float32 else nullcontext())
         with torch.inference_mode(), autocast:
@@ -311,12 +328,12 @@ class Segmenter:
             rows = _RowTracker(reader.width, rows_done)
             last_sync = time.monotonic()
             seams = {} if write.seams else None
-            for window, block in stream_tiles(grid, reader.read, self.tile_scores, self.num_classes,
-                                              self.batch_size, self.fill, tile_done, done_rows=rows_done,
-                                              seams=seams):
+            for window, block, valid in stream_tiles(grid, reader.read, self.tile_scores, self.num_classes,
+                                                     self.batch_size, self.fill, tile_done, done_rows=rows_done,
+                                                     seams=seams, with_valid=True, prefetch=PREFETCH_BATCHES):
                 if window.row_end <= rows_done:
                     continue  # already final on disk
-                self._write_block(reader, sinks, window, block)
+                self._write_block(reader, sinks, window, block, valid)
                 if resumable and rows.add(window) and time.monotonic() - last_sync >= self.checkpoint_seconds:
                     for sink in sinks.values():
                         if hasattr(sink, "sync"):
@@ -394,8 +411,10 @@ class Segmenter:
             raise
         return sinks
 
-    def _write_block(self, reader: Reader, sinks: dict, window: Window, block: np.ndarray) -> None:
-        valid = reader.read_valid(window)
+    def _write_block(self, reader: Reader, sinks: dict, window: Window, block: np.ndarray,
+                     valid: np.ndarray | None = None) -> None:
+        if valid is None:
+            valid = reader.read_valid(window)
         labels = block.argmax(0).astype(np.uint8)
         labels[~valid] = NODATA
         sinks["mask"].write(window, labels)
@@ -418,6 +437,9 @@ class Segmenter:
 def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e) \
         or "out of memory" in str(e).lower()
+
+
+PREFETCH_BATCHES = 2  # batches read ahead in a background thread while the model runs
 
 
 class _RowTracker:

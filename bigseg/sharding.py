@@ -28,6 +28,7 @@ from bigseg.errors import BigsegError
 from bigseg.io.gdal import gdal_env
 from bigseg.io.readers import open_raster
 from bigseg.io.writers import GeoTiffWriter, OverlayWriter
+from bigseg.inference import PREFETCH_BATCHES
 from bigseg.tiling import Window, stream_tiles
 
 ROWS_PER_COPY = 512
@@ -148,11 +149,12 @@ def predict_part(segmenter, src: Path, dst: Path, read, write, part: int, parts:
                                            tags={"bigseg_fingerprint": fp}, mask=True)
         shifted = {k: _Shifted(v, lo) for k, v in sinks.items()}
         try:
-            for window, block in stream_tiles(grid, reader.read, segmenter.tile_scores, ckpt.num_classes,
-                                              segmenter.batch_size, segmenter.fill, done_rows=lo, stop_rows=hi):
+            for window, block, valid in stream_tiles(grid, reader.read, segmenter.tile_scores, ckpt.num_classes,
+                                                     segmenter.batch_size, segmenter.fill, done_rows=lo,
+                                                     stop_rows=hi, with_valid=True, prefetch=PREFETCH_BATCHES):
                 if window.row_end <= lo or window.row_off >= hi:
                     continue
-                segmenter._write_block(reader, shifted, window, block)
+                segmenter._write_block(reader, shifted, window, block, valid)
             for sink in sinks.values():  # committed (renamed) only when complete
                 sink.commit()
         except BaseException:

@@ -151,9 +151,13 @@ class StreamingStitcher:
     cover the image exactly once.
     """
 
-    def __init__(self, grid: TileGrid, channels: int, seams: bool = False):
+    def __init__(self, grid: TileGrid, channels: int, seams: bool = False, track_valid: bool = False):
         self.grid = grid
         self.channels = channels
+        # with track_valid, `add` takes the tile's validity mask and `pop_finished` yields
+        # (window, block, valid): writers need no second read of the input
+        self.track_valid = track_valid
+        self._valid: dict[tuple[int, int], np.ndarray] = {}
         # seam report: where two tiles both give weight to a pixel, do their argmax labels agree?
         self.seams = seams
         self.seam_compared = self.seam_disagreed = 0
@@ -192,7 +196,7 @@ class StreamingStitcher:
                         for b in self._cols.span[j] if self._cols.last[b] == j]
         return i, j
 
-    def add(self, window: Window, scores: np.ndarray) -> None:
+    def add(self, window: Window, scores: np.ndarray, valid: np.ndarray | None = None) -> None:
         if scores.shape != (self.channels, window.height, window.width):
             raise ValueError(f"scores of shape {scores.shape} for window {window}")
         i, j = self._advance(window)
@@ -206,6 +210,9 @@ class StreamingStitcher:
                     self._atoms[(a, b)] = (np.zeros((self.channels, atom.height, atom.width), np.float32),
                                            np.zeros((atom.height, atom.width), np.float32))
                 acc, wsum = self._atoms[(a, b)]
+                if self.track_valid:
+                    if (a, b) not in self._valid:
+                        self._valid[(a, b)] = valid[ys, xs].copy()
                 w = weights[ys, xs]
                 if self.seams:
                     self._compare(a, b, scores[:, ys, xs], w, wsum)
@@ -236,11 +243,14 @@ class StreamingStitcher:
         for a, b in ready:
             atom = self._window(a, b)
             if (a, b) not in self._atoms:
-                yield atom, np.zeros((self.channels, atom.height, atom.width), np.float32)
-                continue
-            acc, wsum = self._atoms.pop((a, b))
-            self._labels.pop((a, b), None)
-            yield atom, np.divide(acc, wsum, out=acc, where=wsum > 0)
+                block = np.zeros((self.channels, atom.height, atom.width), np.float32)
+                valid = np.zeros((atom.height, atom.width), bool)
+            else:
+                acc, wsum = self._atoms.pop((a, b))
+                self._labels.pop((a, b), None)
+                block = np.divide(acc, wsum, out=acc, where=wsum > 0)
+                valid = self._valid.pop((a, b), None)
+            yield (atom, block, valid) if self.track_valid else (atom, block)
 
 
 def stitcher_peak_pixels(grid: TileGrid) -> int:
@@ -273,8 +283,8 @@ def stitcher_peak_pixels(grid: TileGrid) -> int:
 def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.ndarray]],
                  predict: Callable[[np.ndarray], np.ndarray], channels: int, batch_size: int,
                  fill: np.ndarray, on_tile: Callable[[Window], None] | None = None,
-                 done_rows: int = 0, seams: dict | None = None,
-                 stop_rows: int | None = None) -> Iterator[tuple[Window, np.ndarray]]:
+                 done_rows: int = 0, seams: dict | None = None, stop_rows: int | None = None,
+                 with_valid: bool = False, prefetch: int = 0) -> Iterator[tuple]:
     """Run `predict` over every tile in batches and yield finished (window, scores) rectangles.
 
     `read(window)` gives (bands, h, w) float32 and a validity mask; invalid pixels are replaced by
@@ -284,38 +294,63 @@ def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.n
     final (a resumed job); tiles entirely inside them are neither read nor predicted, and the
     rectangles yielded there are meaningless (the caller drops them). `stop_rows`: stop once every
     row above it is final (tiles starting at or below it are not run; one part of a distributed
-    job). `seams`: a dict that receives
+    job). `with_valid`: yield (window, scores, valid), the input's validity carried through the
+    stitcher. `prefetch`: read up to this many batches ahead in a background thread (GDAL and the
+    decoders release the GIL, so reading overlaps inference; `read` must be thread-safe with
+    respect to the caller's own reads). `seams`: a dict that receives
     `compared` and `disagreed`, the overlap pixels two tiles both weighted and those whose argmax
     labels differ (the seam report).
     """
-    stitcher = StreamingStitcher(grid, channels, seams=seams is not None)
-    pending: list[tuple[Window, np.ndarray | None]] = []
+    stitcher = StreamingStitcher(grid, channels, seams=seams is not None, track_valid=with_valid)
+    pending: list[tuple[Window, np.ndarray | None, np.ndarray | None]] = []
 
-    def flush() -> Iterator[tuple[Window, np.ndarray]]:
-        batch = [data for _, data in pending if data is not None]
+    def flush() -> Iterator[tuple]:
+        batch = [data for _, data, _ in pending if data is not None]
         scores = iter(predict(np.stack(batch)) if batch else [])
-        for window, data in pending:
+        for window, data, valid in pending:
             if data is None:
                 stitcher.skip(window)
             else:
-                stitcher.add(window, next(scores))
+                stitcher.add(window, next(scores), valid)
             if on_tile is not None:
                 on_tile(window)
             yield from stitcher.pop_finished()
         pending.clear()
 
-    for window in grid:
-        if stop_rows is not None and window.row_off >= stop_rows:
-            break
+    def load(window: Window):
         if window.row_end <= done_rows:
-            pending.append((window, None))
-            continue
+            return None, None
         data, valid = read(window)
         if not valid.any():
-            pending.append((window, None))
-        else:
-            pending.append((window, np.where(valid, data, fill).astype(np.float32, copy=False)))
-        if sum(d is not None for _, d in pending) >= batch_size:
+            return None, None
+        return np.where(valid, data, fill).astype(np.float32, copy=False), valid
+
+    windows = [w for w in grid if stop_rows is None or w.row_off < stop_rows]
+    if prefetch > 0:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="bigseg-read")
+        ahead = prefetch * batch_size
+        futures = [pool.submit(load, w) for w in windows[:ahead]]
+
+        def tiles():
+            try:
+                for k, window in enumerate(windows):
+                    if k + ahead < len(windows):
+                        futures.append(pool.submit(load, windows[k + ahead]))
+                    yield window, futures[k].result()
+                    futures[k] = None  # release the tile's arrays
+            finally:
+                for f in futures:
+                    if f is not None:
+                        f.cancel()
+                pool.shutdown(wait=True)
+        source = tiles()
+    else:
+        source = ((w, load(w)) for w in windows)
+    for window, (data, valid) in source:
+        pending.append((window, data, valid))
+        if sum(d is not None for _, d, _ in pending) >= batch_size:
             yield from flush()
     yield from flush()
     if seams is not None:

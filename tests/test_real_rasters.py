@@ -34,3 +34,10 @@ def test_every_shared_raster_predicts_or_is_refused(shared_data, tiny_checkpoint
             assert (out[invalid] == 255).all(), src.name
             assert (out[~invalid] < 3).all(), src.name
 
+
+
+def test_gdal_block_cache_is_64_mib_not_64_bytes():
+    import rasterio
+    from bigseg.io.gdal import gdal_env
+    with gdal_env():
+        assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == 64 * 2 ** 20

@@ -7,6 +7,7 @@ mask: nodata values, alpha bands, internal/external masks and NaN all become `Fa
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,13 +49,24 @@ class Reader:
         return self.plan.channels
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        data, valid = self._read_raw(window)
+        """(bands, h, w) float32 in 0..255 and the validity mask; safe to call from a reading thread
+        while another thread reads too (one file handle, reads serialised)."""
+        with self._lock:
+            data, valid = self._read_raw(window)
         data = B.rescale(B.apply_plan(self.plan, data), self.scale)
         valid &= np.isfinite(data).all(0)
         return data, valid
 
     def read_valid(self, window: Window) -> np.ndarray:
-        return self._read_raw(window)[1]
+        with self._lock:
+            return self._read_raw(window)[1]
+
+    @property
+    def _lock(self) -> threading.Lock:
+        lock = self.__dict__.get("_read_lock")
+        if lock is None:
+            lock = self.__dict__.setdefault("_read_lock", threading.Lock())
+        return lock
 
     def _read_raw(self, window: Window) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
         raise NotImplementedError

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -92,7 +93,8 @@ def predict(
     rank = rank_from_env()
     quiet = quiet or rank.rank > 0  # under torchrun, rank 0 speaks for everyone
     segmenter = Segmenter(resolve_model(model), device_for_rank(device, rank), precision, tile, overlap,
-                          batch_size, _parse_scales(scales), flip, parse_crf(crf, crf_params), compile_model)
+                          batch_size, _parse_scales(scales), flip, parse_crf(crf, crf_params), compile_model,
+                          journal_seconds=float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5")))
     if dry_run:
         from bigseg.console import print_plans
         from bigseg.jobs import dry_run as plan_jobs

@@ -3,7 +3,6 @@ over rasters of any size by the streaming tiling engine, writing masks as rows f
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -98,7 +97,7 @@ class Segmenter:
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", precision: str = "auto",
                  tile: int = DEFAULT_TILE, overlap: int | None = None, batch_size: int = DEFAULT_BATCH,
                  scales: tuple[float, ...] = (1.0,), flip: bool = False, crf: CRFParams | None = None,
-                 compile: bool = False):
+                 compile: bool = False, journal_seconds: float = 5.0):
         self.checkpoint = checkpoint
         self.crf = crf
         if not scales or any(not 0.1 <= s <= 4 for s in scales):
@@ -113,7 +112,7 @@ class Segmenter:
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
         # how often a journaled output is synced to disk (resume granularity vs. a close/reopen)
-        self.checkpoint_seconds = float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5"))
+        self.checkpoint_seconds = journal_seconds
         self.model = checkpoint.build_model().to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # tiles share one shape: autotune once

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bigseg.checkpoint import load_backbone_weights, load_checkpoint
 from bigseg.models import create_model, get_arch
 from bigseg.models.complexity import count_macs, count_parameters
-from bigseg.models.dynamic import Gate
+from bigseg.models.routing import Gate
 from bigseg.models.resnet import ResNet, ResNetConfig
 from bigseg.train.losses import budget_loss, model_loss
 from tests.cli_helpers import run_cli

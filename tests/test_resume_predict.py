@@ -60,8 +60,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_bit_for_bit(tmp_path, tiny_chec
 def test_changed_settings_start_over_and_interrupt_keeps_journaled_rows(tmp_path, tiny_checkpoint, capsys,
                                                                          monkeypatch):
     src = write_geotiff(tmp_path / "a.tif", 300, 500)
-    monkeypatch.setenv("BIGSEG_JOURNAL_SECONDS", "0")
-    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu", tile=64, overlap=16, batch_size=2)
+    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu", tile=64, overlap=16, batch_size=2, journal_seconds=0)
     real, calls = seg.tile_scores, {"n": 0}
 
     def failing(batch):
@@ -86,10 +85,9 @@ def test_changed_settings_start_over_and_interrupt_keeps_journaled_rows(tmp_path
 def test_resumed_overlay_equals_uninterrupted(tmp_path, tiny_checkpoint, monkeypatch):
     import cv2
     src = write_geotiff(tmp_path / "a.tif", 300, 500)
-    monkeypatch.setenv("BIGSEG_JOURNAL_SECONDS", "0")
     ckpt = load_checkpoint(tiny_checkpoint)
     Segmenter(ckpt, "cpu", tile=64, overlap=16).predict_file(src, tmp_path / "w.tif", write=WriteOptions(overlay=True))
-    seg = Segmenter(ckpt, "cpu", tile=64, overlap=16)
+    seg = Segmenter(ckpt, "cpu", tile=64, overlap=16, journal_seconds=0)
     real, calls = seg.tile_scores, {"n": 0}
 
     def failing(batch):

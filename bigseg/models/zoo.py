@@ -5,7 +5,7 @@ from typing import Any
 
 from bigseg.models.deeplab import DeepLabV3Plus, DeepLabV3PlusConfig
 from bigseg.models.dupsampling import DUpsamplingConfig, DUpsamplingNet
-from bigseg.models.dynamic import DynamicRouting, DynamicRoutingConfig
+from bigseg.models.routing import DynamicRouting, DynamicRoutingConfig
 from bigseg.models.ladder import LadderConfig, LadderDenseNet
 from bigseg.models.refinenet import RefineNet, RefineNetConfig
 from bigseg.models.registry import register

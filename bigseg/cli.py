@@ -96,6 +96,8 @@ def predict(
                           batch_size, _parse_scales(scales), flip, parse_crf(crf, crf_params), compile_model,
                           journal_seconds=float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5")))
     if dry_run:
+        if rank.rank > 0:  # one plan is enough under torchrun
+            return
         from bigseg.console import print_plans
         from bigseg.jobs import dry_run as plan_jobs
 

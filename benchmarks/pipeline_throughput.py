@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from predict_memory import SMALL, make_raster  # noqa: E402
 
 from bigseg.checkpoint import from_model  # noqa: E402
-from bigseg.inference import ReadOptions, Segmenter, WriteOptions, resolve_precision  # noqa: E402
+from bigseg.device import resolve_precision  # noqa: E402
+from bigseg.inference import ReadOptions, Segmenter, WriteOptions  # noqa: E402
 from bigseg.models import create_model  # noqa: E402
 from bigseg.models.complexity import count_macs  # noqa: E402
 from bigseg.tiling import TileGrid  # noqa: E402
@@ -85,7 +86,7 @@ def naive(seg: Segmenter, src: Path, dst: Path) -> float:
     grid = TileGrid(image.shape[2], image.shape[1], seg.tile, seg.overlap)
     with rasterio.open(dst, "w", **profile) as out:
         for w in grid:
-            scores = seg._tile_scores(image[None, :, w.row_off:w.row_end, w.col_off:w.col_end])
+            scores = seg._tile_scores(image[None, :, w.row_off:w.row_end, w.col_off:w.col_end]).cpu().numpy()
             out.write(scores[0].argmax(0).astype(np.uint8)[None], window=RWindow(w.col_off, w.row_off, w.width, w.height))
     return image.shape[1] * image.shape[2] / 1e6 / (time.perf_counter() - t0)
 

@@ -73,6 +73,8 @@ def predict(
     overlay: bool = typer.Option(False, help="Also write a colour preview over the image."),
     cog: bool = typer.Option(False, help="Write cloud-optimised GeoTIFFs with overviews."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (slow start, faster GPU tiles)."),
+    io_threads: Optional[int] = typer.Option(None, "--io-threads", help="GDAL threads decoding input and compressing "
+                                             "output blocks. Default: 1 on the CPU, up to 8 with a GPU."),
     seams: bool = typer.Option(False, "--seams", help="Report how often neighbouring tiles disagree in their overlaps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
     json_summary: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
@@ -94,7 +96,7 @@ def predict(
     quiet = quiet or rank.rank > 0  # under torchrun, rank 0 speaks for everyone
     segmenter = Segmenter(resolve_model(model), device_for_rank(device, rank), precision, tile, overlap,
                           batch_size, _parse_scales(scales), flip, parse_crf(crf, crf_params), compile_model,
-                          journal_seconds=float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5")))
+                          journal_seconds=float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5")), io_threads=io_threads)
     if dry_run:
         if rank.rank > 0:  # one plan is enough under torchrun
             return

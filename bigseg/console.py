@@ -126,8 +126,9 @@ def print_plans(plans: list, as_json: bool = False) -> None:
         for o in p.outputs:
             extra = ", BigTIFF" if o["bigtiff"] else ""
             out.print(f"  output    {escape(o['path'])}: {o['format']}, {o['bands']} band(s){extra}")
-        gpu = "" if m.get("gpu") is None else f", GPU {m['gpu']:.0f} MiB (activations {m['gpu_activations']:.0f})"
-        terms = ", ".join(f"{k} {v:.0f}" for k, v in m.items() if k not in ("host", "gpu", "gpu_activations"))
+        gpu = "" if m.get("gpu") is None else \
+            f", GPU {m['gpu']:.0f} MiB (activations {m['gpu_activations']:.0f}, stitcher {m['gpu_stitcher']:.0f})"
+        terms = ", ".join(f"{k} {v:.0f}" for k, v in m.items() if not k.startswith(("host", "gpu")))
         out.print(escape(f"  memory    host {m['host']:.0f} MiB{gpu}  [{terms}]"))
         if p.estimate_seconds is not None:
             out.print(f"  time      about {p.estimate_seconds:.1f} s "

@@ -3,6 +3,7 @@ over rasters of any size by the streaming tiling engine, writing masks as rows f
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -16,12 +17,13 @@ import torch.nn.functional as F
 from bigseg import journal
 from bigseg.checkpoint import Checkpoint
 from bigseg.crf import CRFParams, dense_crf
-from bigseg.errors import InputError
+from bigseg.device import HostCopy, TorchArrays, resolve_device, resolve_precision
+from bigseg.errors import InputError, OutputError
 from bigseg.io.gdal import gdal_env
 from bigseg.io.readers import Reader, open_raster
 from bigseg.io.writers import NODATA, GeoTiffWriter, OverlayWriter, PngWriter
 from bigseg.models.receptive import default_overlap
-from bigseg.tiling import TileGrid, Window, stream_tiles
+from bigseg.tiling import NUMPY, TileGrid, Window, stitcher_peak_pixels, stream_tiles
 
 DEFAULT_TILE = 1024
 DEFAULT_BATCH = 4
@@ -59,45 +61,13 @@ class PredictResult:
         return self.width * self.height / 1e6
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present; asking for CUDA without it is an error, not a fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise InputError(f"unsupported device {name!r}; use auto, cpu or cuda[:N]")
-    return device
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on GPUs that support it, fp32 elsewhere."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name not in table:
-        raise InputError(f"unknown precision {name!r}; use auto, fp32, bf16 or fp16")
-    if table[name] is torch.float16 and device.type != "cuda":
-        raise InputError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
-    return table[name]
-
-
 class Segmenter:
     """A trained model ready to segment arrays or files. The CLI's `predict` and `eval` call this."""
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", precision: str = "auto",
                  tile: int = DEFAULT_TILE, overlap: int | None = None, batch_size: int = DEFAULT_BATCH,
                  scales: tuple[float, ...] = (1.0,), flip: bool = False, crf: CRFParams | None = None,
-                 compile: bool = False, journal_seconds: float = 5.0):
+                 compile: bool = False, journal_seconds: float = 5.0, io_threads: int | None = None):
         self.checkpoint = checkpoint
         self.crf = crf
         if not scales or any(not 0.1 <= s <= 4 for s in scales):
@@ -113,12 +83,23 @@ class Segmenter:
         self.batch_size = batch_size
         # how often a journaled output is synced to disk (resume granularity vs. a close/reopen)
         self.checkpoint_seconds = journal_seconds
+        # GDAL threads for decoding input blocks and compressing output blocks: on a GPU the host
+        # must keep up with the model; on the CPU the model already uses every core
+        if io_threads is None:
+            io_threads = min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 1
+        if io_threads < 1:
+            raise InputError(f"--io-threads must be at least 1, got {io_threads}")
+        self.io_threads = io_threads
         self.model = checkpoint.build_model().to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # tiles share one shape: autotune once
             self.model = self.model.to(memory_format=torch.channels_last)
         if compile:
             self.model = torch.compile(self.model, dynamic=False)
+        # scores are blended where they are computed; on a GPU the next batch is queued before
+        # the previous one's results are written (see `bigseg.tiling.stream_tiles`)
+        self.arrays = TorchArrays(self.device)
+        self.lookahead = 1 if self.device.type == "cuda" else 0
         self.notes: list[str] = []  # things said once per run (e.g. out-of-memory back-off)
         margin = getattr(self.model, "context_margin", None)
         if overlap is not None:
@@ -145,9 +126,10 @@ class Segmenter:
         """Several scales, flips or a CRF: tiles give probabilities instead of logits."""
         return self.scales != (1.0,) or self.flip or self.crf is not None
 
-    def tile_scores(self, batch: np.ndarray) -> np.ndarray:
+    def tile_scores(self, batch: np.ndarray) -> torch.Tensor:
         """The engine's `predict(batch)`: (n, bands, h, w) image values in 0..255 -> (n, classes, h, w)
-        float32 logits, or probabilities with several scales, flips or a CRF (`averages_probabilities`).
+        float32 logits on the device, or probabilities with several scales, flips or a CRF
+        (`averages_probabilities`). Returns without waiting for the device.
 
         Out-of-memory back-off: a batch that does not fit is split in halves (and later batches
         stay at the size that fit), down to one tile; a single tile that does not fit is predicted
@@ -170,9 +152,9 @@ class Segmenter:
                     self._fitting_batch = step
                     self._note(f"out of memory with {2 * step} tiles per batch: continuing with {step}")
                 else:
-                    out.append(self._subtiled(chunk))
+                    out.append(torch.from_numpy(self._subtiled(chunk)).to(self.device))
                     i += 1
-        return out[0] if len(out) == 1 else np.concatenate(out)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     _fitting_batch: int | None = None
 
@@ -201,11 +183,13 @@ class Segmenter:
         out = np.zeros((1, self.num_classes, h, w), np.float32)
         valid = np.ones((h, w), bool)
         read = lambda win: (one[0][(slice(None), *win.slices)], valid[win.slices])  # noqa: E731
-        for window, block in stream_tiles(grid, read, self.tile_scores, self.num_classes, 1, self.fill):
+        predict = lambda x: self.tile_scores(x).cpu().numpy()  # noqa: E731
+        for window, block in stream_tiles(grid, read, predict, self.num_classes, 1, self.fill, arrays=NUMPY):
             out[(0, slice(None), *window.slices)] = block
         return out
 
-    def _tile_scores(self, batch: np.ndarray) -> np.ndarray:
+    def _tile_scores(self, batch: np.ndarray) -> torch.Tensor:
+        """One forward pass (scales, flips, CRF) of a batch; queued on the device, not awaited."""
         host = torch.from_numpy(np.ascontiguousarray(batch))
         if self.device.type == "cuda":  # page-locked staging: the copy runs asynchronously
             image = host.pin_memory().to(self.device, non_blocking=True)
@@ -215,12 +199,7 @@ class Segmenter:
             scores = self._scores(image)
             if self.crf is not None:
                 scores = torch.stack([dense_crf(p, im, self.crf) for p, im in zip(scores, image)])
-            if self.device.type == "cuda":
-                out = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
-                out.copy_(scores, non_blocking=True)
-                torch.cuda.current_stream(self.device).synchronize()
-                return out.numpy()
-        return scores.cpu().numpy()
+        return scores
 
     def _scores(self, image: torch.Tensor) -> torch.Tensor:
         """Logits, or with several scales / flips the mean softmax over them (as in DeepLab and
@@ -252,15 +231,34 @@ class Segmenter:
     def grid(self, width: int, height: int) -> TileGrid:
         return TileGrid(width, height, self.tile, self.overlap)
 
+    def stream(self, grid: TileGrid, read: Callable, finish: Callable | None = None, **options):
+        """`bigseg.tiling.stream_tiles` with this model: scores blended on the device, `finish`
+        applied to each finished (window, scores, valid) there, the next batch queued ahead on a GPU."""
+        arrays, predict = self.arrays, self.tile_scores
+        if not self.blends_on_device(grid):
+            arrays = TorchArrays(torch.device("cpu"))
+            predict = lambda batch: self.tile_scores(batch).cpu()  # noqa: E731
+            self._note("the stitcher's overlap band would not fit in GPU memory: blending on the host")
+        return stream_tiles(grid, read, predict, self.num_classes, self.batch_size, self.fill,
+                            arrays=arrays, finish=finish, lookahead=self.lookahead, **options)
+
+    def blends_on_device(self, grid: TileGrid) -> bool:
+        """Blend on the model's device unless, on a GPU, the stitcher's largest held area would
+        take more than half of the free memory (a very wide raster): then on the host."""
+        if self.device.type != "cuda":
+            return True
+        need = stitcher_peak_pixels(grid) * (self.num_classes + 1) * 4
+        return need < 0.5 * torch.cuda.mem_get_info(self.device)[0]
+
     def scores(self, image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """Tiled scores of an in-memory (bands, H, W) image, exactly as files are processed."""
         _, h, w = image.shape
         valid = np.ones((h, w), bool) if valid is None else valid
         out = np.zeros((self.num_classes, h, w), np.float32)
         read = lambda win: (image[(slice(None), *win.slices)].astype(np.float32), valid[win.slices])  # noqa: E731
-        for window, block in stream_tiles(self.grid(w, h), read, self.tile_scores, self.num_classes,
-                                          self.batch_size, self.fill):
-            out[(slice(None), *window.slices)] = block
+        finish = lambda window, block: (window, HostCopy({"scores": block}))  # noqa: E731
+        for window, copy in self.stream(self.grid(w, h), read, finish):
+            out[(slice(None), *window.slices)] = copy.numpy()["scores"]
         return out
 
     def segment(self, image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
@@ -282,7 +280,7 @@ class Segmenter:
         result. Without a journaled row (or for PNG outputs) nothing is left on failure."""
         start = time.perf_counter()
         notes: list[str] = []
-        with gdal_env(), ExitStack() as stack, open_raster(src, self.checkpoint.in_channels, read.bands,
+        with gdal_env(self.io_threads), ExitStack() as stack, open_raster(src, self.checkpoint.in_channels, read.bands,
                                                read.value_range, read.engine) as reader:
             fp = journal.fingerprint(src, self.settings(read, write, dst))
             resumable = not (reader.kind == "image" and dst.suffix.lower() == ".png")
@@ -295,7 +293,15 @@ class Segmenter:
                 else:
                     notes.append("the input or settings changed since the interrupted run: starting over")
                 journal.remove_journal(dst)
-            sinks = self._open_sinks(reader, dst, write, resume=rows_done > 0)
+            try:
+                sinks = self._open_sinks(reader, dst, write, resume_rows=rows_done)
+            except OutputError as e:
+                if not rows_done:
+                    raise
+                notes[-1] = f"the interrupted run's partial output is unusable ({e}): starting over"
+                rows_done = 0
+                sinks = self._open_sinks(reader, dst, write)
+            journaled_sinks = [s for s in sinks.values() if isinstance(s, GeoTiffWriter)]
             state = {"journaled": 0}
 
             def cleanup() -> None:
@@ -324,21 +330,22 @@ class Segmenter:
 
             if on_tile is not None:
                 on_tile(0, len(grid))
-            rows = _RowTracker(reader.width, rows_done)
             last_sync = time.monotonic()
             seams = {} if write.seams else None
-            for window, block, valid in stream_tiles(grid, reader.read, self.tile_scores, self.num_classes,
-                                                     self.batch_size, self.fill, tile_done, done_rows=rows_done,
-                                                     seams=seams, with_valid=True, prefetch=PREFETCH_BATCHES):
+            for window, result, valid in self.stream(grid, reader.read, self.to_host(write), on_tile=tile_done,
+                                                     done_rows=rows_done, seams=seams, with_valid=True,
+                                                     prefetch=PREFETCH_BATCHES):
                 if window.row_end <= rows_done:
                     continue  # already final on disk
-                self._write_block(reader, sinks, window, block, valid)
-                if resumable and rows.add(window) and time.monotonic() - last_sync >= self.checkpoint_seconds:
-                    for sink in sinks.values():
-                        if hasattr(sink, "sync"):
-                            sink.sync()
-                    journal.write_journal(dst, fp, rows.done, reader.height)
-                    state["journaled"] = rows.done
+                self._write_block(reader, sinks, window, result, valid)
+                if not resumable or time.monotonic() - last_sync < self.checkpoint_seconds:
+                    continue
+                on_disk = min(s.rows_written for s in journaled_sinks)  # whole block rows, written once
+                if on_disk > state["journaled"]:
+                    for sink in journaled_sinks:
+                        sink.sync()
+                    journal.write_journal(dst, fp, on_disk, reader.height)
+                    state["journaled"] = on_disk
                     last_sync = time.monotonic()
             if seams is not None:
                 seams["rate"] = round(seams["disagreed"] / max(seams["compared"], 1), 6)
@@ -386,7 +393,7 @@ class Segmenter:
                           for r in overlay.rows_in(window)}
             overlay.write(window, labels, image_rows)
 
-    def _open_sinks(self, reader: Reader, dst: Path, write: WriteOptions, resume: bool = False) -> dict:
+    def _open_sinks(self, reader: Reader, dst: Path, write: WriteOptions, resume_rows: int = 0) -> dict:
         ckpt = self.checkpoint
         sinks: dict = {}
         try:
@@ -395,12 +402,12 @@ class Segmenter:
             else:
                 sinks["mask"] = GeoTiffWriter(dst, reader.width, reader.height, 1, reader.georef,
                                               ckpt.palette, {"classes": ckpt.classes}, cog=write.cog,
-                                              resume=resume)
+                                              resume_rows=resume_rows)
             if write.probs:
                 sinks["probs"] = GeoTiffWriter(sibling(dst, "probs", ".tif"), reader.width, reader.height,
                                                ckpt.num_classes, reader.georef,
                                                tags={"classes": ckpt.classes, "scale": "p = value / 255"},
-                                               cog=write.cog, mask=True, resume=resume)
+                                               cog=write.cog, mask=True, resume_rows=resume_rows)
             if write.overlay:
                 sinks["overlay"] = OverlayWriter(sibling(dst, "overlay", ".png"), reader.width,
                                                  reader.height, ckpt.palette)
@@ -410,20 +417,31 @@ class Segmenter:
             raise
         return sinks
 
-    def _write_block(self, reader: Reader, sinks: dict, window: Window, block: np.ndarray,
+    def to_host(self, write: WriteOptions) -> Callable:
+        """The engine's `finish` for writing: on the device, a finished rectangle's scores become
+        uint8 labels (and uint8 probabilities with `--probs`), whose copy to the host starts at
+        once; the float scores never leave the device."""
+        def finish(window: Window, block: torch.Tensor, valid: np.ndarray):
+            out = {"labels": block.argmax(0).to(torch.uint8)}
+            if write.probs:
+                if self.averages_probabilities:
+                    p = block / block.sum(0, keepdim=True).clamp_min(1e-12)
+                else:
+                    p = torch.softmax(block, 0)
+                out["probs"] = torch.round(p * 255).to(torch.uint8)
+            return window, HostCopy(out), valid
+        return finish
+
+    def _write_block(self, reader: Reader, sinks: dict, window: Window, result: HostCopy,
                      valid: np.ndarray | None = None) -> None:
         if valid is None:
             valid = reader.read_valid(window)
-        labels = block.argmax(0).astype(np.uint8)
+        arrays = result.numpy()
+        labels = arrays["labels"]
         labels[~valid] = NODATA
         sinks["mask"].write(window, labels)
         if "probs" in sinks:
-            if self.averages_probabilities:
-                p = block / np.maximum(block.sum(0, keepdims=True), 1e-12)
-            else:
-                e = np.exp(block - block.max(0, keepdims=True))
-                p = e / e.sum(0, keepdims=True)
-            probs = np.rint(p * 255).astype(np.uint8)
+            probs = arrays["probs"]
             probs[:, ~valid] = 0
             sinks["probs"].write(window, probs, valid)
         if "overlay" in sinks:
@@ -439,23 +457,6 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 PREFETCH_BATCHES = 2  # batches read ahead in a background thread while the model runs
-
-
-class _RowTracker:
-    """Counts the output rows finished from the top as stitched rectangles are written."""
-
-    def __init__(self, width: int, done: int = 0):
-        self.width, self.done = width, done
-        self._bands: dict[int, list[int]] = {}  # row_off -> [height, columns written]
-
-    def add(self, window: Window) -> bool:
-        """Record `window`; True when the finished rows advanced."""
-        band = self._bands.setdefault(window.row_off, [window.height, 0])
-        band[1] += window.width
-        before = self.done
-        while self.done in self._bands and self._bands[self.done][1] >= self.width:
-            self.done += self._bands.pop(self.done)[0]
-        return self.done > before
 
 
 def sibling(path: Path, tag: str, suffix: str) -> Path:

@@ -5,7 +5,8 @@ starts over.
 
 The journal is `.NAME.journal.json` next to the output; it is written (atomically) only after
 the partial outputs were closed with those rows in them, so it never claims more than the disk
-holds, whatever kills the process.
+holds, whatever kills the process. The rows it records are whole block rows of the GeoTIFF
+writers, which write every block once (`bigseg.io.writers`): nothing it relies on changes later.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-VERSION = 1
+VERSION = 2  # 2: rows_done counts whole block rows (writers write each block once)
 
 
 def journal_path(dst: Path) -> Path:

@@ -13,9 +13,14 @@ C = classes, K = input bands):
                    then x 1.35 (CPU_ACTIVATION_OVERHEAD: oneDNN scratch and allocator slack)
       scores       with several scales or flips: 2 x B x C x T^2 x 4 (running sum + one
                    prediction); otherwise 0 (the batch's logits are the forward's last activation)
-      stitcher     the streaming stitcher's largest held area x (C + 1) x 4, simulated on the grid
+      stitcher     the streaming stitcher's largest held area x (C + 1) x 4, simulated on the grid;
+                   on the host only when the device is the CPU (on a GPU the scores are blended
+                   there, unless that would take over half its free memory)
+      writer       the GeoTIFF writers' block rows in flight (`writer_rows`) x W x (1, + C + 1 with
+                   probabilities): each block row is written once, when complete
     gpu  = CUDA_CONTEXT_MIB + weights (+ a half copy under autocast) + activations + inputs / 2 +
-           scores
+           scores + stitcher + lookahead (the next batch's scores, B x C x T^2 x 4, queued while
+           the previous batch's results are written)
 
 The predict benchmark (`benchmarks/predict_memory.py`) compares the estimate with the measured
 peak RSS.
@@ -34,6 +39,7 @@ from torch.utils._pytree import tree_map
 
 from bigseg.io.gdal import gdal_env
 from bigseg.io.readers import open_raster
+from bigseg.io.writers import BLOCK
 from bigseg.tiling import TileGrid, stitcher_peak_pixels
 
 MIB = 2 ** 20
@@ -115,7 +121,19 @@ class Plan:
         return asdict(self)
 
 
-def memory_estimate(segmenter, width: int, height: int, bands: int) -> dict:
+def writer_rows(grid: TileGrid, block: int = BLOCK) -> int:
+    """The most image rows a GeoTIFF writer holds: while tile row i is stitched, the rows it
+    finalises (from the previous tile row's frontier to the next tile row's start) arrive, and
+    every block row they touch is held until complete."""
+    frontiers = grid.row_starts[1:] + [grid.height]
+    previous, peak = 0, 0
+    for f in frontiers:
+        peak = max(peak, (-(-f // block) - previous // block) * block)
+        previous = f
+    return min(peak, grid.height)
+
+
+def memory_estimate(segmenter, width: int, height: int, bands: int, probs: bool = False) -> dict:
     """The formula of the module docstring, in MiB per term, with `host` and `gpu` totals."""
     ckpt = segmenter.checkpoint
     th, tw = min(segmenter.tile, height), min(segmenter.tile, width)
@@ -125,6 +143,7 @@ def memory_estimate(segmenter, width: int, height: int, bands: int) -> dict:
     params = sum(v.numel() for v in ckpt.state_dict.values() if v.is_floating_point())
     stored = sum(v.numel() * v.element_size() for v in ckpt.state_dict.values())
     on_gpu = segmenter.device.type == "cuda"
+    blend_on_gpu = on_gpu and segmenter.blends_on_device(segmenter.grid(width, height))
     dtype = segmenter.dtype if on_gpu else torch.float32
     scale_max = max(segmenter.scales)
     act_h, act_w = max(1, round(th * scale_max)), max(1, round(tw * scale_max))
@@ -134,15 +153,21 @@ def memory_estimate(segmenter, width: int, height: int, bands: int) -> dict:
     # flips keeps a running sum and one prediction beside it
     scores = 2 * b * c * th * tw * 4 if segmenter.averages_probabilities else 0
     stitcher = stitcher_peak_pixels(grid) * (c + 1) * 4
+    writer = writer_rows(grid) * width * (1 + (c + 1 if probs else 0))
     terms = {"runtime": RUNTIME_MIB, "checkpoint": stored / MIB, "weights": params * 4 / MIB,
              "gdal_cache": GDAL_CACHE_MIB, "inputs": inputs / MIB,
-             "activations": 0.0 if on_gpu else CPU_ACTIVATION_OVERHEAD * act / MIB, "scores": scores / MIB, "stitcher": stitcher / MIB}
+             "activations": 0.0 if on_gpu else CPU_ACTIVATION_OVERHEAD * act / MIB,
+             "scores": 0.0 if on_gpu else scores / MIB, "stitcher": 0.0 if blend_on_gpu else stitcher / MIB,
+             "writer": writer / MIB}
     out = {k: round(v, 1) for k, v in terms.items()}
     out["host"] = round(sum(terms.values()), 1)
     if on_gpu:
         half = params * 2 if dtype is not torch.float32 else 0
-        gpu = CUDA_CONTEXT_MIB * MIB + params * 4 + half + act + inputs / 2 + scores
+        lookahead = b * c * th * tw * 4
+        on_device = stitcher if blend_on_gpu else 0
+        gpu = CUDA_CONTEXT_MIB * MIB + params * 4 + half + act + inputs / 2 + scores + on_device + lookahead
         out["gpu_activations"] = round(act / MIB, 1)
+        out["gpu_stitcher"] = round(on_device / MIB, 1)
         out["gpu"] = round(gpu / MIB, 1)
     else:
         out["gpu"] = None
@@ -154,8 +179,8 @@ def plan_file(segmenter, src: Path, dst: Path, read, write, overlap_from: str,
     """Open `src` (metadata and the rescale statistics only) and describe the job."""
     from bigseg.inference import sibling
 
-    with gdal_env(), open_raster(src, segmenter.checkpoint.in_channels, read.bands, read.value_range,
-                                 read.engine) as reader:
+    with gdal_env(segmenter.io_threads), open_raster(src, segmenter.checkpoint.in_channels, read.bands,
+                                                     read.value_range, read.engine) as reader:
         grid = segmenter.grid(reader.width, reader.height)
         valid_tiles = len(grid)
         plan = Plan(
@@ -178,7 +203,7 @@ def plan_file(segmenter, src: Path, dst: Path, read, write, overlap_from: str,
         if write.overlay:
             plan.outputs.append({"path": str(sibling(dst, "overlay", ".png")), "format": "PNG", "bigtiff": False,
                                  "bands": 3})
-        plan.memory_mib = memory_estimate(segmenter, reader.width, reader.height, plan.bands)
+        plan.memory_mib = memory_estimate(segmenter, reader.width, reader.height, plan.bands, write.probs)
         if estimate:
             plan.estimate_seconds = _time_estimate(segmenter, reader, grid)
     return plan

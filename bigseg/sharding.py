@@ -29,7 +29,7 @@ from bigseg.io.gdal import gdal_env
 from bigseg.io.readers import open_raster
 from bigseg.io.writers import GeoTiffWriter, OverlayWriter
 from bigseg.inference import PREFETCH_BATCHES
-from bigseg.tiling import Window, stream_tiles
+from bigseg.tiling import Window
 
 ROWS_PER_COPY = 512
 
@@ -134,7 +134,7 @@ def _part_done(path: Path, fp: str) -> bool:
 def predict_part(segmenter, src: Path, dst: Path, read, write, part: int, parts: int) -> bool:
     """Write part `part` of `parts` of `src`'s outputs; False when a finished one was kept."""
     ckpt = segmenter.checkpoint
-    with gdal_env(), open_raster(src, ckpt.in_channels, read.bands, read.value_range, read.engine) as reader:
+    with gdal_env(segmenter.io_threads), open_raster(src, ckpt.in_channels, read.bands, read.value_range, read.engine) as reader:
         fp = journal.fingerprint(src, segmenter.settings(read, write, dst) | {"parts": parts})
         grid = segmenter.grid(reader.width, reader.height)
         lo, hi = part_rows(grid.row_starts, reader.height, parts)[part]
@@ -149,12 +149,11 @@ def predict_part(segmenter, src: Path, dst: Path, read, write, part: int, parts:
                                            tags={"bigseg_fingerprint": fp}, mask=True)
         shifted = {k: _Shifted(v, lo) for k, v in sinks.items()}
         try:
-            for window, block, valid in stream_tiles(grid, reader.read, segmenter.tile_scores, ckpt.num_classes,
-                                                     segmenter.batch_size, segmenter.fill, done_rows=lo,
-                                                     stop_rows=hi, with_valid=True, prefetch=PREFETCH_BATCHES):
+            for window, result, valid in segmenter.stream(grid, reader.read, segmenter.to_host(write), done_rows=lo,
+                                                          stop_rows=hi, with_valid=True, prefetch=PREFETCH_BATCHES):
                 if window.row_end <= lo or window.row_off >= hi:
                     continue
-                segmenter._write_block(reader, shifted, window, block, valid)
+                segmenter._write_block(reader, shifted, window, result, valid)
             for sink in sinks.values():  # committed (renamed) only when complete
                 sink.commit()
         except BaseException:
@@ -169,7 +168,7 @@ def assemble(segmenter, src: Path, dst: Path, read, write, parts: int) -> list[P
     from rasterio.windows import Window as RWindow
 
     ckpt = segmenter.checkpoint
-    with gdal_env(), open_raster(src, ckpt.in_channels, read.bands, read.value_range, read.engine) as reader:
+    with gdal_env(segmenter.io_threads), open_raster(src, ckpt.in_channels, read.bands, read.value_range, read.engine) as reader:
         grid = segmenter.grid(reader.width, reader.height)
         spans = part_rows(grid.row_starts, reader.height, parts)
         sinks = segmenter._open_sinks(reader, dst, write)

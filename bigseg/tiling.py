@@ -16,12 +16,17 @@ the band where one tile row overlaps the next is held across the full width, so 
 at most about
     (channels + 1) * 4 bytes * (max_overlap * width + 4 * tile * tile)
 whatever the image height; no full-width band of tile height ever exists.
+
+Arrays: the stitcher blends whatever arrays `predict` returns through a small array namespace
+(`NumpyArrays` here; the predictor passes one of torch tensors on its device), so scores can stay
+on the GPU and only finished labels travel back to the host.
 """
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -98,12 +103,15 @@ class TileGrid:
             for c in self.col_starts:
                 yield Window(c, r, tw, th)
 
+    def profiles(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """The blend window of one tile as its row and column profiles: weights = outer(wy, wx)."""
+        th, tw = self.tile_shape
+        return (_axis_profile(self.row_starts, window.row_off, th),
+                _axis_profile(self.col_starts, window.col_off, tw))
+
     def weights(self, window: Window) -> np.ndarray:
         """The blend window of one tile, shape (height, width), float32."""
-        th, tw = self.tile_shape
-        wy = _axis_profile(self.row_starts, window.row_off, th)
-        wx = _axis_profile(self.col_starts, window.col_off, tw)
-        return np.outer(wy, wx)
+        return np.outer(*self.profiles(window))
 
 
 def _axis_profile(starts: list[int], start: int, size: int) -> np.ndarray:
@@ -130,6 +138,26 @@ def edge_profile(length: int, overlap_start: int, overlap_end: int) -> np.ndarra
     return w
 
 
+class NumpyArrays:
+    """The array operations the stitcher needs, on numpy arrays. Another namespace (the
+    predictor's, for torch tensors on a GPU) offers the same three methods; `+=`, `*` and slicing
+    are used as is."""
+
+    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, np.float32)
+
+    def weights(self, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
+        """The (h, w) blend window from its two 1-D profiles."""
+        return np.outer(wy, wx)
+
+    def mean(self, acc: np.ndarray, wsum: np.ndarray) -> np.ndarray:
+        """acc / wsum where wsum > 0, else 0 (acc is 0 there too); may reuse acc's memory."""
+        return np.divide(acc, wsum, out=acc, where=wsum > 0)
+
+
+NUMPY = NumpyArrays()
+
+
 class _Axis:
     """One axis cut at every tile edge: atom a spans [cuts[a], cuts[a + 1]); `last[a]` is the
     index of the last tile covering it, `span[k]` the atoms tile k covers."""
@@ -151,9 +179,11 @@ class StreamingStitcher:
     cover the image exactly once.
     """
 
-    def __init__(self, grid: TileGrid, channels: int, seams: bool = False, track_valid: bool = False):
+    def __init__(self, grid: TileGrid, channels: int, seams: bool = False, track_valid: bool = False,
+                 arrays=NUMPY):
         self.grid = grid
         self.channels = channels
+        self.arrays = arrays
         # with track_valid, `add` takes the tile's validity mask and `pop_finished` yields
         # (window, block, valid): writers need no second read of the input
         self.track_valid = track_valid
@@ -177,7 +207,7 @@ class StreamingStitcher:
 
     @property
     def held_pixels(self) -> int:
-        return sum(w.size for _, w in self._atoms.values())
+        return sum(w.shape[0] * w.shape[1] for _, w in self._atoms.values())
 
     def _window(self, a: int, b: int) -> Window:
         r, c = self._rows.cuts, self._cols.cuts
@@ -200,15 +230,15 @@ class StreamingStitcher:
         if scores.shape != (self.channels, window.height, window.width):
             raise ValueError(f"scores of shape {scores.shape} for window {window}")
         i, j = self._advance(window)
-        weights = self.grid.weights(window)
+        weights = self.arrays.weights(*self.grid.profiles(window))
         for a in self._rows.span[i]:
             for b in self._cols.span[j]:
                 atom = self._window(a, b)
                 ys = slice(atom.row_off - window.row_off, atom.row_end - window.row_off)
                 xs = slice(atom.col_off - window.col_off, atom.col_end - window.col_off)
                 if (a, b) not in self._atoms:
-                    self._atoms[(a, b)] = (np.zeros((self.channels, atom.height, atom.width), np.float32),
-                                           np.zeros((atom.height, atom.width), np.float32))
+                    self._atoms[(a, b)] = (self.arrays.zeros((self.channels, atom.height, atom.width)),
+                                           self.arrays.zeros((atom.height, atom.width)))
                 acc, wsum = self._atoms[(a, b)]
                 if self.track_valid:
                     if (a, b) not in self._valid:
@@ -224,7 +254,7 @@ class StreamingStitcher:
         used = w > 0
         if not used.any():
             return
-        labels = scores.argmax(0).astype(np.uint8)
+        labels = scores.argmax(0)
         first = self._labels.get((a, b))
         if first is None:
             self._labels[(a, b)] = labels
@@ -243,12 +273,12 @@ class StreamingStitcher:
         for a, b in ready:
             atom = self._window(a, b)
             if (a, b) not in self._atoms:
-                block = np.zeros((self.channels, atom.height, atom.width), np.float32)
+                block = self.arrays.zeros((self.channels, atom.height, atom.width))
                 valid = np.zeros((atom.height, atom.width), bool)
             else:
                 acc, wsum = self._atoms.pop((a, b))
                 self._labels.pop((a, b), None)
-                block = np.divide(acc, wsum, out=acc, where=wsum > 0)
+                block = self.arrays.mean(acc, wsum)
                 valid = self._valid.pop((a, b), None)
             yield (atom, block, valid) if self.track_valid else (atom, block)
 
@@ -281,41 +311,52 @@ def stitcher_peak_pixels(grid: TileGrid) -> int:
 
 
 def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.ndarray]],
-                 predict: Callable[[np.ndarray], np.ndarray], channels: int, batch_size: int,
+                 predict: Callable[[np.ndarray], Any], channels: int, batch_size: int,
                  fill: np.ndarray, on_tile: Callable[[Window], None] | None = None,
                  done_rows: int = 0, seams: dict | None = None, stop_rows: int | None = None,
-                 with_valid: bool = False, prefetch: int = 0) -> Iterator[tuple]:
+                 with_valid: bool = False, prefetch: int = 0, arrays=NUMPY,
+                 finish: Callable[..., Any] | None = None, lookahead: int = 0) -> Iterator[Any]:
     """Run `predict` over every tile in batches and yield finished (window, scores) rectangles.
 
     `read(window)` gives (bands, h, w) float32 and a validity mask; invalid pixels are replaced by
     `fill` (bands, 1, 1) before prediction, and tiles without a valid pixel are not predicted.
-    `predict` maps (n, bands, h, w) to (n, channels, h, w). Memory: one batch of tiles plus the
-    stitcher's overlap band (see the module docstring). `done_rows`: the rows above are already
-    final (a resumed job); tiles entirely inside them are neither read nor predicted, and the
-    rectangles yielded there are meaningless (the caller drops them). `stop_rows`: stop once every
-    row above it is final (tiles starting at or below it are not run; one part of a distributed
-    job). `with_valid`: yield (window, scores, valid), the input's validity carried through the
-    stitcher. `prefetch`: read up to this many batches ahead in a background thread (GDAL and the
-    decoders release the GIL, so reading overlaps inference; `read` must be thread-safe with
-    respect to the caller's own reads). `seams`: a dict that receives
-    `compared` and `disagreed`, the overlap pixels two tiles both weighted and those whose argmax
-    labels differ (the seam report).
-    """
-    stitcher = StreamingStitcher(grid, channels, seams=seams is not None, track_valid=with_valid)
-    pending: list[tuple[Window, np.ndarray | None, np.ndarray | None]] = []
+    `predict` maps (n, bands, h, w) to (n, channels, h, w) scores, arrays of `arrays`' kind (numpy
+    by default). Memory: one batch of tiles plus the stitcher's overlap band (see the module
+    docstring). `done_rows`: the rows above are already final (a resumed job); tiles entirely
+    inside them are neither read nor predicted, and the rectangles yielded there are meaningless
+    (the caller drops them). `stop_rows`: stop once every row above it is final (tiles starting at
+    or below it are not run; one part of a distributed job). `with_valid`: yield (window, scores,
+    valid), the input's validity carried through the stitcher. `prefetch`: read up to this many
+    batches ahead in a background thread (GDAL and the decoders release the GIL, so reading
+    overlaps inference; `read` must be thread-safe with respect to the caller's own reads).
+    `seams`: a dict that receives `compared` and `disagreed`, the overlap pixels two tiles both
+    weighted and those whose argmax labels differ (the seam report).
 
-    def flush() -> Iterator[tuple]:
-        batch = [data for _, data, _ in pending if data is not None]
-        scores = iter(predict(np.stack(batch)) if batch else [])
-        for window, data, valid in pending:
+    Asynchronous devices: `finish(*item)` maps each finished item as soon as it is stitched (e.g.
+    labels computed and their copy to the host started), and the mapped item is yielded instead.
+    With `lookahead` 1 the next batch is handed to `predict` before the finished items of the
+    previous one are yielded, so a GPU computes batch k + 1 while the caller writes the results
+    of batch k; the order of what is yielded does not change.
+    """
+    stitcher = StreamingStitcher(grid, channels, seams=seams is not None, track_valid=with_valid,
+                                 arrays=arrays)
+
+    def stitch(group: list[tuple[Window, Any, Any]], scores: Any) -> list:
+        done = []
+        scores = iter(scores)
+        for window, data, valid in group:
             if data is None:
                 stitcher.skip(window)
             else:
                 stitcher.add(window, next(scores), valid)
             if on_tile is not None:
                 on_tile(window)
-            yield from stitcher.pop_finished()
-        pending.clear()
+            done += [item if finish is None else finish(*item) for item in stitcher.pop_finished()]
+        return done
+
+    def submit(group: list[tuple[Window, Any, Any]]) -> Any:
+        batch = [data for _, data, _ in group if data is not None]
+        return predict(np.stack(batch)) if batch else []
 
     def load(window: Window):
         if window.row_end <= done_rows:
@@ -326,32 +367,48 @@ def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.n
         return np.where(valid, data, fill).astype(np.float32, copy=False), valid
 
     windows = [w for w in grid if stop_rows is None or w.row_off < stop_rows]
-    if prefetch > 0:
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(1, thread_name_prefix="bigseg-read")
-        ahead = prefetch * batch_size
-        futures = [pool.submit(load, w) for w in windows[:ahead]]
-
-        def tiles():
-            try:
-                for k, window in enumerate(windows):
-                    if k + ahead < len(windows):
-                        futures.append(pool.submit(load, windows[k + ahead]))
-                    yield window, futures[k].result()
-                    futures[k] = None  # release the tile's arrays
-            finally:
-                for f in futures:
-                    if f is not None:
-                        f.cancel()
-                pool.shutdown(wait=True)
-        source = tiles()
-    else:
-        source = ((w, load(w)) for w in windows)
-    for window, (data, valid) in source:
-        pending.append((window, data, valid))
-        if sum(d is not None for _, d, _ in pending) >= batch_size:
-            yield from flush()
-    yield from flush()
+    in_flight: list[tuple[list, Any]] = []  # submitted batches not yet stitched, oldest first
+    with ExitStack() as stack:
+        source = ((w, load(w)) for w in windows) if prefetch <= 0 else \
+            stack.enter_context(_read_ahead(windows, load, prefetch * batch_size))
+        group: list[tuple[Window, Any, Any]] = []
+        for window, (data, valid) in source:
+            group.append((window, data, valid))
+            if sum(d is not None for _, d, _ in group) < batch_size:
+                continue
+            done = stitch(*in_flight.pop(0)) if len(in_flight) >= max(1, lookahead) else []
+            in_flight.append((group, submit(group)))
+            group = []
+            if lookahead <= 0:
+                done += stitch(*in_flight.pop(0))
+            yield from done
+        if group:
+            in_flight.append((group, submit(group)))
+        while in_flight:
+            yield from stitch(*in_flight.pop(0))
     if seams is not None:
         seams.update(compared=stitcher.seam_compared, disagreed=stitcher.seam_disagreed)
+
+
+@contextmanager
+def _read_ahead(windows: list[Window], load: Callable, ahead: int):
+    """(window, load(window)) in order, loading up to `ahead` windows ahead in a background thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="bigseg-read")
+    futures = [pool.submit(load, w) for w in windows[:ahead]]
+
+    def tiles():
+        for k, window in enumerate(windows):
+            if k + ahead < len(windows):
+                futures.append(pool.submit(load, windows[k + ahead]))
+            yield window, futures[k].result()
+            futures[k] = None  # release the tile's arrays
+
+    try:
+        yield tiles()
+    finally:
+        for f in futures:
+            if f is not None:
+                f.cancel()
+        pool.shutdown(wait=True)

@@ -143,3 +143,20 @@ def test_seam_report_counts_overlap_disagreement(tmp_path, tiny_checkpoint, caps
     assert 0 <= report["disagreed"] <= report["compared"] > 0
     with rasterio.open(tmp_path / "m.tif") as ds:
         assert float(ds.tags()["seam_disagreement"]) == report["rate"]
+
+
+def test_writer_rows_in_flight_are_simulated_exactly(tmp_path):
+    from bigseg.io.writers import GeoTiffWriter
+    from bigseg.plan import writer_rows
+    from bigseg.tiling import stream_tiles
+
+    for w, h, t, o in ((300, 1700, 256, 64), (1500, 2100, 1024, 256), (150, 900, 128, 32)):  # 2+ tile columns
+        grid = TileGrid(w, h, t, o)
+        writer = GeoTiffWriter(tmp_path / f"o{h}.tif", w, h, 1, None)
+        peak = 0
+        read = lambda win: (np.zeros((1, win.height, win.width), np.float32), np.ones((win.height, win.width), bool))  # noqa: E731
+        for win, block in stream_tiles(grid, read, lambda x: x, 1, 2, np.zeros((1, 1, 1), np.float32)):
+            writer.write(win, block[0].astype(np.uint8))
+            peak = max(peak, sum(b[0].shape[1] for b in writer._bands.values()))
+        writer.abort()
+        assert peak <= writer_rows(grid) <= peak + 512, (w, h, t, o, peak, writer_rows(grid))

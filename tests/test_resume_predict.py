@@ -59,13 +59,14 @@ def test_sigkill_then_rerun_equals_uninterrupted_bit_for_bit(tmp_path, tiny_chec
 
 def test_changed_settings_start_over_and_interrupt_keeps_journaled_rows(tmp_path, tiny_checkpoint, capsys,
                                                                          monkeypatch):
-    src = write_geotiff(tmp_path / "a.tif", 300, 500)
+    # taller than one 512-row block: the journal records whole block rows
+    src = write_geotiff(tmp_path / "a.tif", 300, 1200)
     seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu", tile=64, overlap=16, batch_size=2, journal_seconds=0)
     real, calls = seg.tile_scores, {"n": 0}
 
     def failing(batch):
         calls["n"] += 1
-        if calls["n"] == 30:
+        if calls["n"] == 60:
             raise KeyboardInterrupt
         return real(batch)
 
@@ -84,7 +85,7 @@ def test_changed_settings_start_over_and_interrupt_keeps_journaled_rows(tmp_path
 
 def test_resumed_overlay_equals_uninterrupted(tmp_path, tiny_checkpoint, monkeypatch):
     import cv2
-    src = write_geotiff(tmp_path / "a.tif", 300, 500)
+    src = write_geotiff(tmp_path / "a.tif", 300, 1200)
     ckpt = load_checkpoint(tiny_checkpoint)
     Segmenter(ckpt, "cpu", tile=64, overlap=16).predict_file(src, tmp_path / "w.tif", write=WriteOptions(overlay=True))
     seg = Segmenter(ckpt, "cpu", tile=64, overlap=16, journal_seconds=0)
@@ -92,7 +93,7 @@ def test_resumed_overlay_equals_uninterrupted(tmp_path, tiny_checkpoint, monkeyp
 
     def failing(batch):
         calls["n"] += 1
-        if calls["n"] == 12:
+        if calls["n"] == 30:
             raise KeyboardInterrupt
         return real(batch)
 

@@ -107,3 +107,40 @@ def test_all_invalid_tiles_are_not_predicted_and_invalid_pixels_are_filled():
     batch = np.concatenate(seen)
     assert len(batch) == 2  # tiles at columns 136 and 144 touch valid pixels; the rest are skipped
     assert set(np.unique(batch)) == {-1.0, 7.0}
+
+
+def test_lookahead_submits_the_next_batch_before_yielding_and_changes_nothing_else():
+    grid = TileGrid(300, 200, 64, 16)
+    image = np.random.default_rng(2).normal(size=(2, 200, 300)).astype(np.float32)
+    read = lambda win: (image[(slice(None), *win.slices)], np.ones((win.height, win.width), bool))
+    runs = {}
+    for lookahead in (0, 1):
+        log = []
+
+        def predict(x):
+            log.append(("predict", len(x)))
+            return x * 2
+
+        out = []
+        for win, block in stream_tiles(grid, read, predict, 2, 3, np.zeros((2, 1, 1), np.float32),
+                                       lookahead=lookahead, prefetch=1):
+            log.append(("yield", win))
+            out.append((win, block.copy()))
+        runs[lookahead] = (out, log)
+    (plain, plain_log), (ahead, ahead_log) = runs[0], runs[1]
+    assert [w for w, _ in plain] == [w for w, _ in ahead]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(plain, ahead))
+    # with lookahead, between two yields of one batch's results the next batch was already predicted
+    first_yield = next(i for i, e in enumerate(ahead_log) if e[0] == "yield")
+    assert [e[0] for e in ahead_log[:first_yield]] == ["predict", "predict"]
+    assert [e[0] for e in plain_log[:plain_log.index(next(e for e in plain_log if e[0] == "yield"))]] == ["predict"]
+
+
+def test_finish_maps_each_finished_item_when_it_is_stitched():
+    grid = TileGrid(150, 90, 64, 16)
+    image = np.ones((1, 90, 150), np.float32)
+    read = lambda win: (image[(slice(None), *win.slices)], np.ones((win.height, win.width), bool))
+    items = list(stream_tiles(grid, read, lambda x: x, 1, 2, np.zeros((1, 1, 1), np.float32),
+                              finish=lambda win, block: (win, float(block.mean())), lookahead=1))
+    assert sum(w.width * w.height for w, _ in items) == 150 * 90
+    assert all(m == 1.0 for _, m in items)

@@ -5,6 +5,11 @@ deflate-compressed GeoTIFF (BigTIFF when needed) with the input's CRS/transform 
 class palette as colour table; `cog=True` turns it into a cloud-optimised GeoTIFF with overviews.
 PNG/JPEG inputs give a grayscale PNG of class indices. Probabilities: uint8 (p * 255), one band per
 class, nodata as an internal mask. Results arrive as rectangles (windows), in no particular order.
+
+GeoTIFFs are written one block row (BLOCK rows, full width) at a time, each when all its pixels
+have arrived, so every TIFF block is written exactly once: never read back, merged and rewritten
+(which would grow the file and, with a kill in the middle of an in-place rewrite, damage a block
+that an interrupted job's journal relies on).
 """
 from __future__ import annotations
 
@@ -41,26 +46,29 @@ def _remove(path: Path) -> None:
 
 
 class GeoTiffWriter:
-    """Stream row bands into a tiled GeoTIFF; `commit` renames it (converting to COG if asked)."""
+    """Stream rectangles into a tiled GeoTIFF; `commit` renames it (converting to COG if asked).
+
+    Rows are gathered per block row and each block row is written once it is complete;
+    `rows_written` counts the rows on disk from the top (what a journal may record after `sync`).
+    `resume_rows`: continue the partial file of an interrupted job whose first `resume_rows` rows
+    (a whole number of block rows, or the height) are on disk; rectangles above are ignored."""
 
     resumable = True
 
     def __init__(self, path: Path, width: int, height: int, count: int, georef: Georef | None,
                  palette: Sequence[Sequence[int]] | None = None, tags: dict | None = None,
-                 cog: bool = False, mask: bool = False, resume: bool = False):
+                 cog: bool = False, mask: bool = False, resume_rows: int = 0):
         import rasterio
         from rasterio.errors import NotGeoreferencedWarning
 
         self.path, self.cog, self.mask = path, cog, mask
+        self.width, self.height, self.count = width, height, count
         self.tmp = partial_path(path)
-        if resume:
-            try:
-                self.ds = rasterio.open(self.tmp, "r+")
-            except Exception as e:
-                raise OutputError(f"cannot resume {self.tmp}: {str(e).strip().splitlines()[0]}") from None
-            if (self.ds.width, self.ds.height, self.ds.count) != (width, height, count):
-                self.ds.close()
-                raise OutputError(f"cannot resume {self.tmp}: it is not this job's partial output")
+        self.rows_written = 0
+        self._bands: dict[int, list] = {}  # block row -> [data (count, h, W), valid (h, W) or None, pixels]
+        self._done_bands: set[int] = set()
+        if resume_rows:
+            self._reopen_partial(resume_rows)
             return
         profile = dict(driver="GTiff", width=width, height=height, count=count, dtype="uint8",
                        tiled=True, blockxsize=BLOCK, blockysize=BLOCK, compress="deflate",
@@ -84,21 +92,76 @@ class GeoTiffWriter:
         if tags:
             self.ds.update_tags(**{k: json.dumps(v) if not isinstance(v, str) else v for k, v in tags.items()})
 
-    def write(self, window: Window, data: np.ndarray, valid: np.ndarray | None = None) -> None:
-        """`data`: (h, w) or (count, h, w) uint8 for `window`; `valid` feeds the internal mask."""
+    def _reopen_partial(self, rows: int) -> None:
+        """Open the interrupted job's file and check that it is this job's and that its last
+        finished block row decodes; OutputError otherwise (the caller starts over)."""
+        import rasterio
         from rasterio.windows import Window as RWindow
 
+        if rows != self.height and rows % BLOCK:
+            raise OutputError(f"cannot resume {self.tmp}: {rows} rows is not a whole number of block rows")
+        try:
+            self.ds = rasterio.open(self.tmp, "r+")
+        except Exception as e:
+            raise OutputError(f"cannot resume {self.tmp}: {str(e).strip().splitlines()[0]}") from None
+        try:
+            if (self.ds.width, self.ds.height, self.ds.count) != (self.width, self.height, self.count):
+                raise OutputError(f"cannot resume {self.tmp}: it is not this job's partial output")
+            top = max(0, rows - BLOCK)
+            try:
+                self.ds.read(window=RWindow(0, top, self.width, rows - top))
+            except Exception as e:
+                raise OutputError(f"cannot resume {self.tmp}: {str(e).strip().splitlines()[0]}") from None
+        except BaseException:
+            self.ds.close()
+            raise
+        self.rows_written = rows
+        self._done_bands = set(range(-(-rows // BLOCK)))
+
+    def write(self, window: Window, data: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """`data`: (h, w) or (count, h, w) uint8 for `window`; `valid` feeds the internal mask."""
         data = data[None] if data.ndim == 2 else data
-        w = RWindow(window.col_off, window.row_off, window.width, window.height)
+        top = max(window.row_off, self.rows_written)
+        for band in range(top // BLOCK, (window.row_end - 1) // BLOCK + 1):
+            b0, b1 = band * BLOCK, min((band + 1) * BLOCK, self.height)
+            r0, r1 = max(top, b0), min(window.row_end, b1)
+            if r0 >= r1 or band in self._done_bands:
+                continue
+            held = self._bands.get(band)
+            if held is None:
+                held = self._bands[band] = [np.zeros((self.count, b1 - b0, self.width), np.uint8),
+                                            np.zeros((b1 - b0, self.width), bool) if self.mask else None, 0]
+            rows_in = slice(r0 - window.row_off, r1 - window.row_off)
+            held[0][:, r0 - b0:r1 - b0, window.col_off:window.col_end] = data[:, rows_in]
+            if held[1] is not None and valid is not None:
+                held[1][r0 - b0:r1 - b0, window.col_off:window.col_end] = valid[rows_in]
+            held[2] += (r1 - r0) * window.width
+            if held[2] >= (b1 - b0) * self.width:
+                self._write_band(band)
+
+    def _write_band(self, band: int) -> None:
+        from rasterio.windows import Window as RWindow
+
+        data, valid, _ = self._bands.pop(band)
+        w = RWindow(0, band * BLOCK, self.width, data.shape[1])
         self.ds.write(data, window=w)
-        if self.mask and valid is not None:
+        if valid is not None:
             self.ds.write_mask((valid * 255).astype(np.uint8), window=w)
+        self._done_bands.add(band)
+        while self.rows_written < self.height and self.rows_written // BLOCK in self._done_bands:
+            self.rows_written = min(self.height, self.rows_written + BLOCK)
 
     def sync(self) -> None:
-        """Close and reopen: everything written so far is on disk, with a valid TIFF directory."""
+        """Close and reopen: every finished block row is on disk (fsync'd, so that a journal
+        written next never outlives the data after a power loss), with a valid TIFF directory."""
         import rasterio
 
         self.ds.close()
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self.ds = rasterio.open(self.tmp, "r+")
 
     def read(self, window: Window) -> np.ndarray:
@@ -109,6 +172,9 @@ class GeoTiffWriter:
     def commit(self) -> Path:
         import rasterio.shutil
 
+        if self.rows_written < self.height:
+            self.abort()
+            raise OutputError(f"cannot write {self.path}: rows {self.rows_written}.. were never computed")
         self.ds.close()
         if self.cog:
             cog_tmp = self.tmp.with_name(self.tmp.name + ".cog.tif")

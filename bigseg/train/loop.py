@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from bigseg.checkpoint import Checkpoint, Normalization, from_model, load_backbone_weights, save_checkpoint
+from bigseg.device import resolve_device, resolve_precision
 from bigseg.errors import TrainingError
-from bigseg.inference import resolve_device, resolve_precision
 from bigseg.models import create_model
 from bigseg.models.blocks import set_grad_checkpointing
 from bigseg.train import distributed as D

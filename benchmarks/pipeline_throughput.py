@@ -9,9 +9,12 @@ Throughput is input megapixels per second; "tile MP/s" counts the pixels the mod
 overlap), so (b)'s tile MP/s over (a) is the pipeline's efficiency. Also printed: peak GPU memory,
 peak RSS, multiply-adds per megapixel and the achieved fraction of the device's bf16 rate.
 
+With `--agreement` (a GPU and trained weights, e.g. `--model ladder-dn121-camvid`): the share of
+pixels whose label is the same in bf16 as in fp32, on every input.
+
     python benchmarks/pipeline_throughput.py --device cpu --model small --tile 512 --size 3000
-    python benchmarks/pipeline_throughput.py --device cuda --model ladder-dn121 --tile 1024 \\
-        --size 12000 --ortho ../shared/data/ortho/yb_z21_epsg3857_jpeg_mask.tif --peak-tflops 989
+    python benchmarks/pipeline_throughput.py --device cuda --model ladder-dn121-camvid --tile 1024 \\
+        --size 12000 --ortho ../shared/data/ortho/yb_z21_epsg3857_jpeg_mask.tif --peak-tflops 989 --agreement
 """
 from __future__ import annotations
 
@@ -91,10 +94,38 @@ def naive(seg: Segmenter, src: Path, dst: Path) -> float:
     return image.shape[1] * image.shape[2] / 1e6 / (time.perf_counter() - t0)
 
 
+def checkpoint_for(spec: str):
+    """`small` or an architecture name: random weights; otherwise a shipped model or a checkpoint."""
+    from bigseg.checkpoint import resolve_model
+    from bigseg.models import list_archs
+
+    if spec == "small" or spec in {a.name for a in list_archs()}:
+        torch.manual_seed(0)
+        arch, config = ("ladder-dn121", SMALL) if spec == "small" else (spec, {})
+        return from_model(create_model(arch, CLASSES, **config), arch, [f"c{i}" for i in range(CLASSES)])
+    return resolve_model(spec)
+
+
+def agreement(ckpt, args, src: Path, work: Path) -> float:
+    """Share of valid pixels labelled alike by bf16 and fp32 predictions of `src` (same tiles)."""
+    import rasterio
+
+    masks = []
+    for precision in ("fp32", "bf16"):
+        seg = Segmenter(ckpt, args.device, precision, args.tile, None, args.batch)
+        dst = work / f"agree_{precision}_{src.stem}.tif"
+        seg.predict_file(src, dst)
+        with rasterio.open(dst) as ds:
+            masks.append(ds.read(1))
+    valid = masks[0] != 255
+    return float((masks[0] == masks[1])[valid].mean())
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
-    p.add_argument("--model", default="small", help="small (a little ladder config) or an architecture name")
+    p.add_argument("--model", default="small", help="small (a little ladder config), an architecture name "
+                   "(random weights), a shipped model name or a checkpoint")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--precision", default="auto")
@@ -104,18 +135,16 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 rate, for the fraction")
     p.add_argument("--work", type=Path, default=None)
+    p.add_argument("--agreement", action="store_true", help="also compare bf16 with fp32 labels (trained weights)")
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bigseg-pipe-"))
     work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    arch, config = ("ladder-dn121", SMALL) if args.model == "small" else (args.model, {})
-    model = create_model(arch, CLASSES, **config)
-    ckpt = from_model(model, arch, [f"c{i}" for i in range(CLASSES)])
+    ckpt = checkpoint_for(args.model)
     seg = Segmenter(ckpt, args.device, args.precision, args.tile, None, args.batch, compile=args.compile)
     src = work / f"synthetic_{args.size}.tif"
     if not src.exists():
         make_raster(src, args.size)
-    macs_per_mp = count_macs(create_model(arch, CLASSES, **config), args.tile, args.tile) / (args.tile ** 2 / 1e6)
+    macs_per_mp = count_macs(ckpt.build_model(), args.tile, args.tile) / (args.tile ** 2 / 1e6)
     dtype = resolve_precision(args.precision, seg.device)
     print(f"device {seg.device}, model {args.model}, tile {args.tile}, overlap {seg.overlap}, batch {args.batch}, "
           f"precision {str(dtype).removeprefix('torch.')}, {macs_per_mp / 1e9:.1f} GMACs per MP")
@@ -132,6 +161,10 @@ def main() -> None:
         print(f"(b) end to end {label:<14} {mp:8.2f} MP/s ({tile_mp:.2f} tile MP/s, {tile_mp / ceiling:.2f} of (a)); "
               f"peak GPU {gpu:.0f} MiB")
         print(f"(c) naive tiler {label:<13} {slow:8.2f} MP/s; (b)/(c) = {mp / slow:.2f}")
+    if args.agreement:
+        for label, path in [(f"synthetic {args.size}^2", src)] + ([("ortho", args.ortho)] if args.ortho else []):
+            share = agreement(ckpt, args, path, work)
+            print(f"bf16 vs fp32 labels, {label}: {share:.4%} of valid pixels agree (goal >= 99.5%)")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {rss:.0f} MiB (whole benchmark process, naive tiler's full image included)")
     if args.peak_tflops:

@@ -41,14 +41,18 @@ def make_raster(path: Path, side: int) -> None:
                       window=rasterio.windows.Window(0, r, side, len(rows)))
 
 
-def peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
+def peak_rss_mb(cmd: list[str]) -> tuple[float, float, dict]:
+    """Peak RSS (MiB) and seconds of `cmd`, and its JSON summary on stdout."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"command failed: {' '.join(cmd)}\n{err}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - start
+    with tempfile.TemporaryFile() as stdout:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
+        err = proc.stderr.read().decode()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            sys.exit(f"command failed: {' '.join(cmd)}\n{err}")
+        stdout.seek(0)
+        summary = json.loads(stdout.read() or b"{}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - start, summary
 
 
 def main() -> None:
@@ -56,6 +60,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--sizes", default="5000,20000")
     parser.add_argument("--model", default=None, help="a shipped model or checkpoint instead of the small config")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: on a GPU the peak GPU memory is compared too")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bigseg-mem-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -74,16 +79,21 @@ def main() -> None:
             make_raster(src, side)
         out = work / f"out_{side}"
         cmd = [sys.executable, "-m", "bigseg", "predict", str(src), "-m", str(model), "-o", str(out),
-               "--overwrite", "--device", "cpu", "--tile", str(TILE), "--overlap", str(OVERLAP),
-               "--batch-size", str(BATCH), "--quiet"]
-        rss, seconds = peak_rss_mb(cmd)
+               "--overwrite", "--device", args.device, "--tile", str(TILE), "--overlap", str(OVERLAP),
+               "--batch-size", str(BATCH), "--json"]
+        rss, seconds, summary = peak_rss_mb(cmd)
         rows.append((side, rss, seconds))
-        plan = json.loads(subprocess.run(cmd + ["--dry-run", "--json"], capture_output=True, text=True,
+        plan = json.loads(subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True,
                                          check=True).stdout)[0]
         est = plan["memory_mib"]["host"]
         print(f"{side}x{side}: {side * side / 1e6:.0f} MP, peak RSS {rss:.0f} MiB, {seconds:.1f} s, "
               f"{side * side / 1e6 / seconds:.2f} MP/s; --dry-run estimate {est:.0f} MiB, "
               f"measured/estimate {rss / est:.2f} (limit 0.75..1.25)", flush=True)
+        gpu = summary["done"][0].get("gpu_peak_mib")
+        if gpu is not None:
+            est = plan["memory_mib"]["gpu"]
+            print(f"    GPU peak {gpu:.0f} MiB; --dry-run estimate {est:.0f} MiB, measured/estimate "
+                  f"{gpu / est:.2f} (limit 0.75..1.25)", flush=True)
     from bigseg.tiling import TileGrid
 
     (s0, r0, _), (s1, r1, _) = rows[0], rows[-1]

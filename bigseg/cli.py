@@ -282,7 +282,8 @@ def _report(summary, quiet: bool, as_json: bool) -> None:
         print(json.dumps({
             "done": [{"input": str(r.input), "output": str(r.output), "extras": [str(p) for p in r.extras],
                       "width": r.width, "height": r.height, "tiles": r.tiles, "seconds": round(r.seconds, 3),
-                      "notes": r.notes, **({"seams": r.seams} if r.seams is not None else {})}
+                      "notes": r.notes, **({"seams": r.seams} if r.seams is not None else {}),
+                      **({"gpu_peak_mib": round(r.gpu_peak_mib, 1)} if r.gpu_peak_mib is not None else {})}
                      for r in summary.done],
             "skipped": [{"input": str(j.input), "output": str(j.output)} for j in summary.skipped],
             "failed": [{"input": f.input, "error": f.error} for f in summary.failed],

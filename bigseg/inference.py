@@ -55,6 +55,7 @@ class PredictResult:
     extras: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seams: dict | None = None  # overlap pixels compared / disagreeing (with WriteOptions.seams)
+    gpu_peak_mib: float | None = None  # peak GPU memory of this process during the file (on a GPU)
 
     @property
     def megapixels(self) -> float:
@@ -280,6 +281,8 @@ class Segmenter:
         result. Without a journaled row (or for PNG outputs) nothing is left on failure."""
         start = time.perf_counter()
         notes: list[str] = []
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         with gdal_env(self.io_threads), ExitStack() as stack, open_raster(src, self.checkpoint.in_channels, read.bands,
                                                read.value_range, read.engine) as reader:
             fp = journal.fingerprint(src, self.settings(read, write, dst))
@@ -358,9 +361,10 @@ class Segmenter:
                 written.append(sink.commit())
                 sink._done = True
             journal.remove_journal(dst)
+        gpu_peak = _gpu_peak_mib(self.device) if self.device.type == "cuda" else None
         return PredictResult(src, written[0], reader.width, reader.height, len(grid),
                              time.perf_counter() - start, written[1:], notes + reader.notes + self._take_notes(),
-                             seams)
+                             seams, gpu_peak)
 
     def settings(self, read: ReadOptions, write: WriteOptions, dst: Path) -> dict:
         """Everything that shapes `dst`'s content, for the resume fingerprint."""
@@ -449,6 +453,14 @@ class Segmenter:
             image_rows = {int(r): reader.read(Window(window.col_off, int(r), window.width, 1))[0][:, 0]
                           for r in overlay.rows_in(window)}
             overlay.write(window, labels, image_rows)
+
+
+def _gpu_peak_mib(device: torch.device) -> float:
+    """The process's peak GPU memory as nvidia-smi would show it on a GPU of its own: what is used
+    now (CUDA context and libraries included) plus how far torch's reserved memory peaked above now."""
+    free, total = torch.cuda.mem_get_info(device)
+    now = torch.cuda.memory_reserved(device)
+    return (total - free - now + torch.cuda.max_memory_reserved(device)) / 2 ** 20
 
 
 def _out_of_memory(e: BaseException) -> bool:

@@ -183,7 +183,7 @@ def train(
     """Train a model; checkpoints every epoch and on Ctrl-C, resumable, keeps the best by val mIoU."""
     from bigseg.console import TrainProgress
     from bigseg.errors import InputError
-    from bigseg.train.loop import TrainConfig, load_run_config, train as run_training
+    from bigseg.train.loop import load_run_config, train as run_training
 
     if resume:
         given = {name for name in ctx.params

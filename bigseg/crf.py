@@ -141,7 +141,6 @@ class WindowKernel(_Normalised):
         return x if self.step == 1 else F.avg_pool2d(x[None], self.step, ceil_mode=True)[0]
 
     def _raw(self, values: torch.Tensor) -> torch.Tensor:
-        c = values.shape[0]
         k = 2 * self.radius + 1
         small = self._down(values)
         hh, ww = small.shape[-2:]

@@ -63,6 +63,19 @@ def write_geotiff(path: Path, width: int, height: int, count: int = 3, dtype="ui
     return path
 
 
+def interrupt_after(segmenter, calls: int) -> None:
+    """Make `segmenter` raise KeyboardInterrupt at its `calls`-th batch: an interrupted job."""
+    real, count = segmenter.tile_scores, {"n": 0}
+
+    def failing(batch):
+        count["n"] += 1
+        if count["n"] == calls:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    segmenter.tile_scores = failing
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED.is_dir():

@@ -1,11 +1,9 @@
 """The literature's other architectures: shapes, training signal, paper structure, checkpoints, CLI."""
-import copy
 import json
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bigseg.checkpoint import load_backbone_weights, load_checkpoint
 from bigseg.models import create_model, get_arch

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bigseg.checkpoint import (Checkpoint, from_model, load_backbone_weights, load_checkpoint,
+from bigseg.checkpoint import (from_model, load_backbone_weights, load_checkpoint,
                                read_manifest, resolve_model, save_checkpoint, sha256, WEIGHTS_DIR)
 from bigseg.errors import CheckpointError
 from bigseg.models import create_model

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from bigseg.models import create_model, get_arch, list_archs, model_config
 from bigseg.models.complexity import count_macs, count_parameters
 from bigseg.models.ladder import spp_grid
-from tests.conftest import TINY, TINY_BY_ARCH, tiny_model
+from tests.conftest import TINY_BY_ARCH, tiny_model
 
 
 @pytest.mark.parametrize("h,w", [(64, 64), (37, 53), (100, 257), (129, 65), (1, 1)])

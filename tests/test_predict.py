@@ -11,7 +11,7 @@ from bigseg.inference import Segmenter, WriteOptions
 from bigseg.io.readers import open_raster
 from bigseg.tiling import Window
 from tests.cli_helpers import run_cli
-from tests.conftest import CLASSES, tiny_model, write_geotiff
+from tests.conftest import CLASSES, interrupt_after, tiny_model, write_geotiff
 
 FAST = ["--tile", "128", "--overlap", "32", "--device", "cpu"]
 
@@ -198,16 +198,7 @@ def test_globs_expand(tmp_path, tiny_checkpoint, capsys):
 def test_an_interrupted_run_leaves_no_output(tmp_path, tiny_checkpoint, monkeypatch):
     src = write_geotiff(tmp_path / "a.tif", 400, 400)
     seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu", tile=64, overlap=16, batch_size=2)
-    calls = {"n": 0}
-    real = seg.tile_scores
-
-    def failing(batch):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(batch)
-
-    monkeypatch.setattr(seg, "tile_scores", failing)
+    interrupt_after(seg, 6)
     out = tmp_path / "o"
     out.mkdir()
     with pytest.raises(KeyboardInterrupt):

@@ -13,7 +13,7 @@ from bigseg.checkpoint import load_checkpoint
 from bigseg.inference import Segmenter, WriteOptions
 from bigseg.journal import journal_path, read_journal
 from tests.cli_helpers import run_cli
-from tests.conftest import write_geotiff
+from tests.conftest import interrupt_after, write_geotiff
 
 
 def predict_cmd(src, dst, ckpt, *extra):
@@ -62,15 +62,7 @@ def test_changed_settings_start_over_and_interrupt_keeps_journaled_rows(tmp_path
     # taller than one 512-row block: the journal records whole block rows
     src = write_geotiff(tmp_path / "a.tif", 300, 1200)
     seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu", tile=64, overlap=16, batch_size=2, journal_seconds=0)
-    real, calls = seg.tile_scores, {"n": 0}
-
-    def failing(batch):
-        calls["n"] += 1
-        if calls["n"] == 60:
-            raise KeyboardInterrupt
-        return real(batch)
-
-    monkeypatch.setattr(seg, "tile_scores", failing)
+    interrupt_after(seg, 60)
     dst = tmp_path / "a.mask.tif"
     with pytest.raises(KeyboardInterrupt):
         seg.predict_file(src, dst, write=WriteOptions(overlay=True))
@@ -89,15 +81,7 @@ def test_resumed_overlay_equals_uninterrupted(tmp_path, tiny_checkpoint, monkeyp
     ckpt = load_checkpoint(tiny_checkpoint)
     Segmenter(ckpt, "cpu", tile=64, overlap=16).predict_file(src, tmp_path / "w.tif", write=WriteOptions(overlay=True))
     seg = Segmenter(ckpt, "cpu", tile=64, overlap=16, journal_seconds=0)
-    real, calls = seg.tile_scores, {"n": 0}
-
-    def failing(batch):
-        calls["n"] += 1
-        if calls["n"] == 30:
-            raise KeyboardInterrupt
-        return real(batch)
-
-    monkeypatch.setattr(seg, "tile_scores", failing)
+    interrupt_after(seg, 30)
     with pytest.raises(KeyboardInterrupt):
         seg.predict_file(src, tmp_path / "r.tif", write=WriteOptions(overlay=True))
     result = Segmenter(ckpt, "cpu", tile=64, overlap=16).predict_file(src, tmp_path / "r.tif",

@@ -5,11 +5,11 @@ import rasterio
 
 from bigseg.checkpoint import load_checkpoint
 from bigseg.errors import OutputError
-from bigseg.inference import Segmenter, WriteOptions
+from bigseg.inference import Segmenter
 from bigseg.io.writers import BLOCK, GeoTiffWriter, partial_path
 from bigseg.journal import read_journal
 from bigseg.tiling import Window
-from tests.conftest import write_geotiff
+from tests.conftest import interrupt_after, write_geotiff
 
 
 def rectangles(width, height, seed):
@@ -68,15 +68,7 @@ def test_a_damaged_partial_output_starts_over_instead_of_failing(tmp_path, tiny_
     whole = tmp_path / "whole.tif"
     Segmenter(ckpt, "cpu", tile=64, overlap=16).predict_file(src, whole)
     seg = Segmenter(ckpt, "cpu", tile=64, overlap=16, journal_seconds=0)
-    real, calls = seg.tile_scores, {"n": 0}
-
-    def failing(batch):
-        calls["n"] += 1
-        if calls["n"] == 25:
-            raise KeyboardInterrupt
-        return real(batch)
-
-    seg.tile_scores = failing
+    interrupt_after(seg, 25)
     dst = tmp_path / "r.tif"
     with pytest.raises(KeyboardInterrupt):
         seg.predict_file(src, dst)

@@ -45,6 +45,16 @@ def _remove(path: Path) -> None:
         pass
 
 
+def _open_update(path: Path):
+    """Reopen a partial GeoTIFF for writing (one made for a non-georeferenced input warns)."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path, "r+")
+
+
 class GeoTiffWriter:
     """Stream rectangles into a tiled GeoTIFF; `commit` renames it (converting to COG if asked).
 
@@ -95,13 +105,12 @@ class GeoTiffWriter:
     def _reopen_partial(self, rows: int) -> None:
         """Open the interrupted job's file and check that it is this job's and that its last
         finished block row decodes; OutputError otherwise (the caller starts over)."""
-        import rasterio
         from rasterio.windows import Window as RWindow
 
         if rows != self.height and rows % BLOCK:
             raise OutputError(f"cannot resume {self.tmp}: {rows} rows is not a whole number of block rows")
         try:
-            self.ds = rasterio.open(self.tmp, "r+")
+            self.ds = _open_update(self.tmp)
         except Exception as e:
             raise OutputError(f"cannot resume {self.tmp}: {str(e).strip().splitlines()[0]}") from None
         try:
@@ -154,15 +163,13 @@ class GeoTiffWriter:
     def sync(self) -> None:
         """Close and reopen: every finished block row is on disk (fsync'd, so that a journal
         written next never outlives the data after a power loss), with a valid TIFF directory."""
-        import rasterio
-
         self.ds.close()
         fd = os.open(self.tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.ds = rasterio.open(self.tmp, "r+")
+        self.ds = _open_update(self.tmp)
 
     def read(self, window: Window) -> np.ndarray:
         from rasterio.windows import Window as RWindow

@@ -4,7 +4,9 @@
 (b) end to end: `Segmenter.predict_file` on a synthetic GeoTIFF (and `--ortho FILE`): reading,
     inference, stitching, compression and writing included;
 (c) naive tiler: the whole image read into memory, one tile at a time, no blending, each tile's
-    labels written to the GeoTIFF as soon as it is done.
+    labels written to the GeoTIFF as soon as it is done;
+(d) reading alone: every tile of the grid read and decoded, with 1 and with `--io-threads` GDAL
+    threads (what the reading thread can feed a fast GPU).
 Throughput is input megapixels per second; "tile MP/s" counts the pixels the model ran on (tiles
 overlap), so (b)'s tile MP/s over (a) is the pipeline's efficiency. Also printed: peak GPU memory,
 peak RSS, multiply-adds per megapixel and the achieved fraction of the device's bf16 rate.
@@ -94,6 +96,21 @@ def naive(seg: Segmenter, src: Path, dst: Path) -> float:
     return image.shape[1] * image.shape[2] / 1e6 / (time.perf_counter() - t0)
 
 
+def read_rate(seg: Segmenter, src: Path, threads: int) -> float:
+    """Tile MP/s of reading (decoding, masks, rescaling) every tile of the grid, nothing else."""
+    from bigseg.io.gdal import gdal_env
+    from bigseg.io.readers import open_raster
+
+    with gdal_env(threads), open_raster(src, seg.checkpoint.in_channels) as reader:
+        grid = seg.grid(reader.width, reader.height)
+        t0 = time.perf_counter()
+        pixels = 0
+        for w in grid:
+            data, _ = reader.read(w)
+            pixels += w.width * w.height
+    return pixels / 1e6 / (time.perf_counter() - t0)
+
+
 def checkpoint_for(spec: str):
     """`small` or an architecture name: random weights; otherwise a shipped model or a checkpoint."""
     from bigseg.checkpoint import resolve_model
@@ -133,6 +150,7 @@ def main() -> None:
     p.add_argument("--ortho", type=Path, default=None)
     p.add_argument("--bare-batches", type=int, default=5)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--io-threads", type=int, default=None, help="GDAL threads (default: the predictor's)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 rate, for the fraction")
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--agreement", action="store_true", help="also compare bf16 with fp32 labels (trained weights)")
@@ -140,7 +158,9 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bigseg-pipe-"))
     work.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint_for(args.model)
-    seg = Segmenter(ckpt, args.device, args.precision, args.tile, None, args.batch, compile=args.compile)
+    seg = Segmenter(ckpt, args.device, args.precision, args.tile, None, args.batch, compile=args.compile,
+                    io_threads=args.io_threads)
+    args.io_threads = args.io_threads or max(2, seg.io_threads)
     src = work / f"synthetic_{args.size}.tif"
     if not src.exists():
         make_raster(src, args.size)
@@ -161,6 +181,9 @@ def main() -> None:
         print(f"(b) end to end {label:<14} {mp:8.2f} MP/s ({tile_mp:.2f} tile MP/s, {tile_mp / ceiling:.2f} of (a)); "
               f"peak GPU {gpu:.0f} MiB")
         print(f"(c) naive tiler {label:<13} {slow:8.2f} MP/s; (b)/(c) = {mp / slow:.2f}")
+        one, many = read_rate(seg, path, 1), read_rate(seg, path, args.io_threads)
+        print(f"(d) reading alone {label:<11} {one:8.2f} tile MP/s with 1 GDAL thread, {many:.2f} with "
+              f"{args.io_threads} ({many / one:.2f}x)")
     if args.agreement:
         for label, path in [(f"synthetic {args.size}^2", src)] + ([("ortho", args.ortho)] if args.ortho else []):
             share = agreement(ckpt, args, path, work)

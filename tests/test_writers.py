@@ -5,7 +5,7 @@ import rasterio
 
 from bigseg.checkpoint import load_checkpoint
 from bigseg.errors import OutputError
-from bigseg.inference import Segmenter
+from bigseg.inference import Segmenter, WriteOptions
 from bigseg.io.writers import BLOCK, GeoTiffWriter, partial_path
 from bigseg.journal import read_journal
 from bigseg.tiling import Window
@@ -82,3 +82,14 @@ def test_a_damaged_partial_output_starts_over_instead_of_failing(tmp_path, tiny_
     assert any("unusable" in n and "starting over" in n for n in result.notes), result.notes
     with rasterio.open(whole) as a, rasterio.open(dst) as b:
         assert np.array_equal(a.read(), b.read())
+
+
+def test_gdal_threads_change_nothing_in_the_outputs(tmp_path, tiny_checkpoint):
+    src = write_geotiff(tmp_path / "a.tif", 700, 1100, nodata=0, compress="deflate")
+    ckpt = load_checkpoint(tiny_checkpoint)
+    for threads in (1, 3):
+        seg = Segmenter(ckpt, "cpu", tile=128, overlap=32, io_threads=threads)
+        seg.predict_file(src, tmp_path / f"t{threads}.tif", write=WriteOptions(probs=True))
+    for name in ("t{}.tif", "t{}.probs.tif"):
+        with rasterio.open(tmp_path / name.format(1)) as a, rasterio.open(tmp_path / name.format(3)) as b:
+            assert np.array_equal(a.read(), b.read()) and np.array_equal(a.read_masks(1), b.read_masks(1))

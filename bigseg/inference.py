@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from bigseg import journal
 from bigseg.checkpoint import Checkpoint
 from bigseg.crf import CRFParams, dense_crf
-from bigseg.device import HostCopy, TorchArrays, resolve_device, resolve_precision
+from bigseg.device import HostCopy, TorchArrays, labels_of, resolve_device, resolve_precision
 from bigseg.errors import InputError, OutputError
 from bigseg.io.gdal import gdal_env
 from bigseg.io.readers import Reader, open_raster
@@ -426,7 +426,7 @@ class Segmenter:
         uint8 labels (and uint8 probabilities with `--probs`), whose copy to the host starts at
         once; the float scores never leave the device."""
         def finish(window: Window, block: torch.Tensor, valid: np.ndarray):
-            out = {"labels": block.argmax(0).to(torch.uint8)}
+            out = {"labels": labels_of(block)}
             if write.probs:
                 if self.averages_probabilities:
                     p = block / block.sum(0, keepdim=True).clamp_min(1e-12)

@@ -46,6 +46,12 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
+def labels_of(scores: torch.Tensor) -> torch.Tensor:
+    """(C, h, w) scores -> (h, w) uint8 class indices, the first maximum on ties (as argmax).
+    `max(0).indices`: on the CPU torch's argmax over the leading dimension is ~6x slower."""
+    return scores.max(0).indices.to(torch.uint8)
+
+
 class TorchArrays:
     """The stitcher's array namespace (`bigseg.tiling.NumpyArrays`) for float32 tensors on `device`."""
 
@@ -68,15 +74,16 @@ class TorchArrays:
             t = self._profiles[key] = torch.from_numpy(np.ascontiguousarray(p)).to(self.device)
         return t
 
+    def accumulate(self, acc: torch.Tensor, wsum: torch.Tensor, scores: torch.Tensor, w: torch.Tensor) -> None:
+        acc.addcmul_(scores, w)  # no (C, h, w) temporary per tile: less memory traffic and churn
+        wsum += w
+
     def mean(self, acc: torch.Tensor, wsum: torch.Tensor) -> torch.Tensor:
         # the same IEEE division as numpy's `divide(acc, wsum, where=wsum > 0)`: equal bit for bit
         return acc.div_(torch.where(wsum > 0, wsum, 1.0))
 
-
-def labels_of(scores: torch.Tensor) -> torch.Tensor:
-    """(C, h, w) scores -> (h, w) uint8 class indices, the first maximum on ties (as argmax).
-    `max(0).indices`: on the CPU torch's argmax over the leading dimension is ~6x slower."""
-    return scores.max(0).indices.to(torch.uint8)
+    def labels(self, scores: torch.Tensor) -> torch.Tensor:
+        return labels_of(scores)
 
 
 class HostCopy:

@@ -140,8 +140,8 @@ def edge_profile(length: int, overlap_start: int, overlap_end: int) -> np.ndarra
 
 class NumpyArrays:
     """The array operations the stitcher needs, on numpy arrays. Another namespace (the
-    predictor's, for torch tensors on a GPU) offers the same three methods; `+=`, `*` and slicing
-    are used as is."""
+    predictor's, for torch tensors on a GPU) offers the same methods; `+=`, `*`, comparisons and
+    slicing are used as is."""
 
     def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.zeros(shape, np.float32)
@@ -150,9 +150,18 @@ class NumpyArrays:
         """The (h, w) blend window from its two 1-D profiles."""
         return np.outer(wy, wx)
 
+    def accumulate(self, acc: np.ndarray, wsum: np.ndarray, scores: np.ndarray, w: np.ndarray) -> None:
+        """acc += scores * w (w broadcast over channels), wsum += w, in place."""
+        acc += scores * w
+        wsum += w
+
     def mean(self, acc: np.ndarray, wsum: np.ndarray) -> np.ndarray:
         """acc / wsum where wsum > 0, else 0 (acc is 0 there too); may reuse acc's memory."""
         return np.divide(acc, wsum, out=acc, where=wsum > 0)
+
+    def labels(self, scores: np.ndarray) -> np.ndarray:
+        """(C, h, w) -> (h, w) index of the largest score, the first on ties."""
+        return scores.argmax(0).astype(np.uint8)
 
 
 NUMPY = NumpyArrays()
@@ -246,15 +255,14 @@ class StreamingStitcher:
                 w = weights[ys, xs]
                 if self.seams:
                     self._compare(a, b, scores[:, ys, xs], w, wsum)
-                acc += scores[:, ys, xs] * w
-                wsum += w
+                self.arrays.accumulate(acc, wsum, scores[:, ys, xs], w)
         self.peak_pixels = max(self.peak_pixels, self.held_pixels)
 
     def _compare(self, a: int, b: int, scores: np.ndarray, w: np.ndarray, wsum: np.ndarray) -> None:
         used = w > 0
         if not used.any():
             return
-        labels = scores.argmax(0)
+        labels = self.arrays.labels(scores)
         first = self._labels.get((a, b))
         if first is None:
             self._labels[(a, b)] = labels

@@ -27,3 +27,12 @@ class DatasetError(BigsegError, ValueError):
 
 class TrainingError(BigsegError, RuntimeError):
     """Training cannot go on (non-finite loss, incompatible resume state)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The most specific one-line reason of `e`: rasterio chains GDAL's own reason as the
+    innermost cause; the type's name when there is no message."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -57,8 +57,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_bit_for_bit(tmp_path, tiny_chec
         assert np.array_equal(da, db) and np.array_equal(ma, mb) and ta == tb and ca == cb
 
 
-def test_changed_settings_start_over_and_interrupt_keeps_journaled_rows(tmp_path, tiny_checkpoint, capsys,
-                                                                         monkeypatch):
+def test_changed_settings_start_over_and_interrupt_keeps_journaled_rows(tmp_path, tiny_checkpoint, capsys):
     # taller than one 512-row block: the journal records whole block rows
     src = write_geotiff(tmp_path / "a.tif", 300, 1200)
     seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu", tile=64, overlap=16, batch_size=2, journal_seconds=0)
@@ -75,7 +74,7 @@ def test_changed_settings_start_over_and_interrupt_keeps_journaled_rows(tmp_path
     assert not journal_path(dst).exists() and dst.exists() and (tmp_path / "a.overlay.png").exists()
 
 
-def test_resumed_overlay_equals_uninterrupted(tmp_path, tiny_checkpoint, monkeypatch):
+def test_resumed_overlay_equals_uninterrupted(tmp_path, tiny_checkpoint):
     import cv2
     src = write_geotiff(tmp_path / "a.tif", 300, 1200)
     ckpt = load_checkpoint(tiny_checkpoint)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bigseg.errors import InputError, RasterFormatError
+from bigseg.errors import InputError, RasterFormatError, first_line
 from bigseg.io import bands as B
 from bigseg.tiling import Window
 
@@ -95,7 +95,7 @@ class GdalReader(Reader):
         try:
             self.ds = rasterio.open(path)
         except rasterio.errors.RasterioIOError as e:
-            raise RasterFormatError(f"{path}: not a readable raster ({_first_line(e)})") from None
+            raise RasterFormatError(f"{path}: not a readable raster ({first_line(e)})") from None
         try:
             self._describe(path, wanted, bands, value_range)
         except BaseException:
@@ -125,7 +125,7 @@ class GdalReader(Reader):
             try:
                 self.scale = B.value_scale(self.dtype, *self._sample(), value_range)
             except Exception as e:  # a file whose header opens but whose pixels do not decode
-                raise RasterFormatError(f"{path}: pixels cannot be decoded ({_first_line(e)})") from None
+                raise RasterFormatError(f"{path}: pixels cannot be decoded ({first_line(e)})") from None
 
     def _sample(self) -> tuple[np.ndarray, np.ndarray]:
         from rasterio.enums import Resampling
@@ -146,7 +146,7 @@ class GdalReader(Reader):
             valid = self.ds.dataset_mask(window=w) > 0
         except Exception as e:  # GDAL decode errors surface as several rasterio types
             raise RasterFormatError(f"{self.path}: cannot decode pixels at rows {window.row_off}.."
-                                    f"{window.row_end} ({_first_line(e)})") from None
+                                    f"{window.row_end} ({first_line(e)})") from None
         return data, valid & _finite(data)
 
     def close(self) -> None:
@@ -164,7 +164,7 @@ class TiffFileReader(Reader):
             self.tif = tifffile.TiffFile(path)
             self.page = self.tif.pages.first  # full resolution of the first series (OME-TIFF level 0)
         except Exception as e:  # tifffile raises several types for broken files
-            raise RasterFormatError(f"{path}: not a readable TIFF ({_first_line(e)})") from None
+            raise RasterFormatError(f"{path}: not a readable TIFF ({first_line(e)})") from None
         p = self.page
         if p.planarconfig != 1 and p.samplesperpixel > 1:
             raise RasterFormatError(f"{path}: band-separate (planar) TIFFs are read through GDAL only")
@@ -202,7 +202,7 @@ class TiffFileReader(Reader):
         try:
             pixels = np.moveaxis(self._segments(window), -1, 0)
         except Exception as e:
-            raise RasterFormatError(f"{self.path}: cannot decode pixels ({_first_line(e)})") from None
+            raise RasterFormatError(f"{self.path}: cannot decode pixels ({first_line(e)})") from None
         data = pixels[[b - 1 for b in self.plan.indexes]]
         valid = pixels[self.alpha - 1] > 0 if self.alpha else np.ones(data.shape[1:], bool)
         return data, valid & _finite(data)
@@ -248,14 +248,6 @@ class OpenCVReader(Reader):
         data = self.image[[b - 1 for b in self.plan.indexes], rows, cols]
         valid = self.image[self.alpha - 1, rows, cols] > 0 if self.alpha else np.ones(data.shape[1:], bool)
         return data, valid & _finite(data)
-
-
-def _first_line(e: BaseException) -> str:
-    """The most specific message: rasterio chains GDAL's own reason as the innermost cause."""
-    while (e.__cause__ or e.__context__) is not None:
-        e = e.__cause__ or e.__context__
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def open_raster(path: str | Path, wanted_bands: int = 3, bands: tuple[int, ...] | None = None,

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bigseg.errors import OutputError
+from bigseg.errors import OutputError, first_line
 from bigseg.io.readers import Georef
 from bigseg.tiling import Window
 
@@ -92,7 +92,7 @@ class GeoTiffWriter:
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 self.ds = rasterio.open(self.tmp, "w", **profile)
         except Exception as e:
-            raise OutputError(f"cannot write {path}: {str(e).strip().splitlines()[0]}") from None
+            raise OutputError(f"cannot write {path}: {first_line(e)}") from None
         if georef is not None and georef.gcps:
             self.ds.gcps = (georef.gcps, georef.gcps_crs)
         if palette is not None:
@@ -112,18 +112,16 @@ class GeoTiffWriter:
         try:
             self.ds = _open_update(self.tmp)
         except Exception as e:
-            raise OutputError(f"cannot resume {self.tmp}: {str(e).strip().splitlines()[0]}") from None
-        try:
-            if (self.ds.width, self.ds.height, self.ds.count) != (self.width, self.height, self.count):
-                raise OutputError(f"cannot resume {self.tmp}: it is not this job's partial output")
-            top = max(0, rows - BLOCK)
-            try:
-                self.ds.read(window=RWindow(0, top, self.width, rows - top))
-            except Exception as e:
-                raise OutputError(f"cannot resume {self.tmp}: {str(e).strip().splitlines()[0]}") from None
-        except BaseException:
+            raise OutputError(f"cannot resume {self.tmp}: {first_line(e)}") from None
+        if (self.ds.width, self.ds.height, self.ds.count) != (self.width, self.height, self.count):
             self.ds.close()
-            raise
+            raise OutputError(f"cannot resume {self.tmp}: it is not this job's partial output")
+        top = max(0, rows - BLOCK)
+        try:
+            self.ds.read(window=RWindow(0, top, self.width, rows - top))
+        except Exception as e:
+            self.ds.close()
+            raise OutputError(f"cannot resume {self.tmp}: {first_line(e)}") from None
         self.rows_written = rows
         self._done_bands = set(range(-(-rows // BLOCK)))
 

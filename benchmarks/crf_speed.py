@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from bigseg.crf import CRFParams, dense_crf
+from bigseg.crf.meanfield import dense_crf
+from bigseg.crf.params import CRFParams
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Parameters and multiply-adds ("GFLOPs" as these papers count them) of each registered
-architecture at 1024x2048 and 19 classes, in the default and the reference configuration,
-beside the published figures (../shared/MODELS.md; nan where none is published).
+architecture at 1024x2048 and 19 classes (and DeepLab v1/v2 also at 513x513 and 21 classes, as
+their papers report PASCAL VOC), in the default and the reference configuration, beside the
+published or reference-code figures (../shared/MODELS.md; nan where there is none).
 
     python benchmarks/model_complexity.py
 """
@@ -14,8 +15,17 @@ from bigseg.models import create_model, get_arch, list_archs
 from bigseg.models.complexity import count_macs, count_parameters
 
 NAN = math.nan
-# (name, label, config or "reference", published params M, published GMACs, source)
+# (name, label, config or "reference", published params M, published GMACs, source[, (h, w, classes)])
 ROWS = [
+    ("deeplabv1-vgg16", "LargeFOV", {}, 20.5, NAN, "DeepLab v1 paper Table 2 (VOC, 21 classes)", (513, 513, 21)),
+    ("deeplabv1-vgg16", "LargeFOV", {}, NAN, NAN, ""),
+    ("deeplabv2-rn101", "ASPP-L", {}, 44.05, NAN, "ResNet-101 without fc (42.50) + 4 x 3x3x2048x21", (513, 513, 21)),
+    ("deeplabv2-rn101", "ASPP-L", {}, NAN, NAN, ""),
+    ("deeplabv3-rn101", "eval OS 8", {}, NAN, NAN, ""),
+    ("deeplabv3-rn101", "OS 16", {"eval_output_stride": 16}, NAN, NAN, ""),
+    ("deeplabv3-rn101", "VOC OS 8", {}, 58.63, NAN, "torchvision deeplabv3_resnet101 without aux head", (513, 513, 21)),
+    ("deeplabv3plus-xception65", "OS 16", {}, NAN, 418.64, "TF DeepLab model zoo (1025x2049)", (1025, 2049, 19)),
+    ("deeplabv3plus-xception65", "OS 16", {}, NAN, NAN, ""),
     ("ladder-dn121", "paper", {}, NAN, NAN, ""),
     ("ladder-dn121", "authors", "reference", 10.31, 143.4, "LDN paper / authors' code"),
     ("ladder-dn169", "authors", "reference", 16.34, 152.6, "LDN paper"),
@@ -34,16 +44,17 @@ ROWS = [
 def main() -> None:
     missing = {s.name for s in list_archs()} - {r[0] for r in ROWS}
     rows = ROWS + [(name, "default", {}, NAN, NAN, "") for name in sorted(missing)]
-    print(f"{'model':<20} {'config':<11} {'params M':>9} {'GMACs':>8} {'pub. M':>7} {'pub. G':>7} "
+    print(f"{'model':<24} {'config':<10} {'input':<9} {'params M':>9} {'GMACs':>8} {'pub. M':>7} {'pub. G':>7} "
           f"{'ratio M':>8} {'ratio G':>8}  source")
-    for name, label, config, pm, pg, source in rows:
+    for name, label, config, pm, pg, source, *size in rows:
+        h, w, classes = size[0] if size else (1024, 2048, 19)
         if config == "reference":
             config = get_arch(name).reference
         with torch.device("meta"):
-            model = create_model(name, 19, **config)
+            model = create_model(name, classes, **config)
         params = count_parameters(model) / 1e6
-        macs = count_macs(model, 1024, 2048) / 1e9
-        print(f"{name:<20} {label:<11} {params:9.2f} {macs:8.1f} {pm:7.2f} {pg:7.1f} "
+        macs = count_macs(model.eval(), h, w) / 1e9
+        print(f"{name:<24} {label:<10} {h}x{w:<5} {params:9.2f} {macs:8.1f} {pm:7.2f} {pg:7.1f} "
               f"{params / pm:8.3f} {macs / pg:8.3f}  {source}")
 
 

@@ -1,26 +1,30 @@
-"""Throughput of `bigseg predict` against the model's own ceiling and a naive tiler, in one run.
+"""Throughput of `bigseg predict` against the device's ceiling, the bare model per engine, a naive
+tiler and MONAI's sliding window, in one run.
 
-(a) bare model: batched forward passes on synthetic tensors already on the device (the ceiling);
-(b) end to end: `Segmenter.predict_file` on a synthetic GeoTIFF (and `--ortho FILE`): reading,
-    inference, stitching, compression and writing included;
-(c) naive tiler: the whole image read into memory, one tile at a time, no blending, each tile's
-    labels written to the GeoTIFF as soon as it is done;
-(d) reading alone: every tile of the grid read and decoded, with 1 and with `--io-threads` GDAL
-    threads (what the reading thread can feed a fast GPU).
-Throughput is input megapixels per second; "tile MP/s" counts the pixels the model ran on (tiles
-overlap), so (b)'s tile MP/s over (a) is the pipeline's efficiency. Also printed: peak GPU memory,
-peak RSS, multiply-adds per megapixel and the achieved fraction of the device's bf16 rate.
+(0) ceiling (CPU): fp32 4096x4096 matmuls in torch, GFLOP per CPU-second (all threads counted);
+(a) bare model per engine (torch, onnx): batches of normalised tiles, no reading or writing;
+    MP/s, CPU seconds per megapixel and the achieved GFLOP per CPU-second as a share of (0);
+(b) end to end per engine: `predict_file` on a synthetic GeoTIFF and (`--ortho FILE`) a crop of
+    it (`--crop`, default 3000): reading, inference, stitching, compression and writing;
+(c) naive tiler: the whole image in memory, one tile at a time, no blending, torch;
+(d) MONAI's `sliding_window_inference` with the same model (torch), tile, overlap and batch,
+    Gaussian blending, the whole image and its logits in memory (monai in the benchmark's own
+    requirements: `pip install monai`);
+(e) `--before CHECKOUT`: the same `bigseg predict` command run from another checkout (a baseline);
+(f) `--rss-crops 3000,6000`: peak RSS of `bigseg predict` per engine on crops of those sizes;
+(g) reading alone with 1 and `--io-threads` GDAL threads; with `--agreement` (GPU and trained
+    weights) bf16 against fp32 labels.
+Megapixels count input pixels; "tile MP/s" counts what the model ran on (tiles overlap).
 
-With `--agreement` (a GPU and trained weights, e.g. `--model ladder-dn121-camvid`): the share of
-pixels whose label is the same in bf16 as in fp32, on every input.
-
-    python benchmarks/pipeline_throughput.py --device cpu --model small --tile 512 --size 3000
+    python benchmarks/pipeline_throughput.py --device cpu --model ladder-dn121-camvid --tile 1024 \\
+        --batch 4 --size 3000 --ortho ../shared/data/ortho/yb_z21_epsg3857_jpeg_mask.tif --monai
     python benchmarks/pipeline_throughput.py --device cuda --model ladder-dn121-camvid --tile 1024 \\
         --size 12000 --ortho ../shared/data/ortho/yb_z21_epsg3857_jpeg_mask.tif --peak-tflops 989 --agreement
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -31,16 +35,22 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from predict_memory import SMALL, make_raster  # noqa: E402
+from predict_memory import SMALL, make_raster, peak_rss_mb
 
-from bigseg.checkpoint import from_model  # noqa: E402
-from bigseg.device import resolve_precision  # noqa: E402
-from bigseg.inference import ReadOptions, Segmenter, WriteOptions  # noqa: E402
-from bigseg.models import create_model  # noqa: E402
-from bigseg.models.complexity import count_macs  # noqa: E402
-from bigseg.tiling import TileGrid  # noqa: E402
+from bigseg.checkpoint import from_model, resolve_model, save_checkpoint
+from bigseg.device import resolve_precision
+from bigseg.geometry import TileGrid
+from bigseg.models import create_model, list_archs
+from bigseg.models.complexity import count_macs
+from bigseg.predictor import Predictor
+from bigseg.run.file_job import JobOptions, predict_file
 
 CLASSES = 11
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def sync(device: torch.device) -> None:
@@ -48,79 +58,127 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare(seg: Segmenter, batches: int) -> float:
-    """Tile MP/s of the model alone: normalised synthetic batches already on the device."""
-    b, t = seg.batch_size, seg.tile
-    x = torch.randn(b, 3, t, t, device=seg.device)
-    if seg.device.type == "cuda":
+def matmul_ceiling(n: int = 4096, repeats: int = 6) -> tuple[float, float]:
+    """GFLOP per CPU-second and per wall-second of fp32 n x n matmuls."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    flop = 2 * n ** 3 * repeats / 1e9
+    return flop / (cpu_seconds() - c0), flop / (time.perf_counter() - t0)
+
+
+def bare(pred: Predictor, batches: int) -> tuple[float, float]:
+    """Tile MP/s and CPU s per tile MP of the engine alone on normalised batches on the device."""
+    b, t = pred.batch_size, pred.tile
+    x = torch.randn(b, 3, t, t, device=pred.device)
+    if pred.device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    auto = torch.autocast(seg.device.type, dtype=seg.dtype, enabled=seg.dtype is not torch.float32)
+    auto = torch.autocast(pred.device.type, dtype=pred.dtype, enabled=pred.dtype is not torch.float32)
     with torch.inference_mode(), auto:
         for _ in range(2):
-            seg.model(x)
-        sync(seg.device)
-        t0 = time.perf_counter()
+            pred.engine(x)  # the first call of an exported engine exports (or loads) it
+        sync(pred.device)
+        c0, t0 = cpu_seconds(), time.perf_counter()
         for _ in range(batches):
-            seg.model(x)
-        sync(seg.device)
-    return batches * b * t * t / 1e6 / (time.perf_counter() - t0)
+            pred.engine(x)
+        sync(pred.device)
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    mp = batches * b * t * t / 1e6
+    return mp / wall, cpu / mp
 
 
-def end_to_end(seg: Segmenter, src: Path, dst: Path) -> tuple[float, float]:
-    warm = np.zeros((seg.batch_size, 3, seg.tile, seg.tile), np.float32)
-    seg.tile_scores(warm)  # autotuning and compilation outside the timing
-    sync(seg.device)
-    t0 = time.perf_counter()
-    result = seg.predict_file(src, dst, ReadOptions(), WriteOptions())
-    seconds = time.perf_counter() - t0
-    grid = seg.grid(result.width, result.height)
+def end_to_end(pred: Predictor, src: Path, dst: Path, options: JobOptions) -> tuple[float, float, float]:
+    """Input MP/s, tile MP/s and CPU s per input MP of one predict_file."""
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    result = predict_file(pred, src, dst, options)
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    grid = pred.grid(result.width, result.height)
     th, tw = grid.tile_shape
-    return result.megapixels / seconds, len(grid) * th * tw / 1e6 / seconds
+    return result.megapixels / wall, len(grid) * th * tw / 1e6 / wall, cpu / result.megapixels
 
 
-def naive(seg: Segmenter, src: Path, dst: Path) -> float:
-    """One tile at a time over the whole image in memory; labels of each tile's core written at once."""
+def _read_whole(src: Path):
+    import rasterio
+
+    with rasterio.open(src) as ds:
+        profile = dict(driver="GTiff", width=ds.width, height=ds.height, count=1, dtype="uint8", crs=ds.crs,
+                       transform=ds.transform, tiled=True, blockxsize=512, blockysize=512, compress="deflate")
+        return ds.read().astype(np.float32), profile
+
+
+def naive(pred: Predictor, src: Path, dst: Path) -> float:
+    """One tile at a time over the whole image in memory; labels of each tile written at once."""
     import rasterio
     from rasterio.windows import Window as RWindow
 
     t0 = time.perf_counter()
-    with rasterio.open(src) as ds:
-        image = ds.read().astype(np.float32)
-        profile = dict(driver="GTiff", width=ds.width, height=ds.height, count=1, dtype="uint8", crs=ds.crs,
-                       transform=ds.transform, tiled=True, blockxsize=512, blockysize=512, compress="deflate")
-    grid = TileGrid(image.shape[2], image.shape[1], seg.tile, seg.overlap)
+    image, profile = _read_whole(src)
+    grid = TileGrid(image.shape[2], image.shape[1], pred.tile, pred.overlap)
     with rasterio.open(dst, "w", **profile) as out:
         for w in grid:
-            scores = seg._tile_scores(image[None, :, w.row_off:w.row_end, w.col_off:w.col_end]).cpu().numpy()
+            scores = pred.forward(image[None, :, w.row_off:w.row_end, w.col_off:w.col_end]).cpu().numpy()
             out.write(scores[0].argmax(0).astype(np.uint8)[None], window=RWindow(w.col_off, w.row_off, w.width, w.height))
     return image.shape[1] * image.shape[2] / 1e6 / (time.perf_counter() - t0)
 
 
-def read_rate(seg: Segmenter, src: Path, threads: int) -> float:
-    """Tile MP/s of reading (decoding, masks, rescaling) every tile of the grid, nothing else."""
-    from bigseg.io.gdal import gdal_env
-    from bigseg.io.readers import open_raster
+def monai_window(pred: Predictor, src: Path, dst: Path) -> tuple[float, float]:
+    """MONAI's sliding window (Gaussian blend) with the same torch model: input MP/s, CPU s/MP."""
+    import rasterio
+    from monai.inferers import sliding_window_inference
 
-    with gdal_env(threads), open_raster(src, seg.checkpoint.in_channels) as reader:
-        grid = seg.grid(reader.width, reader.height)
-        t0 = time.perf_counter()
-        pixels = 0
-        for w in grid:
-            data, _ = reader.read(w)
-            pixels += w.width * w.height
-    return pixels / 1e6 / (time.perf_counter() - t0)
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    image, profile = _read_whole(src)
+    x = (torch.from_numpy(image)[None] - pred._mean) / pred._std
+    with torch.inference_mode():
+        logits = sliding_window_inference(x, (pred.tile, pred.tile), pred.batch_size, pred.model,
+                                          overlap=pred.overlap / pred.tile, mode="gaussian")
+    with rasterio.open(dst, "w", **profile) as out:
+        out.write(logits[0].argmax(0).to(torch.uint8).numpy()[None])
+    mp = image.shape[1] * image.shape[2] / 1e6
+    return mp / (time.perf_counter() - t0), (cpu_seconds() - c0) / mp
 
 
-def checkpoint_for(spec: str):
-    """`small` or an architecture name: random weights; otherwise a shipped model or a checkpoint."""
-    from bigseg.checkpoint import resolve_model
-    from bigseg.models import list_archs
+def cli_run(src: Path, dst: Path, model: str, args, engine: str, checkout: Path | None = None) -> tuple[float, float]:
+    """Peak RSS (MiB) and seconds of `bigseg predict` in a fresh process (from `checkout` if given)."""
+    env = {**os.environ, **({"PYTHONPATH": str(checkout)} if checkout else {})}
+    env.pop("BIGSEG_ENGINE", None)
+    cmd = [sys.executable, "-m", "bigseg", "predict", str(src), "-m", model, "-o", str(dst), "--overwrite",
+           "--device", args.device, "--tile", str(args.tile), "--batch-size", str(args.batch), "--json"]
+    if checkout is None:
+        cmd += ["--engine", engine]
+    rss, seconds, _ = peak_rss_mb(cmd, env)
+    return rss, seconds
 
+
+def crop(src: Path, side: int, dst: Path) -> Path:
+    """A side x side crop from the middle of `src`, with its mask and georeference."""
+    import rasterio
+    from rasterio.windows import Window as RWindow
+
+    if dst.exists():
+        return dst
+    with rasterio.open(src) as ds:
+        w = RWindow(max(0, (ds.width - side) // 2), max(0, (ds.height - side) // 2), min(side, ds.width),
+                    min(side, ds.height))
+        profile = ds.profile.copy()
+        profile.update(width=int(w.width), height=int(w.height), transform=ds.window_transform(w))
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(dst, "w", **profile) as out:
+            out.write(ds.read(window=w))
+            out.write_mask(ds.dataset_mask(window=w))
+    return dst
+
+
+def checkpoint_for(spec: str, work: Path):
+    """`small` or an architecture name: random weights (saved for the CLI runs); otherwise a
+    shipped model or a checkpoint."""
     if spec == "small" or spec in {a.name for a in list_archs()}:
         torch.manual_seed(0)
         arch, config = ("ladder-dn121", SMALL) if spec == "small" else (spec, {})
-        return from_model(create_model(arch, CLASSES, **config), arch, [f"c{i}" for i in range(CLASSES)])
-    return resolve_model(spec)
+        ckpt = from_model(create_model(arch, CLASSES, **config), arch, [f"c{i}" for i in range(CLASSES)])
+        return ckpt, str(save_checkpoint(ckpt, work / f"{spec}.pt"))
+    return resolve_model(spec), spec
 
 
 def agreement(ckpt, args, src: Path, work: Path) -> float:
@@ -129,70 +187,132 @@ def agreement(ckpt, args, src: Path, work: Path) -> float:
 
     masks = []
     for precision in ("fp32", "bf16"):
-        seg = Segmenter(ckpt, args.device, precision, args.tile, None, args.batch)
+        pred = Predictor(ckpt, args.device, precision, args.tile, None, args.batch, engine="torch")
         dst = work / f"agree_{precision}_{src.stem}.tif"
-        seg.predict_file(src, dst)
+        predict_file(pred, src, dst)
         with rasterio.open(dst) as ds:
             masks.append(ds.read(1))
     valid = masks[0] != 255
     return float((masks[0] == masks[1])[valid].mean())
 
 
+def read_rate(pred: Predictor, src: Path, threads: int) -> float:
+    """Tile MP/s of reading (decoding, masks, rescaling) every tile of the grid, nothing else."""
+    from bigseg.io.gdal import gdal_env
+    from bigseg.io.readers import open_raster
+
+    with gdal_env(threads), open_raster(src, pred.checkpoint.in_channels) as reader:
+        grid = pred.grid(reader.width, reader.height)
+        t0, pixels = time.perf_counter(), 0
+        for w in grid:
+            reader.read(w)
+            pixels += w.width * w.height
+    return pixels / 1e6 / (time.perf_counter() - t0)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default="small", help="small (a little ladder config), an architecture name "
                    "(random weights), a shipped model name or a checkpoint")
+    p.add_argument("--engines", default="torch,onnx", help="engines to compare (torch on a GPU)")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--precision", default="auto")
     p.add_argument("--size", type=int, default=3000, help="side of the synthetic GeoTIFF")
     p.add_argument("--ortho", type=Path, default=None)
-    p.add_argument("--bare-batches", type=int, default=5)
+    p.add_argument("--crop", type=int, default=3000, help="side of the crop taken from --ortho")
+    p.add_argument("--monai", action="store_true", help="also MONAI's sliding_window_inference")
+    p.add_argument("--before", type=Path, default=None, help="a checkout whose `bigseg predict` is the baseline")
+    p.add_argument("--rss-crops", default="", help="e.g. 3000,6000: peak RSS of predict per engine on such crops")
+    p.add_argument("--bare-batches", type=int, default=3)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--io-threads", type=int, default=None, help="GDAL threads (default: the predictor's)")
+    p.add_argument("--io-threads", type=int, default=None, help="GDAL threads (default: the job's)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 rate, for the fraction")
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--agreement", action="store_true", help="also compare bf16 with fp32 labels (trained weights)")
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bigseg-pipe-"))
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoint_for(args.model)
-    seg = Segmenter(ckpt, args.device, args.precision, args.tile, None, args.batch, compile=args.compile,
-                    io_threads=args.io_threads)
-    args.io_threads = args.io_threads or max(2, seg.io_threads)
-    src = work / f"synthetic_{args.size}.tif"
-    if not src.exists():
-        make_raster(src, args.size)
+    ckpt, model_arg = checkpoint_for(args.model, work)
+    engines = [e for e in args.engines.split(",") if e] if args.device == "cpu" else ["torch"]
+    preds = {e: Predictor(ckpt, args.device, args.precision, args.tile, None, args.batch, compile=args.compile,
+                          engine=e) for e in engines}
+    first = preds[engines[0]]
+    options = JobOptions(io_threads=args.io_threads)
+    args.io_threads = args.io_threads or max(2, options.threads_for(first.device))
     macs_per_mp = count_macs(ckpt.build_model(), args.tile, args.tile) / (args.tile ** 2 / 1e6)
-    dtype = resolve_precision(args.precision, seg.device)
-    print(f"device {seg.device}, model {args.model}, tile {args.tile}, overlap {seg.overlap}, batch {args.batch}, "
-          f"precision {str(dtype).removeprefix('torch.')}, {macs_per_mp / 1e9:.1f} GMACs per MP")
-    ceiling = bare(seg, args.bare_batches)
-    print(f"(a) bare model        {ceiling:8.2f} tile MP/s")
-    rows = []
-    for label, path in [(f"synthetic {args.size}^2", src)] + ([("ortho", args.ortho)] if args.ortho else []):
-        if seg.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(seg.device)
-        mp, tile_mp = end_to_end(seg, path, work / f"e2e_{path.stem}.tif")
-        gpu = torch.cuda.max_memory_allocated(seg.device) / 2 ** 20 if seg.device.type == "cuda" else float("nan")
-        slow = naive(seg, path, work / f"naive_{path.stem}.tif")
-        rows.append((label, mp, tile_mp, slow, gpu))
-        print(f"(b) end to end {label:<14} {mp:8.2f} MP/s ({tile_mp:.2f} tile MP/s, {tile_mp / ceiling:.2f} of (a)); "
-              f"peak GPU {gpu:.0f} MiB")
-        print(f"(c) naive tiler {label:<13} {slow:8.2f} MP/s; (b)/(c) = {mp / slow:.2f}")
-        one, many = read_rate(seg, path, 1), read_rate(seg, path, args.io_threads)
-        print(f"(d) reading alone {label:<11} {one:8.2f} tile MP/s with 1 GDAL thread, {many:.2f} with "
-              f"{args.io_threads} ({many / one:.2f}x)")
+    dtype = resolve_precision(args.precision, first.device)
+    print(f"device {first.device}, {torch.get_num_threads()} threads, model {args.model}, tile {args.tile}, "
+          f"overlap {first.overlap}, batch {args.batch}, precision {str(dtype).removeprefix('torch.')}, "
+          f"{2 * macs_per_mp / 1e9:.1f} GFLOP per MP")
+    ceiling = None
+    if first.device.type == "cpu":
+        ceiling, wall_rate = matmul_ceiling()
+        print(f"(0) fp32 matmul ceiling: {ceiling:.0f} GFLOP per CPU-second ({wall_rate:.0f} per wall second)")
+    for engine, pred in preds.items():
+        rate, cpu_per_mp = bare(pred, args.bare_batches)
+        share = "" if ceiling is None else f", {2 * macs_per_mp / 1e9 / cpu_per_mp:.0f} GFLOP/CPU-s = " \
+            f"{2 * macs_per_mp / 1e9 / cpu_per_mp / ceiling:.0%} of (0)"
+        print(f"(a) bare model, {pred.engine.name:<5} {rate:7.2f} tile MP/s, {cpu_per_mp:5.2f} CPU s/MP{share}", flush=True)
+    inputs = [(f"synthetic {args.size}^2", work / f"synthetic_{args.size}.tif")]
+    if not inputs[0][1].exists():
+        make_raster(inputs[0][1], args.size)
+    if args.ortho:
+        inputs.append((f"ortho crop {args.crop}^2", crop(args.ortho, args.crop, work / f"ortho_{args.crop}.tif")))
+    for label, path in inputs:
+        speeds = {}
+        for engine, pred in preds.items():
+            if pred.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(pred.device)
+            mp, tile_mp, cpu = end_to_end(pred, path, work / f"e2e_{engine}_{path.stem}.tif", options)
+            speeds[engine] = mp
+            gpu = f"; peak GPU {torch.cuda.max_memory_allocated(pred.device) / 2 ** 20:.0f} MiB" \
+                if pred.device.type == "cuda" else ""
+            print(f"(b) end to end, {pred.engine.name:<5} {label}: {mp:6.3f} MP/s, {cpu:5.2f} CPU s/MP "
+                  f"({tile_mp:.3f} tile MP/s){gpu}", flush=True)
+        best = max(speeds.values())
+        slow = naive(first, path, work / f"naive_{path.stem}.tif")
+        print(f"(c) naive tiler (torch) {label}: {slow:6.3f} MP/s; best end to end / naive = {best / slow:.2f}", flush=True)
+        if args.monai:
+            rate, cpu = monai_window(preds.get("torch", first), path, work / f"monai_{path.stem}.tif")
+            print(f"(d) MONAI sliding window (torch) {label}: {rate:6.3f} MP/s, {cpu:5.2f} CPU s/MP; "
+                  f"best end to end / MONAI = {best / rate:.2f}", flush=True)
+        if args.before:
+            rss, seconds = cli_run(path, work / f"before_{path.stem}.tif", model_arg, args, "torch", args.before)
+            mp = _megapixels(path) / seconds
+            print(f"(e) `bigseg predict` of {args.before} {label}: {mp:6.3f} MP/s (whole command, {seconds:.1f} s, "
+                  f"peak RSS {rss:.0f} MiB)", flush=True)
+            for engine in preds:
+                rss, seconds = cli_run(path, work / f"cli_{engine}_{path.stem}.tif", model_arg, args, engine)
+                print(f"    `bigseg predict --engine {engine}` {label}: {_megapixels(path) / seconds:6.3f} MP/s "
+                      f"({seconds:.1f} s, peak RSS {rss:.0f} MiB); {mp * seconds / _megapixels(path):.2f}x the baseline",
+                      flush=True)
+        one, many = read_rate(first, path, 1), read_rate(first, path, args.io_threads)
+        print(f"(g) reading alone {label}: {one:.1f} tile MP/s with 1 GDAL thread, {many:.1f} with {args.io_threads}")
+    for side in [int(s) for s in args.rss_crops.split(",") if s]:
+        src = crop(args.ortho, side, work / f"ortho_{side}.tif") if args.ortho else work / f"synthetic_{side}.tif"
+        if not src.exists():
+            make_raster(src, side)
+        for engine in preds:
+            rss, seconds = cli_run(src, work / f"rss_{engine}_{side}.tif", model_arg, args, engine)
+            print(f"(f) peak RSS, {engine:<5} {side}^2: {rss:.0f} MiB ({seconds:.1f} s)", flush=True)
     if args.agreement:
-        for label, path in [(f"synthetic {args.size}^2", src)] + ([("ortho", args.ortho)] if args.ortho else []):
-            share = agreement(ckpt, args, path, work)
-            print(f"bf16 vs fp32 labels, {label}: {share:.4%} of valid pixels agree (goal >= 99.5%)")
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS {rss:.0f} MiB (whole benchmark process, naive tiler's full image included)")
-    if args.peak_tflops:
-        achieved = 2 * macs_per_mp * ceiling / 1e12
+        for label, path in inputs:
+            print(f"bf16 vs fp32 labels, {label}: {agreement(ckpt, args, path, work):.4%} of valid pixels agree")
+    print(f"peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
+          f"(the naive tiler's and MONAI's whole images included)")
+    if args.peak_tflops and first.device.type == "cuda":
+        rate, _ = bare(first, args.bare_batches)
+        achieved = 2 * macs_per_mp * rate / 1e12
         print(f"bare model: {achieved:.1f} TFLOP/s = {achieved / args.peak_tflops:.1%} of {args.peak_tflops:.0f}")
+
+
+def _megapixels(path: Path) -> float:
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        return ds.width * ds.height / 1e6
 
 
 if __name__ == "__main__":

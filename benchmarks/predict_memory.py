@@ -41,11 +41,11 @@ def make_raster(path: Path, side: int) -> None:
                       window=rasterio.windows.Window(0, r, side, len(rows)))
 
 
-def peak_rss_mb(cmd: list[str]) -> tuple[float, float, dict]:
+def peak_rss_mb(cmd: list[str], env: dict | None = None) -> tuple[float, float, dict]:
     """Peak RSS (MiB) and seconds of `cmd`, and its JSON summary on stdout."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as stdout:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env)
         err = proc.stderr.read().decode()
         _, status, usage = os.wait4(proc.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
@@ -66,6 +66,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     import torch
+
     from bigseg.checkpoint import from_model, save_checkpoint
     from bigseg.models import create_model
 
@@ -94,7 +95,7 @@ def main() -> None:
             est = plan["memory_mib"]["gpu"]
             print(f"    GPU peak {gpu:.0f} MiB; --dry-run estimate {est:.0f} MiB, measured/estimate "
                   f"{gpu / est:.2f} (limit 0.75..1.25)", flush=True)
-    from bigseg.tiling import TileGrid
+    from bigseg.geometry import TileGrid
 
     (s0, r0, _), (s1, r1, _) = rows[0], rows[-1]
     print(f"\npeak RSS ratio {s1}^2 / {s0}^2 = {r1 / r0:.3f} (limit 1.25) for {(s1 / s0) ** 2:.0f}x the pixels")

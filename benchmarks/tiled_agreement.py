@@ -21,7 +21,7 @@ def main() -> None:
     import cv2
 
     from bigseg.checkpoint import resolve_model
-    from bigseg.inference import Segmenter
+    from bigseg.predictor import Predictor
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="ladder-dn121")
@@ -31,13 +31,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     ckpt = resolve_model(args.model)
-    tiled = Segmenter(ckpt, args.device, tile=args.tile, overlap=args.overlap, batch_size=2)
+    tiled = Predictor(ckpt, args.device, tile=args.tile, overlap=args.overlap, batch_size=2)
     total_same = total = 0
     print(f"model {args.model}, tile {args.tile}, overlap {args.overlap}")
     for path in sorted(args.frames.glob("*.png")):
         image = np.moveaxis(cv2.imread(str(path))[..., ::-1], -1, 0).astype(np.float32)
         h, w = image.shape[1:]
-        whole = Segmenter(ckpt, args.device, tile=max(h, w), overlap=0, batch_size=1)
+        whole = Predictor(ckpt, args.device, tile=max(h, w), overlap=0, batch_size=1)
         t0 = time.perf_counter()
         a = whole.scores(image).argmax(0)
         t1 = time.perf_counter()

@@ -1,26 +1,33 @@
 """bigseg: semantic segmentation of very large images.
 
-    from bigseg import Segmenter, load_model
-    seg = Segmenter(load_model("ladder-dn121"))
-    seg.predict_file(Path("city.tif"), Path("city.mask.tif"))
+    from bigseg import Predictor, load_model, predict_file
+    predictor = Predictor(load_model("ladder-dn121-camvid"), device="auto", tile=1024)
+    predict_file(predictor, Path("city.tif"), Path("city.mask.tif"))
+    labels = predictor.segment(image_chw)          # an in-memory image, same tiling
 """
 __version__ = "0.1.0"
 
-from bigseg.errors import BigsegError  # noqa: E402
+from bigseg.errors import BigsegError
+
+_API = {
+    "Predictor": ("bigseg.predictor", "Predictor"),
+    "load_model": ("bigseg.checkpoint", "resolve_model"),
+    "predict_file": ("bigseg.run.file_job", "predict_file"),
+    "predict": ("bigseg.run.batch", "predict"),
+    "JobOptions": ("bigseg.run.file_job", "JobOptions"),
+    "ReadOptions": ("bigseg.io.readers", "ReadOptions"),
+    "WriteOptions": ("bigseg.io.outputs", "WriteOptions"),
+}
 
 
 def __getattr__(name: str):
-    # Heavy imports (torch) only when the API is used, so `bigseg --version` stays quick.
-    if name == "Segmenter":
-        from bigseg.inference import Segmenter
-        return Segmenter
-    if name == "load_model":
-        from bigseg.checkpoint import resolve_model
-        return resolve_model
-    if name == "predict":
-        from bigseg.jobs import run_predict
-        return run_predict
-    raise AttributeError(name)
+    # the API loads torch on first use, so `bigseg --version` and `--help` stay quick
+    if name not in _API:
+        raise AttributeError(name)
+    import importlib
+
+    module, attr = _API[name]
+    return getattr(importlib.import_module(module), attr)
 
 
-__all__ = ["BigsegError", "Segmenter", "load_model", "predict", "__version__"]
+__all__ = ["BigsegError", *_API, "__version__"]

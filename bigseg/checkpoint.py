@@ -7,9 +7,8 @@ training metadata and the state dict. Shipped weights are listed in `weights/man
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from bigseg.atomic import atomic_path
 from bigseg.errors import CheckpointError, InputError
+from bigseg.manifest import find_entry, read_manifest, sha256, weights_dir
 from bigseg.models import create_model, get_arch, model_config
+from bigseg.palette import default_palette
 
 FORMAT = "bigseg-checkpoint"
 VERSION = 1
-WEIGHTS_DIR = Path(os.environ.get("BIGSEG_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
 
 
 @dataclass
@@ -70,6 +71,15 @@ class Checkpoint:
         }
 
 
+def weights_digest(ckpt: Checkpoint) -> str:
+    """sha256 of the state dict's names and bytes: the identity of a model's weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(ckpt.state_dict.items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def from_model(model: nn.Module, arch: str, classes: list[str], palette: list[list[int]] | None = None,
                normalization: Normalization | None = None, training: dict[str, Any] | None = None,
                half: bool = False) -> Checkpoint:
@@ -83,40 +93,49 @@ def from_model(model: nn.Module, arch: str, classes: list[str], palette: list[li
                       in_channels=getattr(model, "in_channels", 3), training=training or {})
 
 
-def default_palette(n: int) -> list[list[int]]:
-    """The PASCAL VOC bit-interleaved colour map: distinct colours for any number of classes."""
-    palette = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette.append([r, g, b])
-    return palette
-
-
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     """Write atomically: a temporary name in the same folder, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(ckpt.to_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt.to_dict(), tmp)
     return path
 
 
-def _load_tensors(path: Path, what: str, kind: str) -> Any:
-    """`torch.load` restricted to tensors and plain data; any failure is one CheckpointError line."""
+def _file_kind(path: Path) -> str:
+    """What a file that is not a loadable checkpoint is, in a few words, from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "a truncated or damaged zip archive (an interrupted download or copy?)"
+        return "a zip archive holding Python objects other than tensors and plain data"
+    if head[:1] == b"\x80":
+        return "a plain Python pickle, not a torch zip archive"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "a binary file of an unknown format"
+
+
+def _load_tensors(path: Path, what: str, kind: str, hint: str = "use a .pt file written by `bigseg train`") -> Any:
+    """`torch.load` restricted to tensors and plain data; any failure is one CheckpointError line
+    in our words. torch's own message is not quoted: it suggests `weights_only=False`, which would
+    let a model file run code, and bigseg never does that."""
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable {kind} ({reason})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's warnings about the file are ours to phrase
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch.load raises many types for foreign or damaged files
+        raise CheckpointError(f"{path} is not a readable {kind}: it is {_file_kind(path)}; {hint}") from None
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -148,31 +167,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 # --- shipped weights ---------------------------------------------------------------------------
 
-def read_manifest(weights_dir: Path | None = None) -> list[dict[str, Any]]:
-    path = (weights_dir or WEIGHTS_DIR) / "manifest.json"
-    if not path.is_file():
-        return []
-    return json.loads(path.read_text())["models"]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def resolve_model(spec: str, weights_dir: Path | None = None) -> Checkpoint:
+def resolve_model(spec: str, folder: Path | None = None) -> Checkpoint:
     """`--model` semantics: an existing file path, else a manifest name (or an architecture that
     has shipped weights), verified against its sha256."""
-    weights_dir = weights_dir or WEIGHTS_DIR
+    folder = folder or weights_dir()
     path = Path(spec).expanduser()
     if path.is_file():
         return load_checkpoint(path)
-    entries = read_manifest(weights_dir)
-    entry = next((e for e in entries if e["name"] == spec), None) or next(
-        (e for e in entries if e["arch"] == spec), None)
+    entries = read_manifest(folder)
+    entry = find_entry(spec, folder)
     if entry is None:
         if spec.endswith((".pt", ".pth")) or os.sep in spec:
             raise CheckpointError(f"model file not found: {spec}")
@@ -184,7 +187,7 @@ def resolve_model(spec: str, weights_dir: Path | None = None) -> Checkpoint:
                                   f"(shipped: {shipped}); see `bigseg models`") from None
         raise CheckpointError(f"no weights are shipped for {spec!r} (shipped: {shipped}); "
                               f"train one with `bigseg train --model {spec}` and pass the .pt file")
-    file = weights_dir / entry["file"]
+    file = folder / entry["file"]
     if not file.is_file():
         raise CheckpointError(f"shipped weights {file} are missing; reinstall bigseg")
     digest = sha256(file)
@@ -192,10 +195,6 @@ def resolve_model(spec: str, weights_dir: Path | None = None) -> Checkpoint:
         raise CheckpointError(f"shipped weights {file} are damaged (sha256 {digest[:12]}..., "
                               f"expected {entry['sha256'][:12]}...); reinstall bigseg")
     return load_checkpoint(file)
-
-
-def shipped_archs(weights_dir: Path | None = None) -> set[str]:
-    return {e["arch"] for e in read_manifest(weights_dir)}
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
@@ -206,7 +205,8 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
     can give them the reduced learning rate.
     """
     path = Path(path)
-    state = _load_tensors(path, "backbone weights", "state dict")
+    state = _load_tensors(path, "backbone weights", "state dict",
+                          "save one with torch.save(torchvision_model.state_dict(), path)")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

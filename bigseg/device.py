@@ -24,9 +24,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise InputError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+            raise InputError(f"{name}: CUDA is not available on this machine; use the CPU", param="device")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise InputError(f"{name}: only {torch.cuda.device_count()} CUDA device(s)", param="device")
     elif device.type != "cpu":
         raise InputError(f"unsupported device {name!r}; use auto, cpu or cuda[:N]")
     return device
@@ -42,7 +42,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         raise InputError(f"unknown precision {name!r}; use auto, fp32, bf16 or fp16")
     if table[name] is torch.float16 and device.type != "cuda":
-        raise InputError("--precision fp16 needs a GPU; use fp32 or bf16 on the CPU")
+        raise InputError("fp16 needs a GPU; use fp32 or bf16 on the CPU", param="precision")
     return table[name]
 
 

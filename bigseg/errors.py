@@ -2,7 +2,15 @@
 
 
 class BigsegError(Exception):
-    """Root of every error bigseg raises on purpose; the CLI prints it as one line."""
+    """Root of every error bigseg raises on purpose; the CLI prints it as one line.
+
+    `param`: the parameter the message is about; the message then reads "<param> <message>"
+    for a library user, and the CLI names its option instead (`--batch-size must be ...`)."""
+
+    def __init__(self, message: str = "", *, param: str | None = None):
+        self.param = param
+        self.reason = message
+        super().__init__(f"{param} {message}" if param else message)
 
 
 class InputError(BigsegError, ValueError):
@@ -27,6 +35,10 @@ class DatasetError(BigsegError, ValueError):
 
 class TrainingError(BigsegError, RuntimeError):
     """Training cannot go on (non-finite loss, incompatible resume state)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGINT) during a job; the message says what was kept and how to go on."""
 
 
 def first_line(e: BaseException) -> str:

@@ -7,10 +7,10 @@ from typing import Callable
 
 import numpy as np
 
+from bigseg.datasets import SegmentationDataset
 from bigseg.errors import DatasetError
-from bigseg.inference import Segmenter
 from bigseg.metrics import confusion, scores
-from bigseg.train.datasets import SegmentationDataset
+from bigseg.predictor import Predictor
 
 
 @dataclass
@@ -27,9 +27,9 @@ class EvalResult:
                 "seconds": round(self.seconds, 2), **self.scores, "confusion": self.confusion.tolist()}
 
 
-def evaluate(segmenter: Segmenter, dataset: SegmentationDataset, split: str = "val",
+def evaluate(predictor: Predictor, dataset: SegmentationDataset, split: str = "val",
              on_image: Callable[[int, int], None] | None = None) -> EvalResult:
-    classes = segmenter.checkpoint.classes
+    classes = predictor.checkpoint.classes
     if len(classes) != len(dataset.classes):
         raise DatasetError(f"the model predicts {len(classes)} classes but the {dataset.name} data "
                            f"has {len(dataset.classes)}")
@@ -37,7 +37,7 @@ def evaluate(segmenter: Segmenter, dataset: SegmentationDataset, split: str = "v
     conf = np.zeros((len(classes), len(classes)), np.int64)
     for i in range(len(dataset)):
         image, label = dataset[i]
-        pred = segmenter.scores(np.moveaxis(image, -1, 0).astype(np.float32)).argmax(0)
+        pred = predictor.scores(np.moveaxis(image, -1, 0).astype(np.float32)).argmax(0)
         conf += confusion(pred, label, len(classes))
         if on_image is not None:
             on_image(i + 1, len(dataset))

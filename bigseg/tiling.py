@@ -1,19 +1,10 @@
-"""Tile grid, blend window and the streaming stitcher. Knows arrays and windows, never models.
+"""The streaming stitcher and `stream_tiles(grid, read, pipeline)`: tiles read, predicted in
+batches, blended, and handed out as finished rectangles. Knows arrays and windows, never models.
 
-Geometry: along each axis n = ceil((L - overlap) / (tile - overlap)) tiles are spread evenly from
-0 to L - tile (no padding, no tile hanging over the edge), so every overlap lies between `overlap`
-and overlap + (tile - overlap) / (n - 1); an image smaller than the tile is one tile of its size.
-
-Blend window: along each tile edge that lies inside the image, with `ov` the actual overlap with
-the neighbour there, the weight is 0 over the outer ov/4, rises as sin^2 over the middle ov/2 and
-is 1 beyond; along image borders it is 1. Neighbours' weights therefore sum to exactly 1, and no
-pixel takes weight from a tile in which it lies within overlap/4 of a cut: a model whose receptive
-field reaches at most overlap/4 pixels stitches to exactly the whole-image result.
-
-Streaming: each axis is cut at every tile edge into "atoms"; an atom is final as soon as the last
-tile covering it (in row-major order) has been added, and is handed out and freed at once. Only
-the band where one tile row overlaps the next is held across the full width, so the stitcher holds
-at most about
+Streaming: each axis is cut at every tile edge into atoms (`bigseg.geometry`); an atom is final
+as soon as the last tile covering it (in row-major order) has been added, and is handed out and
+freed at once. Only the band where one tile row overlaps the next is held across the full width,
+so the stitcher holds at most about
     (channels + 1) * 4 bytes * (max_overlap * width + 4 * tile * tile)
 whatever the image height; no full-width band of tile height ever exists.
 
@@ -23,119 +14,13 @@ on the GPU and only finished labels travel back to the host.
 """
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Window:
-    """A rectangle of pixels: columns [col_off, col_off + width), rows [row_off, row_off + height)."""
-
-    col_off: int
-    row_off: int
-    width: int
-    height: int
-
-    @property
-    def row_end(self) -> int:
-        return self.row_off + self.height
-
-    @property
-    def col_end(self) -> int:
-        return self.col_off + self.width
-
-    @property
-    def slices(self) -> tuple[slice, slice]:
-        return slice(self.row_off, self.row_end), slice(self.col_off, self.col_end)
-
-
-def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Tile offsets along one axis: evenly spread, first at 0, last ending at `length`."""
-    if length <= tile:
-        return [0]
-    n = math.ceil((length - overlap) / (tile - overlap))
-    return [round(k * (length - tile) / (n - 1)) for k in range(n)]
-
-
-@dataclass(frozen=True)
-class TileGrid:
-    """All tiles covering a `width` x `height` image, in row-major order."""
-
-    width: int
-    height: int
-    tile: int
-    overlap: int
-
-    def __post_init__(self):
-        if self.tile < 1 or not 0 <= self.overlap < self.tile:
-            raise ValueError(f"need tile >= 1 and 0 <= overlap < tile, got tile={self.tile} overlap={self.overlap}")
-
-    @property
-    def tile_shape(self) -> tuple[int, int]:
-        return min(self.tile, self.height), min(self.tile, self.width)
-
-    @property
-    def row_starts(self) -> list[int]:
-        return axis_starts(self.height, self.tile, self.overlap)
-
-    @property
-    def col_starts(self) -> list[int]:
-        return axis_starts(self.width, self.tile, self.overlap)
-
-    @property
-    def max_overlap(self) -> int:
-        """The largest overlap between neighbouring tiles (rows or columns)."""
-        th, tw = self.tile_shape
-        gaps = [(b - a, t) for starts, t in ((self.row_starts, th), (self.col_starts, tw))
-                for a, b in zip(starts, starts[1:])]
-        return max((t - g for g, t in gaps), default=0)
-
-    def __len__(self) -> int:
-        return len(self.row_starts) * len(self.col_starts)
-
-    def __iter__(self) -> Iterator[Window]:
-        th, tw = self.tile_shape
-        for r in self.row_starts:
-            for c in self.col_starts:
-                yield Window(c, r, tw, th)
-
-    def profiles(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """The blend window of one tile as its row and column profiles: weights = outer(wy, wx)."""
-        th, tw = self.tile_shape
-        return (_axis_profile(self.row_starts, window.row_off, th),
-                _axis_profile(self.col_starts, window.col_off, tw))
-
-    def weights(self, window: Window) -> np.ndarray:
-        """The blend window of one tile, shape (height, width), float32."""
-        return np.outer(*self.profiles(window))
-
-
-def _axis_profile(starts: list[int], start: int, size: int) -> np.ndarray:
-    k = starts.index(start)
-    before = starts[k - 1] + size - start if k > 0 else 0
-    after = start + size - starts[k + 1] if k + 1 < len(starts) else 0
-    return edge_profile(size, before, after)
-
-
-def edge_profile(length: int, overlap_start: int, overlap_end: int) -> np.ndarray:
-    """1-D blend weights: at each end with overlap ov > 0, zero over ov/4, sin^2 rise over ov/2, then 1."""
-    w = np.ones(length, np.float32)
-    for ov, at_start in ((overlap_start, True), (overlap_end, False)):
-        dead = ov // 4
-        ramp = ov - 2 * dead
-        if ov <= 0 or ramp <= 0:
-            continue
-        rise = np.sin(0.5 * math.pi * (np.arange(ramp) + 0.5) / ramp) ** 2
-        profile = np.concatenate([np.zeros(dead), rise]).astype(np.float32)[:length]
-        if at_start:
-            w[:len(profile)] *= profile
-        else:
-            w[length - len(profile):] *= profile[::-1]
-    return w
+from bigseg.geometry import AtomAxis, TileGrid, Window
 
 
 class NumpyArrays:
@@ -167,25 +52,14 @@ class NumpyArrays:
 NUMPY = NumpyArrays()
 
 
-class _Axis:
-    """One axis cut at every tile edge: atom a spans [cuts[a], cuts[a + 1]); `last[a]` is the
-    index of the last tile covering it, `span[k]` the atoms tile k covers."""
-
-    def __init__(self, starts: list[int], size: int, length: int):
-        self.cuts = sorted({0, length, *starts, *(s + size for s in starts)})
-        atoms = range(len(self.cuts) - 1)
-        self.last = [max(k for k, s in enumerate(starts) if s <= self.cuts[a] and self.cuts[a + 1] <= s + size)
-                     for a in atoms]
-        self.span = [[a for a in atoms if s <= self.cuts[a] and self.cuts[a + 1] <= s + size] for s in starts]
-
-
 class StreamingStitcher:
     """Blend per-tile scores (C, h, w) and hand out finished rectangles as soon as they are final.
 
     Feed every tile of `grid` in order through `add` (scores) or `skip` (nothing to blend, e.g. a
     tile that is all nodata); after each call, `pop_finished` yields (window, block): block of shape
-    (C, h, w) holding the weighted mean scores (0 where no tile gave weight). Together the windows
-    cover the image exactly once.
+    (C, h, w) holding the weighted mean scores (0 where no tile gave weight), or None where no tile
+    was added at all (nothing was allocated there: a nodata region costs no memory). Together the
+    windows cover the image exactly once.
     """
 
     def __init__(self, grid: TileGrid, channels: int, seams: bool = False, track_valid: bool = False,
@@ -202,8 +76,8 @@ class StreamingStitcher:
         self.seam_compared = self.seam_disagreed = 0
         self._labels: dict[tuple[int, int], np.ndarray] = {}
         th, tw = grid.tile_shape
-        self._rows = _Axis(grid.row_starts, th, grid.height)
-        self._cols = _Axis(grid.col_starts, tw, grid.width)
+        self._rows = AtomAxis(grid.row_starts, th, grid.height)
+        self._cols = AtomAxis(grid.col_starts, tw, grid.width)
         self._order = [(i, j) for i in range(len(grid.row_starts)) for j in range(len(grid.col_starts))]
         self._next = 0
         self._atoms: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -276,13 +150,12 @@ class StreamingStitcher:
     def skip(self, window: Window) -> None:
         self._advance(window)
 
-    def pop_finished(self) -> Iterator[tuple[Window, np.ndarray]]:
+    def pop_finished(self) -> Iterator[tuple[Window, np.ndarray | None]]:
         ready, self._ready = self._ready, []
         for a, b in ready:
             atom = self._window(a, b)
             if (a, b) not in self._atoms:
-                block = self.arrays.zeros((self.channels, atom.height, atom.width))
-                valid = np.zeros((atom.height, atom.width), bool)
+                block, valid = None, None
             else:
                 acc, wsum = self._atoms.pop((a, b))
                 self._labels.pop((a, b), None)
@@ -291,111 +164,122 @@ class StreamingStitcher:
             yield (atom, block, valid) if self.track_valid else (atom, block)
 
 
-def stitcher_peak_pixels(grid: TileGrid) -> int:
-    """The largest area `StreamingStitcher` holds at once on `grid`, from its bookkeeping alone
-    (every tile predicted, none skipped: the worst case)."""
-    th, tw = grid.tile_shape
-    rows = _Axis(grid.row_starts, th, grid.height)
-    cols = _Axis(grid.col_starts, tw, grid.width)
-    area = lambda a, b: (rows.cuts[a + 1] - rows.cuts[a]) * (cols.cuts[b + 1] - cols.cuts[b])  # noqa: E731
-    live: set[tuple[int, int]] = set()
-    held = peak = 0
-    for i in range(len(grid.row_starts)):
-        for j in range(len(grid.col_starts)):
-            for a in rows.span[i]:
-                for b in cols.span[j]:
-                    if (a, b) not in live:
-                        live.add((a, b))
-                        held += area(a, b)
-            peak = max(peak, held)
-            for a in rows.span[i]:
-                if rows.last[a] != i:
-                    continue
-                for b in cols.span[j]:
-                    if cols.last[b] == j and (a, b) in live:
-                        live.discard((a, b))
-                        held -= area(a, b)
-    return peak
+@dataclass(frozen=True)
+class Pipeline:
+    """How tiles become scores. `predict` maps (n, bands, h, w) float32 to (n, channels, h, w)
+    scores, arrays of `arrays`' kind; invalid pixels are replaced by `fill` (bands, 1, 1) first.
+    `finish(window, block, valid)` maps each finished rectangle as soon as it is stitched (e.g.
+    labels computed on the device and their copy to the host started); with `lookahead` 1 the next
+    batch is handed to `predict` before the previous one's results are yielded, so a GPU computes
+    batch k + 1 while the caller writes batch k. `prefetch`: batches read ahead in a background
+    thread (GDAL and the decoders release the GIL, so reading overlaps inference)."""
+
+    predict: Callable[[np.ndarray], Any]
+    channels: int
+    fill: np.ndarray
+    batch_size: int = 1
+    arrays: Any = NUMPY
+    finish: Callable[..., Any] | None = None
+    lookahead: int = 0
+    prefetch: int = 0
 
 
-def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.ndarray]],
-                 predict: Callable[[np.ndarray], Any], channels: int, batch_size: int,
-                 fill: np.ndarray, on_tile: Callable[[Window], None] | None = None,
-                 done_rows: int = 0, seams: dict | None = None, stop_rows: int | None = None,
-                 with_valid: bool = False, prefetch: int = 0, arrays=NUMPY,
-                 finish: Callable[..., Any] | None = None, lookahead: int = 0) -> Iterator[Any]:
-    """Run `predict` over every tile in batches and yield finished (window, scores) rectangles.
+def stream_tiles(grid: TileGrid, read: Callable[[Window], tuple[np.ndarray, np.ndarray]], pipeline: Pipeline,
+                 rows: tuple[int, int] | None = None, on_tile: Callable[[Window], None] | None = None,
+                 seams: dict | None = None) -> Iterator[Any]:
+    """Predict every tile of `grid` in batches and yield the finished rectangles, each as
+    (window, scores, valid) (mapped by `pipeline.finish`), in an order that covers the image
+    (or `rows`) exactly once.
 
-    `read(window)` gives (bands, h, w) float32 and a validity mask; invalid pixels are replaced by
-    `fill` (bands, 1, 1) before prediction, and tiles without a valid pixel are not predicted.
-    `predict` maps (n, bands, h, w) to (n, channels, h, w) scores, arrays of `arrays`' kind (numpy
-    by default). Memory: one batch of tiles plus the stitcher's overlap band (see the module
-    docstring). `done_rows`: the rows above are already final (a resumed job); tiles entirely
-    inside them are neither read nor predicted, and the rectangles yielded there are meaningless
-    (the caller drops them). `stop_rows`: stop once every row above it is final (tiles starting at
-    or below it are not run; one part of a distributed job). `with_valid`: yield (window, scores,
-    valid), the input's validity carried through the stitcher. `prefetch`: read up to this many
-    batches ahead in a background thread (GDAL and the decoders release the GIL, so reading
-    overlaps inference; `read` must be thread-safe with respect to the caller's own reads).
+    `read(window)` gives (bands, h, w) float32 and a validity mask, or None for a window known to
+    hold no valid pixel; tiles without a valid pixel are not predicted, and rectangles no tile
+    was predicted for come out as (window, None, None), not mapped by `finish`. `rows` = (top, bottom): yield
+    only rectangles in those rows; tiles entirely above `top` are neither read nor predicted (a
+    resumed job, or one part of a distributed one) and tiles starting at or below `bottom` are not
+    run. `read` must be thread-safe with respect to the caller's own reads when prefetching.
     `seams`: a dict that receives `compared` and `disagreed`, the overlap pixels two tiles both
-    weighted and those whose argmax labels differ (the seam report).
-
-    Asynchronous devices: `finish(*item)` maps each finished item as soon as it is stitched (e.g.
-    labels computed and their copy to the host started), and the mapped item is yielded instead.
-    With `lookahead` 1 the next batch is handed to `predict` before the finished items of the
-    previous one are yielded, so a GPU computes batch k + 1 while the caller writes the results
-    of batch k; the order of what is yielded does not change.
+    weighted and those whose argmax labels differ (the seam report). Memory: one batch of tiles
+    plus the stitcher's overlap band (see the module docstring).
     """
-    stitcher = StreamingStitcher(grid, channels, seams=seams is not None, track_valid=with_valid,
-                                 arrays=arrays)
+    stream = _Stream(grid, pipeline, rows or (0, grid.height), on_tile, seams is not None)
+    yield from stream.run(read)
+    if seams is not None:
+        seams.update(compared=stream.stitcher.seam_compared, disagreed=stream.stitcher.seam_disagreed)
 
-    def stitch(group: list[tuple[Window, Any, Any]], scores: Any) -> list:
-        done = []
-        scores = iter(scores)
-        for window, data, valid in group:
-            if data is None:
-                stitcher.skip(window)
-            else:
-                stitcher.add(window, next(scores), valid)
-            if on_tile is not None:
-                on_tile(window)
-            done += [item if finish is None else finish(*item) for item in stitcher.pop_finished()]
-        return done
 
-    def submit(group: list[tuple[Window, Any, Any]]) -> Any:
-        batch = [data for _, data, _ in group if data is not None]
-        return predict(np.stack(batch)) if batch else []
+class _Stream:
+    """One run of `stream_tiles`: the stitcher, the batch being gathered and the batches in flight."""
 
-    def load(window: Window):
-        if window.row_end <= done_rows:
+    def __init__(self, grid: TileGrid, pipeline: Pipeline, rows: tuple[int, int],
+                 on_tile: Callable[[Window], None] | None, seams: bool):
+        self.grid, self.p, (self.top, self.bottom), self.on_tile = grid, pipeline, rows, on_tile
+        self.stitcher = StreamingStitcher(grid, pipeline.channels, seams=seams, track_valid=True,
+                                          arrays=pipeline.arrays)
+
+    def load(self, read: Callable, window: Window) -> tuple[Any, Any]:
+        """A tile's data with invalid pixels filled, and its validity; (None, None) when there is
+        nothing to predict (above `top`, known empty, or no valid pixel)."""
+        if window.row_end <= self.top:
             return None, None
-        data, valid = read(window)
+        got = read(window)
+        if got is None:  # known to hold no valid pixel without reading it
+            return None, None
+        data, valid = got
         if not valid.any():
             return None, None
-        return np.where(valid, data, fill).astype(np.float32, copy=False), valid
+        return np.where(valid, data, self.p.fill).astype(np.float32, copy=False), valid
 
-    windows = [w for w in grid if stop_rows is None or w.row_off < stop_rows]
-    in_flight: list[tuple[list, Any]] = []  # submitted batches not yet stitched, oldest first
-    with ExitStack() as stack:
-        source = ((w, load(w)) for w in windows) if prefetch <= 0 else \
-            stack.enter_context(_read_ahead(windows, load, prefetch * batch_size))
-        group: list[tuple[Window, Any, Any]] = []
-        for window, (data, valid) in source:
-            group.append((window, data, valid))
-            if sum(d is not None for _, d, _ in group) < batch_size:
-                continue
-            done = stitch(*in_flight.pop(0)) if len(in_flight) >= max(1, lookahead) else []
-            in_flight.append((group, submit(group)))
-            group = []
-            if lookahead <= 0:
-                done += stitch(*in_flight.pop(0))
-            yield from done
-        if group:
-            in_flight.append((group, submit(group)))
-        while in_flight:
-            yield from stitch(*in_flight.pop(0))
-    if seams is not None:
-        seams.update(compared=stitcher.seam_compared, disagreed=stitcher.seam_disagreed)
+    def submit(self, group: list[tuple[Window, Any, Any]]) -> Any:
+        batch = [data for _, data, _ in group if data is not None]
+        return self.p.predict(np.stack(batch)) if batch else []
+
+    def stitch(self, group: list[tuple[Window, Any, Any]], scores: Any) -> list:
+        """Add a batch's tiles in grid order; the finished rectangles in `rows`, mapped by `finish`."""
+        done, scores, finish = [], iter(scores), self.p.finish
+        for window, data, valid in group:
+            if data is None:
+                self.stitcher.skip(window)
+            else:
+                self.stitcher.add(window, next(scores), valid)
+            if self.on_tile is not None:
+                self.on_tile(window)
+            done += [item if finish is None or item[1] is None else finish(*item) for item in self.stitcher.pop_finished()
+                     if item[0].row_end > self.top and item[0].row_off < self.bottom]
+        return done
+
+    def run(self, read: Callable) -> Iterator[Any]:
+        p = self.p
+        windows = [w for w in self.grid if w.row_off < self.bottom]
+        in_flight: list[tuple[list, Any]] = []  # submitted batches not yet stitched, oldest first
+        with ExitStack() as stack:
+            load = lambda window: self.load(read, window)
+            source = ((w, load(w)) for w in windows) if p.prefetch <= 0 else \
+                stack.enter_context(_read_ahead(windows, load, p.prefetch * p.batch_size))
+            group: list[tuple[Window, Any, Any]] = []
+            filled = 0  # tiles to predict in `group`
+            for window, (data, valid) in source:
+                if data is None and not filled:
+                    # nothing waits for a batch: a nodata tile is stitched (and its rectangles handed
+                    # out) at once, so a long run of them holds no memory and the writer keeps moving
+                    done = [item for batch in in_flight for item in self.stitch(*batch)]
+                    in_flight, group = [], group + [(window, None, None)]
+                    yield from done + self.stitch(group, [])
+                    group = []
+                    continue
+                group.append((window, data, valid))
+                filled += data is not None
+                if filled < p.batch_size:
+                    continue
+                done = self.stitch(*in_flight.pop(0)) if len(in_flight) >= max(1, p.lookahead) else []
+                in_flight.append((group, self.submit(group)))
+                group, filled = [], 0
+                if p.lookahead <= 0:
+                    done += self.stitch(*in_flight.pop(0))
+                yield from done
+            if group:
+                in_flight.append((group, self.submit(group)))
+            while in_flight:
+                yield from self.stitch(*in_flight.pop(0))
 
 
 @contextmanager

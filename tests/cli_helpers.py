@@ -8,8 +8,9 @@ import pytest
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     from bigseg import cli
+    from bigseg.cli import render
 
-    cli._printed.clear()
+    render._printed.clear()
     old = sys.argv
     sys.argv = ["bigseg", *map(str, args)]
     try:

@@ -20,6 +20,10 @@ CLASSES = ["sky", "road", "car"]
 # a tiny configuration of every registered architecture (tests fail for one without)
 TINY_BY_ARCH = {
     **{f"ladder-dn{d}": TINY for d in ("121", "169", "161")},
+    "deeplabv1-vgg16": dict(fc_width=16, dropout=0.0),
+    "deeplabv2-rn101": dict(depth=18, rates=[2, 4], train_scales=[1.0, 0.5]),
+    "deeplabv3-rn101": dict(depth=18, aspp_width=16),
+    "deeplabv3plus-xception65": dict(middle_blocks=1, aspp_width=16, low_level_width=8, decoder_width=16),
     "deeplabv3plus-rn50": dict(depth=18, aspp_width=16, low_level_width=8, decoder_width=16),
     "deeplabv3plus-rn101": dict(depth=18, output_stride=8, aspp_width=16, low_level_width=8, decoder_width=16),
     "refinenet-rn101": dict(depth=18, widths=[8, 8, 8, 16]),
@@ -31,6 +35,14 @@ TINY_BY_ARCH = {
 def tiny_model(num_classes: int = 3, in_channels: int = 3, seed: int = 0):
     torch.manual_seed(seed)
     return create_model("ladder-dn121", num_classes, in_channels, **TINY)
+
+
+@pytest.fixture(autouse=True)
+def torch_engine_and_private_cache(tmp_path_factory, monkeypatch):
+    """Tests run the torch engine unless they ask for another (an ONNX export takes seconds), and
+    never write to the user's cache folder."""
+    monkeypatch.setenv("BIGSEG_ENGINE", "torch")
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture
@@ -47,25 +59,28 @@ def tiny_checkpoint(tmp_path) -> Path:
 
 def write_geotiff(path: Path, width: int, height: int, count: int = 3, dtype="uint8", nodata=None,
                   seed: int = 0, tiled: bool = True, crs: str = "EPSG:32633", data: np.ndarray | None = None,
-                  **extra) -> Path:
+                  empty: bool = False, **extra) -> Path:
+    """A GeoTIFF of random (or given) pixels; `empty`: write no pixels at all (with SPARSE_OK=True
+    a file without blocks, whatever its size)."""
     import rasterio
     from rasterio.transform import from_origin
 
     rng = np.random.default_rng(seed)
-    if data is None:
+    if data is None and not empty:
         data = rng.integers(0, 255, (count, height, width)).astype(dtype)
     profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=dtype, crs=crs,
                    transform=from_origin(500000.0, 4000000.0, 0.5, 0.5), nodata=nodata, **extra)
     if tiled:
         profile.update(tiled=True, blockxsize=256, blockysize=256)
     with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
+        if not empty:
+            dst.write(data)
     return path
 
 
 def interrupt_after(segmenter, calls: int) -> None:
     """Make `segmenter` raise KeyboardInterrupt at its `calls`-th batch: an interrupted job."""
-    real, count = segmenter.tile_scores, {"n": 0}
+    real, count = segmenter.predict, {"n": 0}
 
     def failing(batch):
         count["n"] += 1
@@ -73,7 +88,7 @@ def interrupt_after(segmenter, calls: int) -> None:
             raise KeyboardInterrupt
         return real(batch)
 
-    segmenter.tile_scores = failing
+    segmenter.predict = failing
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import torch
 from bigseg.checkpoint import load_backbone_weights, load_checkpoint
 from bigseg.models import create_model, get_arch
 from bigseg.models.complexity import count_macs, count_parameters
-from bigseg.models.routing import Gate
 from bigseg.models.resnet import ResNet, ResNetConfig
+from bigseg.models.routing import Gate
 from bigseg.train.losses import budget_loss, model_loss
 from tests.cli_helpers import run_cli
 from tests.conftest import TINY_BY_ARCH, make_generic_dataset
@@ -60,7 +60,9 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(name):
         model.prepare_training(_Labels([y[0].numpy().astype(np.uint8)]))
     # DUpsampling's orthonormal W decodes unit-scale logits: its code and temperature need
     # larger steps to become confident in 8 steps
-    opt = torch.optim.Adam(model.parameters(), 1e-2 if name.startswith("dupsampling") else 1e-3)
+    # VGG without batchnorm (DeepLab v1) diverges at Adam's 1e-3 from scratch: a tenth of it
+    lr = 1e-2 if name.startswith("dupsampling") else 1e-4 if name.startswith("deeplabv1") else 1e-3
+    opt = torch.optim.Adam(model.parameters(), lr)
     losses = []
     for _ in range(8):
         logits, aux = model(x, return_aux=True)
@@ -211,7 +213,7 @@ def test_budget_loss_starts_at_40_percent_with_a_ramp():
     assert budget_loss(cost, 0.5, 0.1, 0.9) == pytest.approx(0.5 * 0.16)
 
 
-@pytest.mark.parametrize("name", ["deeplabv3plus-rn50", "dupsampling-rn50", "dynamic-routing-l16"])
+@pytest.mark.parametrize("name", ["deeplabv3plus-rn50", "deeplabv3-rn101", "dupsampling-rn50", "dynamic-routing-l16"])
 def test_train_then_predict_and_eval_from_the_cli(tmp_path, capsys, name):
     data = make_generic_dataset(tmp_path / "data", n=4, size=(64, 64))
     config = ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, list) else v}"
@@ -242,3 +244,70 @@ def test_bad_model_config_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "run", "--model",
                            "dynamic-routing-l16", "--model-config", "layers")
     assert code == 1 and "KEY=VALUE" in err
+
+
+def test_deeplab_v1_is_largefov_and_loads_decimated_torchvision_vgg(tmp_path):
+    model = create_model("deeplabv1-vgg16", 21)
+    assert count_parameters(model) == pytest.approx(20.5e6, rel=0.01)   # the paper's 20.5 M (Table 2)
+    fc6 = model.backbone.fc6
+    assert (fc6.kernel_size, fc6.dilation, fc6.out_channels) == ((3, 3), (12, 12), 1024)
+    assert [m.stride for m in model.backbone.features if isinstance(m, torch.nn.MaxPool2d)] == [2, 2, 2, 1, 1]
+    assert {m.dilation for m in list(model.backbone.features)[24:29] if isinstance(m, torch.nn.Conv2d)} == {(2, 2)}
+    # a torchvision-shaped vgg16 state dict, made here: features by name, fc6/fc7 decimated
+    state = {k: torch.randn_like(v) for k, v in model.backbone.state_dict().items() if k.startswith("features.")}
+    state["classifier.0.weight"], state["classifier.0.bias"] = torch.randn(4096, 512 * 7 * 7), torch.randn(4096)
+    state["classifier.3.weight"], state["classifier.3.bias"] = torch.randn(4096, 4096), torch.randn(4096)
+    state["classifier.6.weight"], state["classifier.6.bias"] = torch.randn(1000, 4096), torch.randn(1000)
+    torch.save(state, tmp_path / "vgg16.pth")
+    loaded = load_backbone_weights(model, tmp_path / "vgg16.pth")
+    assert torch.equal(model.backbone.features[0].weight, state["features.0.weight"])
+    fc6_full = state["classifier.0.weight"].view(4096, 512, 7, 7)
+    assert torch.equal(model.backbone.fc6.weight, fc6_full[::4][:, :, [0, 3, 6]][:, :, :, [0, 3, 6]])
+    assert torch.equal(model.backbone.fc7.weight[:, :, 0, 0], state["classifier.3.weight"][::4, ::4])
+    assert "backbone.fc6.weight" in loaded and not any("classifier" in n for n in loaded)
+
+
+def test_deeplab_v2_sums_aspp_l_and_fuses_scales_by_max_in_training():
+    model = tiny("deeplabv2-rn101", rates=[6, 12, 18, 24], train_scales=[1.0, 0.75, 0.5]).train()
+    assert [b.dilation for b in model.aspp.branches] == [(6, 6), (12, 12), (18, 18), (24, 24)]
+    assert all(b.out_channels == 3 for b in model.aspp.branches)  # each branch straight to the classes
+    x = torch.randn(2, 3, 64, 64)
+    fused, scales = model(x, return_aux=True)
+    assert len(scales) == 3 and torch.equal(fused, torch.stack(scales).amax(0))
+    loss, parts = model_loss(model, fused, scales, torch.zeros(2, 64, 64, dtype=torch.long), 0.5, 0.4)
+    assert "scales" in parts and loss.item() > parts["main"]
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 3, 64, 64)  # one scale at inference
+
+
+def test_deeplab_v3_trains_at_stride_16_and_evaluates_at_8_with_the_same_weights():
+    model = create_model("deeplabv3-rn101", 19, depth=50)
+    assert model.backbone.output_stride == 16 and model.aspp.branches[1][0].dilation == (6, 6)
+    assert [u.conv2.dilation for u in model.backbone.layer4] == [(2, 2), (4, 4), (8, 8)]  # multi-grid 1/2/4 x 2
+    model.eval()
+    assert model.backbone.output_stride == 8 and model.aspp.branches[1][0].dilation == (12, 12)
+    assert [u.conv2.dilation for u in model.backbone.layer4] == [(4, 4), (8, 8), (16, 16)]
+    reference = create_model("deeplabv3-rn101", 19, depth=50, output_stride=8).eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-5)
+    model.train()
+    assert model.backbone.output_stride == 16 and model.aspp.branches[1][0].dilation == (6, 6)
+
+
+def test_deeplab_v3plus_xception65_has_separable_convs_and_the_low_level_tap():
+    from bigseg.models.xception import SeparableConv
+
+    model = create_model("deeplabv3plus-xception65", 19)
+    assert count_parameters(model) == pytest.approx(41.05e6, rel=0.005)
+    assert len(model.backbone.middle) == 16
+    assert [f["channels"] for f in model.backbone.feature_info] == [256, 2048]
+    assert [f["reduction"] for f in model.backbone.feature_info] == [4, 16]
+    assert all(isinstance(b, SeparableConv) for b in model.aspp.branches[1:-1])
+    assert all(isinstance(b, SeparableConv) for b in model.decoder)
+    unit = model.backbone.entry1.units[0]
+    assert isinstance(unit.depthwise_relu, torch.nn.ReLU) and unit.depthwise.groups == unit.depthwise.in_channels
+    assert model.backbone.entry3.units[2].depthwise.stride == (2, 2)  # a strided separable conv, no max-pool
+    assert model.backbone.exit1.units[2].depthwise.stride == (1, 1)   # at OS 16 the exit flow is dilated
+    assert model.backbone.exit2[0].depthwise.dilation == (2, 2)

@@ -6,9 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from bigseg.checkpoint import (from_model, load_backbone_weights, load_checkpoint,
-                               read_manifest, resolve_model, save_checkpoint, sha256, WEIGHTS_DIR)
+from bigseg.checkpoint import (
+    from_model,
+    load_backbone_weights,
+    load_checkpoint,
+    resolve_model,
+    save_checkpoint,
+)
 from bigseg.errors import CheckpointError
+from bigseg.manifest import read_manifest, sha256, weights_dir
 from bigseg.models import create_model
 from tests.conftest import CLASSES, tiny_model
 
@@ -106,7 +112,7 @@ def test_shipped_manifest_entries_are_complete_and_intact():
     for entry in read_manifest():
         for key in ("name", "arch", "file", "sha256", "classes", "palette", "normalization", "metrics"):
             assert key in entry, key
-        path = WEIGHTS_DIR / entry["file"]
+        path = weights_dir() / entry["file"]
         assert sha256(path) == entry["sha256"]
         ckpt = load_checkpoint(path)
         assert ckpt.classes == entry["classes"] and ckpt.arch == entry["arch"]
@@ -166,3 +172,30 @@ def test_backbone_weights_of_another_shape_are_refused(tmp_path):
     torch.save(create_model("ladder-dn169", 3).backbone.state_dict(), tmp_path / "dn169.pth")
     with pytest.raises(CheckpointError, match="does not fit"):
         load_backbone_weights(create_model("ladder-dn121", 3), tmp_path / "dn169.pth")
+
+
+@pytest.mark.parametrize("kind,says", [
+    ("truncated", "a truncated or damaged zip archive"),
+    ("text", "a text file"),
+    ("pickle", "a plain Python pickle"),
+    ("code", "a zip archive holding Python objects other than tensors"),
+])
+def test_model_file_errors_say_what_the_file_is_and_never_invite_unsafe_loading(tmp_path, tiny_checkpoint,
+                                                                                 kind, says, recwarn):
+    import pickle
+
+    path = tmp_path / "bad.pt"
+    if kind == "truncated":
+        path.write_bytes(tiny_checkpoint.read_bytes()[: tiny_checkpoint.stat().st_size // 2])
+    elif kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    else:
+        torch.save({"format": "bigseg-checkpoint", "x": Evil()}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert says in message and "weights_only" not in message and "\n" not in message
+    assert message.endswith("use a .pt file written by `bigseg train`")
+    assert not [w for w in recwarn if "torch" in str(w.filename) or "weights" in str(w.message)]

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from bigseg.crf import CRFParams, Permutohedral, dense_crf, parse_crf
+from bigseg.crf.meanfield import Permutohedral, dense_crf
+from bigseg.crf.params import CRFParams, parse_crf
 from bigseg.errors import InputError
 
 
@@ -81,7 +82,8 @@ def test_crf_never_lowers_agreement_with_clean_colour_edges(backend):
 
 
 def test_window_crf_in_tiles_equals_whole_image_once_the_halo_covers_its_reach():
-    from bigseg.tiling import TileGrid, stream_tiles
+    from bigseg.geometry import TileGrid
+    from bigseg.tiling import Pipeline, stream_tiles
 
     labels, image, probs = noisy_case(60, 90, seed=2)
     p = CRFParams(theta_alpha=6, theta_beta=15, iterations=3, backend="window", radius=3)
@@ -92,7 +94,7 @@ def test_window_crf_in_tiles_equals_whole_image_once_the_halo_covers_its_reach()
     read = lambda win: (stacked[(slice(None), *win.slices)], np.ones((win.height, win.width), bool))
     crf = lambda x: np.stack([dense_crf(torch.from_numpy(t[:3]), torch.from_numpy(t[3:]), p).numpy() for t in x])
     tiled = np.zeros_like(whole)
-    for win, block in stream_tiles(grid, read, crf, 3, 4, np.zeros((6, 1, 1), np.float32)):
+    for win, block, _ in stream_tiles(grid, read, Pipeline(crf, 3, np.zeros((6, 1, 1), np.float32), 4)):
         tiled[(slice(None), *win.slices)] = block
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
 

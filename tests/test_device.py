@@ -5,7 +5,8 @@ import torch
 
 from bigseg.device import HostCopy, TorchArrays, resolve_device, resolve_precision
 from bigseg.errors import InputError
-from bigseg.tiling import TileGrid, stream_tiles
+from bigseg.geometry import TileGrid
+from bigseg.tiling import Pipeline, stream_tiles
 
 
 def test_torch_arrays_stitch_like_numpy():
@@ -13,15 +14,15 @@ def test_torch_arrays_stitch_like_numpy():
     rng = np.random.default_rng(3)
     image = rng.normal(size=(3, 250, 333)).astype(np.float32)
     valid = rng.random((250, 333)) > 0.05
-    read = lambda win: (image[(slice(None), *win.slices)], valid[win.slices])  # noqa: E731
+    read = lambda win: (image[(slice(None), *win.slices)], valid[win.slices])
 
     def predict(x):  # tile-dependent scores, so blending matters
         return np.tanh(x * (1 + x.mean(axis=(1, 2, 3), keepdims=True)))
 
     fill = np.zeros((3, 1, 1), np.float32)
-    expected = {w: b.copy() for w, b in stream_tiles(grid, read, predict, 3, 4, fill)}
-    got = {w: b.numpy() for w, b in stream_tiles(grid, read, lambda x: torch.from_numpy(predict(x)), 3, 4, fill,
-                                                 arrays=TorchArrays(torch.device("cpu")))}
+    expected = {w: b.copy() for w, b, _ in stream_tiles(grid, read, Pipeline(predict, 3, fill, 4))}
+    got = {w: b.numpy() for w, b, _ in stream_tiles(grid, read, Pipeline(lambda x: torch.from_numpy(predict(x)), 3, fill,
+                                                                        4, arrays=TorchArrays(torch.device("cpu"))))}
     assert expected.keys() == got.keys()
     for w in expected:
         # torch accumulates with a fused multiply-add: at most a rounding step from numpy's two ops
@@ -54,18 +55,3 @@ def test_devices_and_precisions_are_checked():
             resolve_device("cuda")
 
 
-def test_blending_on_the_host_when_the_band_does_not_fit_gives_the_same_mask(tmp_path, tiny_checkpoint, monkeypatch):
-    import rasterio
-
-    from bigseg.checkpoint import load_checkpoint
-    from bigseg.inference import Segmenter
-    from tests.conftest import write_geotiff
-
-    src = write_geotiff(tmp_path / "a.tif", 300, 200)
-    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu", tile=64, overlap=16)
-    seg.predict_file(src, tmp_path / "device.tif")
-    monkeypatch.setattr(Segmenter, "blends_on_device", lambda self, grid: False)
-    result = seg.predict_file(src, tmp_path / "host.tif")
-    assert any("blending on the host" in n for n in result.notes)
-    with rasterio.open(tmp_path / "device.tif") as a, rasterio.open(tmp_path / "host.tif") as b:
-        assert np.array_equal(a.read(), b.read())

@@ -104,6 +104,18 @@ def test_every_registered_model_trains_a_step():
         assert all(p.grad is not None for p in model.parameters()), spec.name
 
 
+def test_the_catalogue_lists_every_architecture_with_its_exact_parameter_counts():
+    from bigseg.catalogue import ARCHITECTURES
+
+    assert set(ARCHITECTURES) == {spec.name for spec in list_archs()}
+    for spec in list_archs():
+        with torch.device("meta"):
+            model = create_model(spec.name, 19)
+            reference = create_model(spec.name, 19, **spec.reference)
+        assert (count_parameters(model), count_parameters(reference)) == \
+            (spec.facts.params, spec.facts.reference_params), spec.name
+
+
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown architecture 'nope'"):
         create_model("nope", 3)

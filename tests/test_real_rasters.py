@@ -5,23 +5,24 @@ import rasterio
 
 from bigseg.checkpoint import load_checkpoint
 from bigseg.errors import BigsegError
-from bigseg.inference import Segmenter
+from bigseg.predictor import Predictor
+from bigseg.run.file_job import predict_file
 
 REFUSED = {"corrupt.tif": "cannot be decoded"}
 
 
 def test_every_shared_raster_predicts_or_is_refused(shared_data, tiny_checkpoint, tmp_path):
-    seg = Segmenter(load_checkpoint(tiny_checkpoint), "cpu", tile=256, overlap=64, batch_size=4)
+    seg = Predictor(load_checkpoint(tiny_checkpoint), "cpu", tile=256, overlap=64, batch_size=4)
     rasters = sorted((shared_data / "rasters").rglob("*.tif"))
     assert len(rasters) >= 15
     for src in rasters:
         dst = tmp_path / f"{src.stem}.mask.tif"
         if src.name in REFUSED:
             with pytest.raises(BigsegError, match=REFUSED[src.name]):
-                seg.predict_file(src, dst)
+                predict_file(seg, src, dst)
             assert not dst.exists()
             continue
-        seg.predict_file(src, dst)
+        predict_file(seg, src, dst)
         with rasterio.open(src) as a, rasterio.open(dst) as b:
             assert (b.width, b.height) == (a.width, a.height), src.name
             assert b.crs == (a.crs if not a.gcps[0] else None), src.name
@@ -38,6 +39,7 @@ def test_every_shared_raster_predicts_or_is_refused(shared_data, tiny_checkpoint
 
 def test_gdal_block_cache_is_64_mib_not_64_bytes():
     import rasterio
+
     from bigseg.io.gdal import gdal_env
     with gdal_env():
         assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == 64 * 2 ** 20

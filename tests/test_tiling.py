@@ -2,21 +2,11 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from bigseg.tiling import StreamingStitcher, TileGrid, Window, edge_profile, stream_tiles
-
-
-@settings(max_examples=60, deadline=None)
-@given(w=st.integers(1, 700), h=st.integers(1, 700), tile=st.integers(16, 300), frac=st.floats(0, 0.9))
-def test_tiles_stay_in_bounds_and_every_pixel_gets_weight(w, h, tile, frac):
-    grid = TileGrid(w, h, tile, int(tile * frac))
-    total = np.zeros((h, w))
-    for win in grid:
-        assert 0 <= win.col_off and win.col_end <= w and 0 <= win.row_off and win.row_end <= h
-        assert (win.height, win.width) == grid.tile_shape
-        total[win.slices] += grid.weights(win)
-    assert total.min() > 0
+from bigseg.geometry import TileGrid, Window
+from bigseg.tiling import Pipeline, StreamingStitcher, stream_tiles
 
 
 @settings(max_examples=40, deadline=None)
@@ -27,33 +17,15 @@ def test_identity_model_gives_back_the_input(w, h, tile, frac):
     read = lambda win: (image[(slice(None), *win.slices)], np.ones((win.height, win.width), bool))
     out = np.full_like(image, np.nan)
     cover = np.zeros((h, w), int)
-    for win, block in stream_tiles(grid, read, lambda x: x, 2, 3, np.zeros((2, 1, 1), np.float32)):
+    for win, block, _ in stream_tiles(grid, read, Pipeline(lambda x: x, 2, np.zeros((2, 1, 1), np.float32), 3)):
         out[(slice(None), *win.slices)] = block
         cover[win.slices] += 1
     assert (cover == 1).all()  # finished rectangles cover the image exactly once
     np.testing.assert_allclose(out, image, rtol=1e-6, atol=1e-6)
 
 
-@settings(max_examples=40, deadline=None)
-@given(w=st.integers(1, 3000), tile=st.integers(16, 400), frac=st.floats(0, 0.49))
-def test_tiles_are_spread_evenly_and_neighbour_weights_sum_to_one(w, tile, frac):
-    grid = TileGrid(w, 1, tile, int(tile * frac))
-    starts = grid.col_starts
-    assert starts[0] == 0 and starts[-1] + grid.tile_shape[1] == w  # no padding, nothing hangs over
-    gaps = np.diff(starts)
-    assert len(gaps) == 0 or gaps.max() - gaps.min() <= 1
-    assert grid.max_overlap >= grid.overlap or len(starts) == 1
-    total = np.zeros(w)
-    for win in grid:
-        total[win.col_off:win.col_end] += grid.weights(win)[0]
-    assert np.allclose(total, 1.0, atol=1e-5)
 
 
-def test_blend_weight_is_zero_near_cuts_and_one_at_image_borders():
-    p = edge_profile(256, 64, 64)
-    assert (p[:16] == 0).all() and (p[-16:] == 0).all() and (p[48:-48] == 1).all()
-    assert np.all(np.diff(p[16:48]) > 0)  # smooth rise, no hard cut line
-    assert (edge_profile(256, 0, 0) == 1).all()
 
 
 def test_tiled_equals_whole_image_when_receptive_field_fits_in_the_overlap():
@@ -67,7 +39,7 @@ def test_tiled_equals_whole_image_when_receptive_field_fits_in_the_overlap():
         grid = TileGrid(437, 301, 96, 16)  # dead zone overlap/4 = 4 = receptive radius
         read = lambda win: (image[(slice(None), *win.slices)], np.ones((win.height, win.width), bool))
         tiled = np.zeros_like(whole)
-        for win, block in stream_tiles(grid, read, predict, 4, 5, np.zeros((3, 1, 1), np.float32)):
+        for win, block, _ in stream_tiles(grid, read, Pipeline(predict, 4, np.zeros((3, 1, 1), np.float32), 5)):
             tiled[(slice(None), *win.slices)] = block
     np.testing.assert_allclose(tiled, whole, rtol=1e-4, atol=1e-4)
 
@@ -103,7 +75,7 @@ def test_all_invalid_tiles_are_not_predicted_and_invalid_pixels_are_filled():
         return x
 
     read = lambda win: (image[(slice(None), *win.slices)], valid[win.slices])
-    list(stream_tiles(TileGrid(200, 64, 64, 16), read, predict, 1, 8, np.full((1, 1, 1), -1, np.float32)))
+    list(stream_tiles(TileGrid(200, 64, 64, 16), read, Pipeline(predict, 1, np.full((1, 1, 1), -1, np.float32), 8)))
     batch = np.concatenate(seen)
     assert len(batch) == 2  # tiles at columns 136 and 144 touch valid pixels; the rest are skipped
     assert set(np.unique(batch)) == {-1.0, 7.0}
@@ -122,8 +94,8 @@ def test_lookahead_submits_the_next_batch_before_yielding_and_changes_nothing_el
             return x * 2
 
         out = []
-        for win, block in stream_tiles(grid, read, predict, 2, 3, np.zeros((2, 1, 1), np.float32),
-                                       lookahead=lookahead, prefetch=1):
+        for win, block, _ in stream_tiles(grid, read, Pipeline(predict, 2, np.zeros((2, 1, 1), np.float32), 3,
+                                                               lookahead=lookahead, prefetch=1)):
             log.append(("yield", win))
             out.append((win, block.copy()))
         runs[lookahead] = (out, log)
@@ -140,7 +112,7 @@ def test_finish_maps_each_finished_item_when_it_is_stitched():
     grid = TileGrid(150, 90, 64, 16)
     image = np.ones((1, 90, 150), np.float32)
     read = lambda win: (image[(slice(None), *win.slices)], np.ones((win.height, win.width), bool))
-    items = list(stream_tiles(grid, read, lambda x: x, 1, 2, np.zeros((1, 1, 1), np.float32),
-                              finish=lambda win, block: (win, float(block.mean())), lookahead=1))
+    items = list(stream_tiles(grid, read, Pipeline(lambda x: x, 1, np.zeros((1, 1, 1), np.float32), 2,
+                                                   finish=lambda win, block, _: (win, float(block.mean())), lookahead=1)))
     assert sum(w.width * w.height for w, _ in items) == 150 * 90
     assert all(m == 1.0 for _, m in items)

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from bigseg.checkpoint import load_checkpoint
+from bigseg.datasets import IGNORE, open_dataset
 from bigseg.errors import DatasetError, TrainingError
 from bigseg.models.blocks import set_grad_checkpointing
-from bigseg.train.datasets import IGNORE, open_dataset
-from bigseg.train.losses import ladder_loss, soft_targets
 from bigseg.train.loop import TrainConfig, train
+from bigseg.train.losses import ladder_loss, soft_targets
 from tests.cli_helpers import run_cli
 from tests.conftest import CLASSES, TINY, make_generic_dataset, tiny_model
 
@@ -128,7 +128,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeyp
     data = make_generic_dataset(tmp_path / "data", n=6)
     train(tiny_config(data, tmp_path / "run", epochs=1, eval_every=0))
     before = (tmp_path / "run" / "last.pt").read_bytes()
-    import bigseg.train.loop as loop
+    from bigseg.train import loop
     monkeypatch.setattr(loop, "model_loss", lambda *a, **k: (torch.tensor(float("nan")), {}))
     code, _, err = run_cli(capsys, "train", "--run", tmp_path / "run", "--resume", "--epochs", "2")
     assert code == 1 and "not finite" in err
@@ -207,3 +207,106 @@ def test_train_cli_loads_torchvision_backbone_weights(tmp_path, capsys):
     groups = state["optimizer"]["param_groups"]
     assert len(groups) == 2 and groups[1]["initial_lr"] == pytest.approx(groups[0]["initial_lr"] / 4)
     assert groups[1]["weight_decay"] == pytest.approx(groups[0]["weight_decay"] / 4)
+
+
+def test_median_frequency_weights_follow_segnet_and_weight_the_loss(tmp_path):
+    from bigseg.datasets import label_statistics
+    from bigseg.train.losses import class_weights, segmentation_loss
+
+    data = make_generic_dataset(tmp_path / "data", n=4)
+    pixels, image_pixels = label_statistics(open_dataset(data, "train"))
+    freq = pixels / image_pixels
+    weights = class_weights(pixels, image_pixels, "median-frequency")
+    assert weights == pytest.approx(list(np.median(freq) / freq))
+    assert class_weights(pixels, image_pixels, "none") is None
+    enet = class_weights(pixels, image_pixels, "enet")
+    assert enet == pytest.approx(list(1 / np.log(1.02 + pixels / pixels.sum())))
+    # a class twice as heavy counts twice: weighted CE = sum w_y * ce / sum w_y
+    logits = torch.randn(1, 3, 4, 4)
+    labels = torch.randint(0, 3, (1, 4, 4))
+    w = torch.tensor([1.0, 2.0, 3.0])
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    assert segmentation_loss(logits, labels, w).item() == pytest.approx((w[labels] * ce).sum().item() / w[labels].sum().item())
+
+
+def test_crop_schedule_changes_crops_by_epoch_and_odd_crops_are_refused(tmp_path):
+    from bigseg.train.config import crop_at, parse_crop_schedule
+
+    cfg = tiny_config("x", "y", epochs=10, crop=128, crop_schedule=parse_crop_schedule("64:0.6"))
+    assert [crop_at(cfg, e) for e in range(10)] == [64] * 6 + [128] * 4
+    with pytest.raises(TrainingError, match="fractions must rise"):
+        parse_crop_schedule("64:0.8,128:0.5")
+    data = make_generic_dataset(tmp_path / "data", n=4)
+    with pytest.raises(TrainingError, match="crop 100 is not a multiple of 64: .* use 128 or 64"):
+        train(tiny_config(data, tmp_path / "r", crop=100, eval_every=0))
+    result = train(tiny_config(data, tmp_path / "s", epochs=2, crop=128, crop_schedule=((64, 0.5),), eval_every=0))
+    history = json.loads((tmp_path / "s" / "log.json").read_text())
+    assert [r["crop"] for r in history] == [64, 128] and result.stopped == "finished"
+
+
+def test_init_starts_from_a_checkpoints_weights_with_a_new_schedule(tmp_path):
+    data = make_generic_dataset(tmp_path / "data", n=4)
+    train(tiny_config(data, tmp_path / "a", epochs=1, eval_every=0))
+    events = []
+    train(tiny_config(data, tmp_path / "b", max_steps=0, eval_every=0, init=str(tmp_path / "a" / "final.pt")),
+          on_event=lambda kind, info: events.append((kind, info)))
+    source = load_checkpoint(tmp_path / "a" / "final.pt").state_dict
+    started = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert started["global_step"] == 0 and started["optimizer"]["state"] == {}
+    for key, value in source.items():
+        assert torch.equal(started["model"][key], value), key
+    with pytest.raises(TrainingError, match="classes"):
+        other = make_generic_dataset(tmp_path / "other", n=4)
+        (other / "classes.json").write_text(json.dumps({"classes": ["a", "b", "c", "d"]}))
+        train(tiny_config(other, tmp_path / "c", eval_every=0, init=str(tmp_path / "a" / "final.pt")))
+
+
+def test_gradient_checkpointing_is_off_on_the_cpu_unless_asked_and_says_so(tmp_path):
+    data = make_generic_dataset(tmp_path / "data", n=4)
+    events = []
+    cfg = tiny_config(data, tmp_path / "a", max_steps=1, eval_every=0)
+    train(cfg, on_event=lambda kind, info: events.append((kind, info)))
+    start = next(info for kind, info in events if kind == "start")
+    assert start["grad_checkpoint"] is False and start["grad_checkpoint_auto"] and start["threads"] >= 1
+    events.clear()
+    train(tiny_config(data, tmp_path / "b", max_steps=1, eval_every=0, grad_checkpoint=True),
+          on_event=lambda kind, info: events.append((kind, info)))
+    assert next(info for kind, info in events if kind == "start")["grad_checkpoint"] is True
+
+
+def test_ctrl_c_in_training_says_what_was_kept_and_the_resume_says_where_it_continues(tmp_path, capsys, monkeypatch):
+    from bigseg.train import loop
+
+    data = make_generic_dataset(tmp_path / "data", n=10)
+    real, calls = loop.model_loss, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "model_loss", interrupted)
+    args = ["train", "--data", data, "--run", tmp_path / "r", "--batch-size", "2", "--crop", "64", "--workers", "0",
+            "--device", "cpu", "--eval-every", "0", "--epochs", "2", "--model-config",
+            "spp_bottleneck=8,spp_level=4,spp_width=8,up_widths=8/8/8/8,squeeze=8"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 130
+    assert "interrupted: kept epoch 1 step 2 (2 steps) in" in err and "--resume" in err
+    monkeypatch.setattr(loop, "model_loss", real)
+    code, _, err = run_cli(capsys, "train", "--run", tmp_path / "r", "--resume")
+    assert code == 0, err
+    assert "resuming from epoch 1, step 2 (2 steps done)" in err
+
+
+def test_eval_takes_a_folder_with_only_a_test_split(tmp_path, tiny_checkpoint, capsys):
+    import cv2
+
+    root = tmp_path / "camvid-test"
+    for d in ("test", "testannot"):
+        (root / d).mkdir(parents=True)
+    cv2.imwrite(str(root / "test" / "a.png"), np.zeros((64, 64, 3), np.uint8))
+    cv2.imwrite(str(root / "testannot" / "a.png"), np.zeros((64, 64), np.uint8))
+    assert len(open_dataset(root, "test")) == 1
+    with pytest.raises(DatasetError, match="needs train/ and trainannot/"):
+        open_dataset(root, "train")

@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 
-from bigseg.checkpoint import read_manifest, resolve_model
+from bigseg.checkpoint import resolve_model
 from bigseg.examples import render_street
-from bigseg.inference import Segmenter
+from bigseg.manifest import read_manifest
+from bigseg.predictor import Predictor
 
 SHIPPED = read_manifest()
 needs_weights = pytest.mark.skipif(not SHIPPED, reason="no weights shipped in weights/")
@@ -23,7 +24,7 @@ def test_default_model_is_shipped_and_verified():
 def test_rendered_street_scene_is_segmented_sensibly(seed):
     """Where the rendered scene is sky (road), sky (road) is predicted more than anything else."""
     image, truth = render_street(480, 360, seed=seed)
-    seg = Segmenter(resolve_model("ladder-dn121"), "cpu", "fp32", tile=512)
+    seg = Predictor(resolve_model("ladder-dn121"), "cpu", "fp32", tile=512)
     labels = seg.segment(np.moveaxis(image, -1, 0))
     classes = seg.checkpoint.classes
     for name in ("sky", "road"):
@@ -33,10 +34,10 @@ def test_rendered_street_scene_is_segmented_sensibly(seed):
 
 @needs_weights
 def test_shipped_score_on_camvid_test_is_reproduced(shared_data):
+    from bigseg.datasets import open_dataset
     from bigseg.evaluation import evaluate
-    from bigseg.train.datasets import open_dataset
 
     entry = next(e for e in SHIPPED if e["arch"] == "ladder-dn121")
-    seg = Segmenter(resolve_model(entry["name"]), "cpu", "fp32", tile=1024)
+    seg = Predictor(resolve_model(entry["name"]), "cpu", "fp32", tile=1024)
     result = evaluate(seg, open_dataset(shared_data / "camvid", "test"), "test")
     assert result.scores["miou"] == pytest.approx(entry["metrics"]["test"]["miou"], abs=0.002)

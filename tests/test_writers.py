@@ -3,13 +3,10 @@ import numpy as np
 import pytest
 import rasterio
 
-from bigseg.checkpoint import load_checkpoint
+from bigseg.atomic import partial_path
 from bigseg.errors import OutputError
-from bigseg.inference import Segmenter, WriteOptions
-from bigseg.io.writers import BLOCK, GeoTiffWriter, partial_path
-from bigseg.journal import read_journal
-from bigseg.tiling import Window
-from tests.conftest import interrupt_after, write_geotiff
+from bigseg.geometry import Window
+from bigseg.io.writers import BLOCK, GeoTiffWriter
 
 
 def rectangles(width, height, seed):
@@ -62,34 +59,5 @@ def test_commit_refuses_an_incomplete_output(tmp_path):
     assert not (tmp_path / "o.tif").exists() and not partial_path(tmp_path / "o.tif").exists()
 
 
-def test_a_damaged_partial_output_starts_over_instead_of_failing(tmp_path, tiny_checkpoint):
-    src = write_geotiff(tmp_path / "a.tif", 200, 1300)
-    ckpt = load_checkpoint(tiny_checkpoint)
-    whole = tmp_path / "whole.tif"
-    Segmenter(ckpt, "cpu", tile=64, overlap=16).predict_file(src, whole)
-    seg = Segmenter(ckpt, "cpu", tile=64, overlap=16, journal_seconds=0)
-    interrupt_after(seg, 25)
-    dst = tmp_path / "r.tif"
-    with pytest.raises(KeyboardInterrupt):
-        seg.predict_file(src, dst)
-    assert read_journal(dst)["rows_done"] in (512, 1024)
-    partial = partial_path(dst)
-    raw = partial.read_bytes()
-    # blocks are written once, so a crash can only cut what follows the last sync: the TIFF
-    # directory that libtiff appends at the end when the file is closed
-    partial.write_bytes(raw[: len(raw) - 200])
-    result = Segmenter(ckpt, "cpu", tile=64, overlap=16).predict_file(src, dst)
-    assert any("unusable" in n and "starting over" in n for n in result.notes), result.notes
-    with rasterio.open(whole) as a, rasterio.open(dst) as b:
-        assert np.array_equal(a.read(), b.read())
 
 
-def test_gdal_threads_change_nothing_in_the_outputs(tmp_path, tiny_checkpoint):
-    src = write_geotiff(tmp_path / "a.tif", 700, 1100, nodata=0, compress="deflate")
-    ckpt = load_checkpoint(tiny_checkpoint)
-    for threads in (1, 3):
-        seg = Segmenter(ckpt, "cpu", tile=128, overlap=32, io_threads=threads)
-        seg.predict_file(src, tmp_path / f"t{threads}.tif", write=WriteOptions(probs=True))
-    for name in ("t{}.tif", "t{}.probs.tif"):
-        with rasterio.open(tmp_path / name.format(1)) as a, rasterio.open(tmp_path / name.format(3)) as b:
-            assert np.array_equal(a.read(), b.read()) and np.array_equal(a.read_masks(1), b.read_masks(1))

@@ -1,7 +1,7 @@
 """Ship a trained run: write its best model in half precision to weights/ and record it in the
 manifest with its sha256, classes, palette, normalisation, training command, data and metrics.
 
-    python weights/ship.py runs/camvid/best.pt ladder-dn121-camvid \\
+    python -m bigseg.weights.ship runs/camvid/best.pt ladder-dn121-camvid \\
         --eval val=eval-val.json --eval test=eval-test.json --command "bigseg train ..." --data CamVid
 """
 from __future__ import annotations
@@ -10,7 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from bigseg.checkpoint import load_checkpoint, save_checkpoint, sha256
+from bigseg.atomic import write_text
+from bigseg.checkpoint import load_checkpoint, save_checkpoint
+from bigseg.manifest import sha256
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,7 +46,7 @@ def main() -> None:
     manifest_path = HERE / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": []}
     manifest["models"] = [m for m in manifest["models"] if m["name"] != args.name] + [entry]
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     print(f"{HERE / file}: {(HERE / file).stat().st_size / 2**20:.1f} MiB, sha256 {entry['sha256'][:16]}...")
 
 

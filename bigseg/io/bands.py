@@ -39,9 +39,9 @@ def parse_bands(text: str | None) -> tuple[int, ...] | None:
     try:
         bands = tuple(int(b) for b in text.replace(" ", "").split(","))
     except ValueError:
-        raise InputError(f"--bands takes 1-based band numbers like 1,2,3, got {text!r}") from None
+        raise InputError(f"takes 1-based band numbers like 1,2,3, got {text!r}", param="bands") from None
     if any(b < 1 for b in bands):
-        raise InputError(f"--bands are 1-based, got {text!r}")
+        raise InputError(f"are 1-based, got {text!r}", param="bands")
     return bands
 
 
@@ -55,9 +55,9 @@ def plan_bands(name: str, count: int, alpha: int | None, palette: np.ndarray | N
     if bands is not None:
         bad = [b for b in bands if b > count]
         if bad:
-            raise InputError(f"{name} has {count} band(s); --bands asks for band {bad[0]}")
+            raise InputError(f"{name} has {count} band(s); band {bad[0]} was asked for", param="bands")
         if len(bands) != wanted:
-            raise InputError(f"the model takes {wanted} band(s) but --bands lists {len(bands)}")
+            raise InputError(f"the model takes {wanted} band(s) but {len(bands)} were chosen", param="bands")
         return BandPlan(bands)
     content = [b for b in range(1, count + 1) if b != alpha]
     if wanted == 3 and rgb is not None:
@@ -94,9 +94,9 @@ def parse_value_range(text: str | None) -> tuple[float, float] | None:
     try:
         low, high = (float(v) for v in text.split(","))
     except ValueError:
-        raise InputError(f"--value-range takes LOW,HIGH, got {text!r}") from None
+        raise InputError(f"takes LOW,HIGH, got {text!r}", param="value_range") from None
     if not high > low:
-        raise InputError(f"--value-range needs HIGH > LOW, got {text!r}")
+        raise InputError(f"needs HIGH > LOW, got {text!r}", param="value_range")
     return low, high
 
 

@@ -7,7 +7,9 @@ mask: nodata values, alpha bands, internal/external masks and NaN all become `Fa
 """
 from __future__ import annotations
 
+import logging
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,22 @@ from typing import Any
 import numpy as np
 
 from bigseg.errors import InputError, RasterFormatError, first_line
+from bigseg.geometry import Window
 from bigseg.io import bands as B
-from bigseg.tiling import Window
 
+CHECK_PIXELS = 64e6  # 8-bit rasters up to this size are sampled at opening only to find damaged blocks early
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2", ".ntf", ".gtif"}
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a raster becomes model input: 1-based `bands` in order, a fixed `value_range` for
+    non-8-bit data, and the reader `engine` (auto, gdal, tifffile or opencv)."""
+
+    bands: tuple[int, ...] | None = None
+    value_range: tuple[float, float] | None = None
+    engine: str = "auto"
 
 
 @dataclass
@@ -57,9 +70,10 @@ class Reader:
         valid &= np.isfinite(data).all(0)
         return data, valid
 
-    def read_valid(self, window: Window) -> np.ndarray:
-        with self._lock:
-            return self._read_raw(window)[1]
+    def empty(self, window: Window) -> bool:
+        """True when `window` certainly holds no valid pixel, known without decoding anything
+        (False when that cannot be known cheaply: then `read` tells)."""
+        return False
 
     @property
     def _lock(self) -> threading.Lock:
@@ -91,9 +105,12 @@ class GdalReader(Reader):
     def __init__(self, path: Path, wanted: int, bands: tuple[int, ...] | None,
                  value_range: tuple[float, float] | None):
         import rasterio
+        from rasterio.errors import NotGeoreferencedWarning
 
         try:
-            self.ds = rasterio.open(path)
+            with warnings.catch_warnings():  # a plain TIFF is a fine input; its output has no georeference either
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self.ds = rasterio.open(path)
         except rasterio.errors.RasterioIOError as e:
             raise RasterFormatError(f"{path}: not a readable raster ({first_line(e)})") from None
         try:
@@ -101,6 +118,58 @@ class GdalReader(Reader):
         except BaseException:
             self.close()
             raise
+
+    def empty(self, window: Window) -> bool:
+        """A sparse GeoTIFF stores no block where nothing was written; GDAL reads such blocks as
+        the nodata value (or alpha 0), i.e. invalid. A window all of whose blocks of the bands that
+        decide validity are absent holds no valid pixel, and is skipped without a read."""
+        if self._present is None:
+            return False
+        (bh, bw), present = self._block_shape, self._present
+        i0, i1 = window.row_off // bh, (window.row_end - 1) // bh + 1
+        j0, j1 = window.col_off // bw, (window.col_end - 1) // bw + 1
+        # blocks present in the window, from the summed-area table: O(1) per window
+        return present[i1, j1] - present[i0, j1] - present[i1, j0] + present[i0, j0] == 0
+
+    def _sparse_map(self, path: Path, alpha: int | None) -> None:
+        """Which blocks of the bands that decide validity are present in the file (the TIFF's
+        block byte counts, read once with tifffile), when absent blocks read as invalid: the alpha
+        band's, or every band's when each has a nodata value. Otherwise (absent blocks would read
+        as valid zeros, or the file is not a plain tiled GeoTIFF) `empty` is always False."""
+        from rasterio.enums import MaskFlags
+
+        self._present = None
+        ds = self.ds
+        if ds.driver != "GTiff":
+            return
+        if alpha is not None:
+            bands = [alpha]
+        elif all(MaskFlags.nodata in ds.mask_flag_enums[b - 1] for b in self.plan.indexes):
+            bands = list(self.plan.indexes)
+        else:
+            return
+        log = logging.getLogger("tifffile")
+        level = log.level
+        log.setLevel(logging.CRITICAL)  # its opinions on GDAL's own tags are not the user's business
+        try:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages.first
+                if not page.is_tiled or (page.imagewidth, page.imagelength) != (ds.width, ds.height):
+                    return
+                shape = (-(-page.imagelength // page.tilelength), -(-page.imagewidth // page.tilewidth))
+                counts = np.asarray(page.databytecounts, np.int64)
+        except Exception:  # anything tifffile cannot read simply gets no shortcut
+            return
+        finally:
+            log.setLevel(level)
+        if page.planarconfig == 2:  # one plane of blocks per band
+            counts = counts.reshape(-1, *shape)[[b - 1 for b in bands]].max(0)
+        present = (counts.reshape(shape) > 0).astype(np.int64)
+        table = np.zeros((shape[0] + 1, shape[1] + 1), np.int64)
+        table[1:, 1:] = present.cumsum(0).cumsum(1)
+        self._present, self._block_shape = table, (page.tilelength, page.tilewidth)
 
     def _describe(self, path, wanted, bands, value_range) -> None:
         from rasterio.enums import ColorInterp
@@ -121,7 +190,11 @@ class GdalReader(Reader):
         georef = Georef(ds.crs, ds.transform, *(ds.gcps if ds.gcps[0] else (None, None)))
         super().__init__(path, ds.width, ds.height, np.dtype(ds.dtypes[plan.indexes[0] - 1]), plan,
                          "raster", georef, list(plan.notes))
-        if palette is None:
+        self._sparse_map(path, alpha)
+        # 8-bit data is used as is: the sample that gives other types their rescaling is then read
+        # only as an early decode check of rasters small enough for that to be cheap
+        needs_sample = self.dtype != np.uint8 or value_range is not None or ds.width * ds.height <= CHECK_PIXELS
+        if palette is None and needs_sample:
             try:
                 self.scale = B.value_scale(self.dtype, *self._sample(), value_range)
             except Exception as e:  # a file whose header opens but whose pixels do not decode
@@ -269,3 +342,8 @@ def open_raster(path: str | Path, wanted_bands: int = 3, bands: tuple[int, ...] 
     if engine not in readers:
         raise InputError(f"unknown reader {engine!r}; use auto, gdal, tifffile or opencv")
     return readers[engine](path, wanted_bands, bands, value_range)
+
+
+def open_input(path: str | Path, wanted_bands: int, options: ReadOptions) -> Reader:
+    """`open_raster` with a job's read options."""
+    return open_raster(path, wanted_bands, options.bands, options.value_range, options.engine)

@@ -96,6 +96,8 @@ def _recomputed_batchnorms(unit: nn.Module):
 def init_weights(module: nn.Module) -> None:
     """Kaiming-normal convolutions, unit batchnorms (as in the LDN reference initialisation)."""
     for m in module.modules():
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            continue  # built on the meta device to count or trace: there is nothing to initialise
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bigseg.models.registry import create_model, list_archs
-
 
 def count_parameters(model: nn.Module, inference_only: bool = True) -> int:
     """Parameters used at inference (auxiliary training heads excluded when `inference_only`)."""
@@ -22,19 +20,3 @@ def count_macs(model: nn.Module, height: int, width: int, in_channels: int = 3) 
     with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.to("meta").eval()(x)
     return counter.get_total_flops() // 2
-
-
-def architecture_rows(num_classes: int = 19) -> list[dict]:
-    """One row per registered architecture for `bigseg models` (built on the meta device: no memory)."""
-    from bigseg.checkpoint import shipped_archs
-
-    shipped = shipped_archs()
-    rows = []
-    for spec in list_archs():
-        with torch.device("meta"):
-            model = create_model(spec.name, num_classes)
-            reference = create_model(spec.name, num_classes, **spec.reference)
-        rows.append({"name": spec.name, "paper": spec.paper, "params": count_parameters(model),
-                     "reference_params": count_parameters(reference),
-                     "shipped": spec.name in shipped, "note": spec.note})
-    return rows

@@ -14,7 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigseg.models.base import SegmentationModel
-from bigseg.models.blocks import BNReLUConv, Checkpointable, init_weights, pad_to_multiple
+from bigseg.models.blocks import (
+    BNReLUConv,
+    Checkpointable,
+    init_weights,
+    pad_to_multiple,
+)
 from bigseg.models.densenet import DENSENET_VARIANTS, DenseNet, DenseNetConfig
 
 
@@ -81,14 +86,14 @@ class LadderConfig:
     squeeze: int = 128
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LadderConfig":
+    def from_dict(cls, d: dict) -> LadderConfig:
         d = dict(d)
         dn = d.pop("densenet", {})
         dn = DENSENET_VARIANTS[dn] if isinstance(dn, str) else DenseNetConfig(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in dn.items()})
         return cls(densenet=dn, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
-    def resolved(self, encoder_width: int) -> "LadderConfig":
+    def resolved(self, encoder_width: int) -> LadderConfig:
         return LadderConfig(
             densenet=self.densenet, spp_grids=self.spp_grids,
             spp_bottleneck=self.spp_bottleneck or encoder_width // 2,

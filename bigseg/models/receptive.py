@@ -7,10 +7,8 @@ local operations and mass 1 this is its receptive field radius; models with glob
 (LDN's SPP, DeepLab's image pooling, Dynamic Routing's gates) see the whole tile, and their
 effective margin says where almost all of the influence lies.
 
-Tiling blends each tile with a weight that is zero within overlap/4 of its edges
-(`bigseg.tiling`), so a pixel that is used always has at least overlap/4 of context: the
-default overlap is 4 x the architecture's `context_margin`, rounded up to a multiple of 16 and
-capped at half the tile.
+Tiling blends each tile with a weight that is zero within overlap/4 of its edges, so the
+default overlap is 4 x the architecture's `context_margin` (`bigseg.geometry.default_overlap`).
 """
 from __future__ import annotations
 
@@ -39,11 +37,3 @@ def effective_margin(model: nn.Module, size: int = 256, mass: float = 0.99, in_c
     per_radius = torch.zeros(size, dtype=torch.float64, device=device).index_add_(0, dist, grad.reshape(-1))
     cumulative = per_radius.cumsum(0) / total
     return int((cumulative < mass - 1e-9).sum().item())
-
-
-def default_overlap(margin: int | None, tile: int) -> int:
-    """4 x margin rounded up to 16, within [16, tile / 2]; tile / 4 when the margin is unknown."""
-    if margin is None:
-        return tile // 4
-    overlap = -(-4 * margin // 16) * 16
-    return max(16, min(overlap, tile // 2))

@@ -6,32 +6,43 @@ from typing import Any, Callable
 
 from torch import nn
 
+from bigseg.catalogue import ARCHITECTURES, ArchFacts
 from bigseg.errors import InputError
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """A registered architecture: its builder and the facts `bigseg models` shows."""
+    """A registered architecture: its builder, default config and the authors' overrides; its
+    paper and parameter counts are in `bigseg.catalogue` (listed without loading torch)."""
 
     name: str
-    paper: str
     builder: Callable[..., nn.Module]
     defaults: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
     reference: dict[str, Any] = field(default_factory=dict)  # config overrides of the authors' code
+
+    @property
+    def facts(self) -> ArchFacts:
+        return ARCHITECTURES[self.name]
+
+    @property
+    def paper(self) -> str:
+        return self.facts.paper
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
 
 
-def register(name: str, paper: str, note: str = "", reference: dict[str, Any] | None = None, **defaults: Any):
+def register(name: str, reference: dict[str, Any] | None = None, **defaults: Any):
     """Register `builder(num_classes, in_channels, **config)` under `name` with config `defaults`;
-    `reference`: the overrides that reproduce the authors' published model, for reporting."""
+    `reference`: the overrides that reproduce the authors' published model, for reporting. Every
+    name has its facts in `bigseg.catalogue`."""
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"architecture {name!r} is registered twice")
-        _REGISTRY[name] = ArchSpec(name, paper, builder, dict(defaults), note, dict(reference or {}))
+        if name not in ARCHITECTURES:
+            raise ValueError(f"architecture {name!r} has no entry in bigseg.catalogue")
+        _REGISTRY[name] = ArchSpec(name, builder, dict(defaults), dict(reference or {}))
         return builder
 
     return wrap
@@ -77,7 +88,7 @@ def parse_model_config(text: str) -> dict[str, Any]:
     for item in filter(None, (p.strip() for p in text.split(","))):
         key, sep, v = item.partition("=")
         if not sep or not key.strip() or not v.strip():
-            raise InputError(f"--model-config: expected KEY=VALUE, got {item!r}")
+            raise InputError(f"expects KEY=VALUE, got {item!r}", param="model_config")
         out[key.strip()] = value(v.strip())
     return out
 
@@ -90,4 +101,4 @@ def validate_config(name: str, config: dict[str, Any]) -> None:
         with torch.device("meta"):
             create_model(name, 2, **config)
     except (TypeError, ValueError) as e:
-        raise InputError(f"--model-config for {name}: {e}") from None
+        raise InputError(f"for {name}: {e}", param="model_config") from None

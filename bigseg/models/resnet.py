@@ -38,6 +38,12 @@ class BasicBlock(Checkpointable):
         self.bn2 = nn.BatchNorm2d(width)
         self.downsample = _shortcut(in_channels, out, stride)
 
+    def recut(self, stride: int, dilation: int, first_dilation: int) -> None:
+        _recut(self.conv1, stride, first_dilation)
+        _recut(self.conv2, 1, dilation)
+        if self.downsample is not None:
+            self.downsample[0].stride = (stride, stride)
+
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
@@ -61,11 +67,39 @@ class Bottleneck(Checkpointable):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_channels, out, stride)
 
+    def recut(self, stride: int, dilation: int, first_dilation: int) -> None:
+        _recut(self.conv2, stride, first_dilation)
+        if self.downsample is not None:
+            self.downsample[0].stride = (stride, stride)
+
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
         return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+def _plan(config: ResNetConfig, stage: int, blocks: int) -> list[tuple[int, int, int]]:
+    """(stride, dilation, first dilation) of each block of `stage` (0..3) for the output stride:
+    torchvision's convention, the first block of a dilated stage keeps the previous dilation;
+    `multi_grid` multiplies the last stage's dilations."""
+    dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[config.output_stride]
+    dilation = 1
+    for i in range(stage + 1):
+        previous = dilation
+        stride = 1 if i == 0 else 2
+        if i > 0 and dilate[i - 1]:
+            dilation, stride = dilation * stride, 1
+    grid = config.multi_grid if stage == 3 else (1,)
+    plan = []
+    for b in range(blocks):
+        d = dilation * grid[b % len(grid)]
+        plan.append((stride if b == 0 else 1, d, previous if b == 0 and grid == (1,) else d))
+    return plan
+
+
+def _recut(conv: nn.Conv2d, stride: int, dilation: int) -> None:
+    conv.stride, conv.dilation, conv.padding = (stride, stride), (dilation, dilation), (dilation, dilation)
 
 
 def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential | None:
@@ -90,24 +124,32 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[config.output_stride]
-        channels, dilation, reduction = 64, 1, 4
+        channels = 64
         self.feature_info: list[dict[str, int]] = []
         for i, (blocks, width) in enumerate(zip(RESNET_LAYERS[config.depth], (64, 128, 256, 512))):
-            stride = 1 if i == 0 else 2
-            previous = dilation
-            if i > 0 and dilate[i - 1]:
-                dilation, stride = dilation * stride, 1
-            grid = config.multi_grid if i == 3 else (1,)
             layers = []
-            for b in range(blocks):
-                d = dilation * grid[b % len(grid)]
-                first = previous if b == 0 and grid == (1,) else d
-                layers.append(block(channels, width, stride if b == 0 else 1, d, first))
+            for stride, d, first in _plan(config, i, blocks):
+                layers.append(block(channels, width, stride, d, first))
                 channels = width * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
-            reduction *= stride
-            self.feature_info.append({"channels": channels, "reduction": reduction})
+            self.feature_info.append({"channels": channels, "reduction": 0})
+        self._set_reductions()
+
+    def _set_reductions(self) -> None:
+        reduction = 4
+        for i, info in enumerate(self.feature_info):
+            reduction *= _plan(self.config, i, 1)[0][0]
+            info["reduction"] = reduction
+
+    def set_output_stride(self, output_stride: int) -> None:
+        """Re-cut the network for another output stride in place (strides become dilations or
+        back; no parameter changes): DeepLab v3 trains at 16 and evaluates at 8."""
+        self.config = ResNetConfig(self.config.depth, output_stride, self.config.multi_grid)
+        for i in range(4):
+            layer = getattr(self, f"layer{i + 1}")
+            for unit, (stride, d, first) in zip(layer, _plan(self.config, i, len(layer))):
+                unit.recut(stride, d, first)
+        self._set_reductions()
 
     @property
     def output_stride(self) -> int:

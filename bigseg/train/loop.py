@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,51 +18,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from bigseg.checkpoint import Checkpoint, Normalization, from_model, load_backbone_weights, save_checkpoint
+from bigseg import distributed as D
+from bigseg.atomic import atomic_path, write_text
+from bigseg.checkpoint import (
+    Checkpoint,
+    Normalization,
+    from_model,
+    load_backbone_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
+from bigseg.datasets import label_statistics, open_dataset
 from bigseg.device import resolve_device, resolve_precision
-from bigseg.errors import TrainingError
+from bigseg.errors import Interrupted, TrainingError
+from bigseg.evaluation import evaluate
 from bigseg.models import create_model
 from bigseg.models.blocks import set_grad_checkpointing
-from bigseg.train import distributed as D
-from bigseg.train.datasets import open_dataset
-from bigseg.train.losses import model_loss
+from bigseg.predictor import Predictor
+from bigseg.runtime import set_threads
+from bigseg.train.config import DEFAULTS, RESUMABLE, TrainConfig, check_crops, crop_at
+from bigseg.train.losses import BALANCING, class_weights, model_loss
+from bigseg.train.plot import plot_curves
 from bigseg.train.transforms import Augment, AugmentedView
 
 RUN_FORMAT = "bigseg-run"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data: str
-    run_dir: str
-    arch: str = "ladder-dn121"
-    arch_config: dict = field(default_factory=dict)
-    epochs: int = 100
-    batch_size: int = 8
-    crop: int = 448
-    scale_min: float = 0.5
-    scale_max: float = 2.0
-    flip: bool = True
-    jitter: float = 0.0
-    optimizer: str = "adam"        # adam | sgd
-    lr: float = 4e-4
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"       # cosine | poly
-    min_lr: float = 1e-6
-    pretrained_lr_factor: float = 0.25  # backbone weights loaded from ImageNet: lr / 4 (and wd / 4)
-    backbone_weights: str | None = None
-    grad_checkpoint: bool = True
-    aux_weight: float = 0.4
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int = 2
-    seed: int = 0
-    eval_every: int = 1
-    val_split: str = "val"
-    val_tile: int = 1024
-    sync_bn: bool = False
-    recompute_bn: int = 0          # batches for exact BN statistics after training (0: off)
-    max_steps: int | None = None   # stop (with a run checkpoint) after this many steps in all
 
 
 @dataclass
@@ -76,7 +54,6 @@ class TrainResult:
     stopped: str  # "finished", "max_steps" or "interrupted"
 
 
-RESUMABLE = ("epochs", "max_steps", "workers", "device")  # settings a resumed run may change
 
 
 def load_run_config(run_dir: str | Path, **changes: Any) -> TrainConfig:
@@ -91,8 +68,8 @@ def load_run_config(run_dir: str | Path, **changes: Any) -> TrainConfig:
         raise TrainingError(f"{path} is not a readable bigseg run checkpoint ({type(e).__name__})") from None
     bad = sorted(set(changes) - set(RESUMABLE))
     if bad:
-        raise TrainingError(f"--{bad[0].replace('_', '-')} cannot change when resuming "
-                            f"(the run uses {config.get(bad[0])!r}); start a new --run instead")
+        raise TrainingError(f"cannot change when resuming (the run uses {config.get(bad[0])!r}); "
+                            f"start a new run instead", param=bad[0])
     return TrainConfig(**{**config, **changes})
 
 
@@ -129,13 +106,37 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _save_run(path: Path, **state: Any) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save({"format": RUN_FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": RUN_FORMAT, **state}, tmp)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def _load_run_state(path: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """The run checkpoint at `path`, refused when a non-resumable setting differs from `cfg`."""
+    if not path.is_file():
+        raise TrainingError(f"nothing to resume: {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != RUN_FORMAT:
+        raise TrainingError(f"{path} is not a bigseg run checkpoint")
+    saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
+    mine = asdict(cfg)
+    changed = sorted(k for k in set(saved) | set(mine) - set(RESUMABLE)
+                     if json.dumps(saved.get(k, DEFAULTS.get(k))) != json.dumps(mine.get(k)))
+    if changed:
+        raise TrainingError(f"cannot resume with different settings: {', '.join(changed)}")
+    return state
+
+
+def _load_init(net: nn.Module, cfg: TrainConfig, classes: list[str]) -> None:
+    """Start from the weights of a bigseg checkpoint (same architecture and classes)."""
+    ckpt = load_checkpoint(cfg.init)
+    if ckpt.arch != cfg.arch or ckpt.classes != classes:
+        raise TrainingError(f"init {cfg.init} is a {ckpt.arch} for {len(ckpt.classes)} classes "
+                            f"({', '.join(ckpt.classes[:3])}, ...); this run trains a {cfg.arch} for "
+                            f"{len(classes)} classes ({', '.join(classes[:3])}, ...)")
+    source = ckpt.build_model()
+    if source.config.to_dict() != net.config.to_dict():
+        raise TrainingError(f"init {cfg.init} was built with another {cfg.arch} configuration")
+    net.load_state_dict(source.state_dict())
 
 
 def _loader(view: AugmentedView, cfg: TrainConfig, start: int) -> torch.utils.data.DataLoader:
@@ -152,17 +153,21 @@ def train(cfg: TrainConfig, resume: bool = False,
     run_dir = Path(cfg.run_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
-    d = D.init_from_env(device)
+    threads = set_threads(cfg.threads)
+    d = D.rank_from_env()
+    D.init(d, "nccl" if device.type == "cuda" else "gloo")
     if d.active and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
 
+    if cfg.class_balance not in BALANCING:
+        raise TrainingError(f"class balance must be one of {', '.join(BALANCING)}, got {cfg.class_balance!r}")
+
     # --- data --------------------------------------------------------------------------------
     train_set = open_dataset(cfg.data, "train")
     val_set = open_dataset(cfg.data, cfg.val_split) if cfg.eval_every > 0 else None
     classes, palette = list(train_set.classes), train_set.palette
-    aug = Augment(cfg.crop, cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter)
     steps_per_epoch = len(train_set) // (cfg.batch_size * d.world)
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(train_set)} training images are fewer than one batch of "
@@ -170,21 +175,29 @@ def train(cfg: TrainConfig, resume: bool = False,
     total_steps = steps_per_epoch * cfg.epochs
 
     # --- model and optimisation ----------------------------------------------------------------
-    model = create_model(cfg.arch, len(classes), 3, **cfg.arch_config)
+    net = create_model(cfg.arch, len(classes), 3, **cfg.arch_config)
+    check_crops(cfg, getattr(net, "output_multiple", 1))
     pretrained: set[str] = set()
     if cfg.backbone_weights:
-        pretrained = set(load_backbone_weights(model, cfg.backbone_weights))
+        pretrained = set(load_backbone_weights(net, cfg.backbone_weights))
     prepared: dict = {}
-    if not resume and hasattr(model, "prepare_training"):
-        prepared = model.prepare_training(train_set, cfg.seed)  # e.g. DUpsampling's W (resume loads it)
+    if not resume:
+        prepared = net.prepare_training(train_set, cfg.seed) if hasattr(net, "prepare_training") else {}
         if prepared:
-            on_event("prepared", prepared)
-    if cfg.grad_checkpoint:
-        set_grad_checkpointing(model, True)
+            on_event("prepared", prepared)  # e.g. DUpsampling's W (a resume loads it with the weights)
+        if cfg.init:
+            _load_init(net, cfg, classes)
+        weights = class_weights(*label_statistics(train_set), cfg.class_balance)
+        if weights is not None:
+            prepared = {**prepared, "class_weights": weights}
+    checkpointing = cfg.grad_checkpoint if cfg.grad_checkpoint is not None else device.type == "cuda"
+    if checkpointing:
+        set_grad_checkpointing(net, True)
     if cfg.sync_bn and d.active:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    optimizer = _optimizer(cfg, model, pretrained)
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    net.to(device, memory_format=layout)
+    optimizer = _optimizer(cfg, net, pretrained)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     norm = Normalization()
@@ -194,17 +207,8 @@ def train(cfg: TrainConfig, resume: bool = False,
     epoch, step_in_epoch, global_step, best, history = 0, 0, 0, None, []
     last_path = run_dir / "last.pt"
     if resume:
-        if not last_path.is_file():
-            raise TrainingError(f"nothing to resume: {last_path} does not exist")
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
-        if state.get("format") != RUN_FORMAT:
-            raise TrainingError(f"{last_path} is not a bigseg run checkpoint")
-        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
-        mine = {k: v for k, v in asdict(cfg).items() if k in saved}
-        changed = sorted(k for k in saved if json.dumps(saved[k]) != json.dumps(mine[k]))
-        if changed:
-            raise TrainingError(f"cannot resume with different settings: {', '.join(changed)}")
-        _unwrap(model).load_state_dict(state["model"])
+        state = _load_run_state(last_path, cfg)
+        net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -214,18 +218,23 @@ def train(cfg: TrainConfig, resume: bool = False,
         epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         best, history = state["best_miou"], list(state["history"])
         prepared = dict(state.get("prepared", {}))
+        on_event("resume", {"epoch": epoch, "step": step_in_epoch, "global_step": global_step})
+    weight = None if "class_weights" not in prepared else torch.tensor(prepared["class_weights"], device=device)
+    model: nn.Module = net
     if d.active:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
 
     def save_run() -> None:
         if d.main:
-            _save_run(last_path, config=asdict(cfg), model=_unwrap(model).state_dict(),
+            _save_run(last_path, config=asdict(cfg), model=net.state_dict(),
                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                       scaler=scaler.state_dict(), rng=_rng_state(), epoch=epoch,
                       step_in_epoch=step_in_epoch, global_step=global_step, best_miou=best,
                       history=history, prepared=prepared)
 
-    def describe(net: nn.Module, metrics: dict | None = None) -> Checkpoint:
+    def describe(metrics: dict | None = None) -> Checkpoint:
         return from_model(net, cfg.arch, classes, palette, norm, training={
             "data": str(cfg.data), "config": asdict(cfg), "epochs": epoch, "steps": global_step,
             "metrics": metrics or {}, **({"prepared": prepared} if prepared else {})})
@@ -233,24 +242,30 @@ def train(cfg: TrainConfig, resume: bool = False,
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     on_event("start", {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "epoch": epoch,
-                       "world": d.world, "train_images": len(train_set)})
+                       "world": d.world, "train_images": len(train_set), "device": str(device),
+                       "precision": str(dtype).removeprefix("torch."), "threads": threads,
+                       "grad_checkpoint": checkpointing, "grad_checkpoint_auto": cfg.grad_checkpoint is None,
+                       "channels_last": cfg.channels_last, "compile": cfg.compile,
+                       "crops": sorted({crop_at(cfg, e) for e in range(cfg.epochs)}),
+                       "class_weights": prepared.get("class_weights")})
     losses: list[float] = []
     stopped = "finished"
     try:
         while epoch < cfg.epochs:
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_set)).tolist()
+            aug = Augment(crop_at(cfg, epoch), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter)
             view = AugmentedView(train_set, D.shard(order, d, cfg.batch_size), aug, cfg.seed, epoch)
-            model.train()
+            net.train()
             t0, epoch_losses = time.perf_counter(), []
             for images, labels in _loader(view, cfg, step_in_epoch * cfg.batch_size):
                 if cfg.max_steps is not None and global_step >= cfg.max_steps:
                     stopped = "max_steps"
                     break
-                x = (images.to(device, non_blocking=True) - mean) / std
+                x = ((images.to(device, non_blocking=True) - mean) / std).contiguous(memory_format=layout)
                 y = labels.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not torch.float32):
                     logits, aux = model(x, return_aux=True)
-                loss, parts = model_loss(_unwrap(model), logits, aux, y, global_step / total_steps, cfg.aux_weight)
+                loss, parts = model_loss(net, logits, aux, y, global_step / total_steps, cfg.aux_weight, weight)
                 if D.any_rank(d, not torch.isfinite(loss).item(), device):
                     raise TrainingError(f"the loss is not finite at epoch {epoch + 1}, step {step_in_epoch + 1} "
                                         f"({loss.item()}); the last good run checkpoint is {last_path}; "
@@ -273,13 +288,14 @@ def train(cfg: TrainConfig, resume: bool = False,
             epoch += 1
             step_in_epoch = 0
             record = {"epoch": epoch, "steps": global_step, "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None,
-                      "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)}
+                      "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2),
+                      "crop": aug.crop}
             if val_set is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
                 if d.main:
-                    record.update(_validate(describe(_unwrap(model)), val_set, cfg, device))
+                    record.update(_validate(describe(), val_set, cfg, device))
                     if best is None or record["val_miou"] > best:
                         best = record["val_miou"]
-                        save_checkpoint(describe(_unwrap(model), record), run_dir / "best.pt")
+                        save_checkpoint(describe(record), run_dir / "best.pt")
                         record["best"] = True
                 D.barrier(d)
             history.append(record)
@@ -291,33 +307,35 @@ def train(cfg: TrainConfig, resume: bool = False,
         stopped = "interrupted"
     if stopped != "finished":
         save_run()
-        on_event("stopped", {"why": stopped, "epoch": epoch, "step": step_in_epoch})
+        if stopped != "interrupted":
+            on_event("stopped", {"why": stopped, "epoch": epoch, "step": step_in_epoch, "global_step": global_step,
+                                 "path": str(last_path)})
     elif d.main:
-        final = _unwrap(model)
         metrics = history[-1] if history else {}
         if cfg.recompute_bn > 0:
-            recompute_batchnorm(final, train_set, aug, cfg, device, mean, std)
+            aug = Augment(crop_at(cfg, cfg.epochs - 1), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter)
+            recompute_batchnorm(net, train_set, aug, cfg, device, mean, std)
             if val_set is not None:
-                metrics = {**metrics, **_validate(describe(final), val_set, cfg, device), "bn_recomputed": True}
+                metrics = {**metrics, **_validate(describe(), val_set, cfg, device), "bn_recomputed": True}
                 if best is None or metrics["val_miou"] > best:
                     best = metrics["val_miou"]
-                    save_checkpoint(describe(final, metrics), run_dir / "best.pt")
-        save_checkpoint(describe(final, metrics), run_dir / "final.pt")
+                    save_checkpoint(describe(metrics), run_dir / "best.pt")
+        save_checkpoint(describe(metrics), run_dir / "final.pt")
         if val_set is None:
-            save_checkpoint(describe(final, metrics), run_dir / "best.pt")
+            save_checkpoint(describe(metrics), run_dir / "best.pt")
     D.barrier(d)
     D.shutdown(d)
     if stopped == "interrupted":
-        raise KeyboardInterrupt
+        raise Interrupted(f"interrupted: kept epoch {epoch + 1} step {step_in_epoch} ({global_step} steps) in "
+                          f"{last_path}; continue with `bigseg train --run {run_dir} --resume`")
     return TrainResult(run_dir, epoch, global_step, best, losses, stopped)
 
 
 def _validate(ckpt: Checkpoint, val_set, cfg: TrainConfig, device: torch.device) -> dict:
-    from bigseg.evaluation import evaluate
-    from bigseg.inference import Segmenter
-
-    seg = Segmenter(ckpt, str(device), "fp32" if device.type == "cpu" else "auto", tile=cfg.val_tile)
-    result = evaluate(seg, val_set, cfg.val_split)
+    # torch, not an exported engine: the weights change every epoch (an export each time would cost more)
+    predictor = Predictor(ckpt, str(device), "fp32" if device.type == "cpu" else "auto", tile=cfg.val_tile,
+                          engine="torch")
+    result = evaluate(predictor, val_set, cfg.val_split)
     return {"val_miou": result.scores["miou"], "val_pixel_accuracy": result.scores["pixel_accuracy"]}
 
 
@@ -343,12 +361,8 @@ def recompute_batchnorm(model: nn.Module, train_set, aug: Augment, cfg: TrainCon
 
 
 def _write_logs(run_dir: Path, history: list[dict]) -> None:
-    from bigseg.train.plot import plot_curves
-
     keys = sorted({k for r in history for k in r})
     lines = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) for r in history]
-    for name, text in (("log.csv", "\n".join(lines) + "\n"), ("log.json", json.dumps(history, indent=1))):
-        tmp = run_dir / f".{name}.partial"
-        tmp.write_text(text)
-        os.replace(tmp, run_dir / name)
+    write_text(run_dir / "log.csv", "\n".join(lines) + "\n")
+    write_text(run_dir / "log.json", json.dumps(history, indent=1))
     plot_curves(history, run_dir / "curves.png")

@@ -4,13 +4,20 @@ Ladder loss (LDN): 0.6 x CE(final logits) + 0.4 x mean over auxiliary outputs. A
 output of stride f is scored against the class histogram of each f x f cell of the labels (soft
 targets, as in the authors' code), not a nearest-neighbour downsampled label; cells that are half
 or more ignore are dropped.
+
+Class balancing (optional) weights every pixel's loss by its class: median-frequency balancing
+(Eigen & Fergus 2015, as SegNet trains on CamVid: w_c = median(f) / f_c, with f_c the class's
+pixel share in the images where it appears) or ENet's w_c = 1 / ln(1.02 + p_c) (p_c its share of
+all labelled pixels). Thin classes (pole, sign, bicyclist) then count as much as their rarity
+costs them.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bigseg.train.datasets import IGNORE
+from bigseg.datasets import IGNORE
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,22 +36,48 @@ def soft_targets(labels: torch.Tensor, num_classes: int, size: tuple[int, int]) 
     return target / target.sum(1, keepdim=True).clamp_min(1e-6), keep
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+BALANCING = ("none", "median-frequency", "enet")
+
+
+def class_weights(pixels: np.ndarray, image_pixels: np.ndarray, method: str) -> list[float] | None:
+    """Per-class loss weights from label statistics: `pixels[c]`, the pixels of class c, and
+    `image_pixels[c]`, the labelled pixels of the images where c appears (None for "none")."""
+    if method == "none":
+        return None
+    if method not in BALANCING:
+        raise ValueError(f"class balancing must be one of {', '.join(BALANCING)}, got {method!r}")
+    pixels = np.asarray(pixels, np.float64)
+    if method == "enet":
+        share = pixels / max(pixels.sum(), 1.0)
+        return [float(w) for w in 1.0 / np.log(1.02 + share)]
+    freq = pixels / np.maximum(np.asarray(image_pixels, np.float64), 1.0)
+    present = freq[freq > 0]
+    median = float(np.median(present)) if present.size else 1.0
+    return [float(median / f) if f > 0 else 1.0 for f in freq]
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy against per-cell class distributions; with class weights, each cell counts
+    by the weight of its target distribution (the soft analogue of weighted cross-entropy)."""
     loss = -(target * F.log_softmax(logits.float(), 1)).sum(1)
-    return (loss * keep).sum() / keep.sum().clamp_min(1)
+    cell = keep.float()
+    if weight is not None:
+        cell = cell * (target * weight.view(1, -1, 1, 1)).sum(1)
+    return (loss * cell).sum() / cell.sum().clamp_min(1e-6)
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=IGNORE)
 
 
 def ladder_loss(logits: torch.Tensor, aux: list[torch.Tensor], labels: torch.Tensor,
-                aux_weight: float = 0.4) -> tuple[torch.Tensor, dict[str, float]]:
+                aux_weight: float = 0.4, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """(1 - aux_weight) x final CE + aux_weight x mean of the auxiliary soft CEs."""
-    main = segmentation_loss(logits, labels)
+    main = segmentation_loss(logits, labels, weight)
     if not aux or aux_weight == 0:
         return main, {"main": main.item()}
-    aux_losses = [soft_cross_entropy(a, *soft_targets(labels, a.shape[1], a.shape[-2:])) for a in aux]
+    aux_losses = [soft_cross_entropy(a, *soft_targets(labels, a.shape[1], a.shape[-2:]), weight) for a in aux]
     aux_mean = torch.stack(aux_losses).mean()
     return (1 - aux_weight) * main + aux_weight * aux_mean, {"main": main.item(), "aux": aux_mean.item()}
 
@@ -58,12 +91,17 @@ def budget_loss(cost: torch.Tensor, lam: float, mu: float, progress: float, star
 
 
 def model_loss(model, logits: torch.Tensor, aux, labels: torch.Tensor, progress: float,
-               aux_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training loss of `model` (by its `loss_kind`) at `progress` (0..1) of the schedule."""
+               aux_weight: float, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of `model` (by its `loss_kind`) at `progress` (0..1) of the schedule,
+    with optional per-class `weight`s."""
     kind = getattr(model, "loss_kind", "ce")
     if kind == "ladder":
-        return ladder_loss(logits, aux, labels, aux_weight)
-    main = segmentation_loss(logits, labels)
+        return ladder_loss(logits, aux, labels, aux_weight, weight)
+    if kind == "msc" and aux:  # DeepLab v2: a loss on the max-fused logits and on every scale
+        fused = segmentation_loss(logits, labels, weight)
+        scales = [segmentation_loss(a, labels, weight) for a in aux]
+        return fused + sum(scales), {"main": fused.item(), "scales": float(sum(s.item() for s in scales))}
+    main = segmentation_loss(logits, labels, weight)
     if kind == "budget":
         c = model.config
         budget = budget_loss(aux["cost"], c.budget_lambda, c.budget_mu, progress, c.budget_start, c.budget_warmup)

@@ -1,15 +1,15 @@
 """Training curves as a PNG drawn with OpenCV (no plotting library needed): loss and val mIoU."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+import cv2
 import numpy as np
+
+from bigseg.atomic import atomic_path
 
 
 def plot_curves(history: list[dict], path: Path, width: int = 800, height: int = 360) -> None:
-    import cv2
-
     img = np.full((height, width, 3), 255, np.uint8)
     pad = 50
     series = [("train_loss", (200, 80, 30)), ("val_miou", (40, 140, 40))]
@@ -31,6 +31,5 @@ def plot_curves(history: list[dict], path: Path, width: int = 800, height: int =
         cv2.putText(img, label, (pad + 10 + i * 360, height - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
     cv2.putText(img, f"epochs 1..{len(history)}", (width - pad - 120, pad // 2 - 5), cv2.FONT_HERSHEY_SIMPLEX,
                 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    tmp = path.with_name(f".{path.stem}.partial.png")
-    cv2.imwrite(str(tmp), img)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        cv2.imwrite(str(tmp), img)

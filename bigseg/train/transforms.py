@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bigseg.train.datasets import IGNORE
+from bigseg.datasets import IGNORE
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from bigseg.errors import DatasetError
+from bigseg.palette import default_palette
 
 IGNORE = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -78,6 +79,19 @@ class SegmentationDataset:
         return label if self.lut is None else self.lut[label]
 
 
+def label_statistics(dataset: SegmentationDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels per class over all labels, and per class the labelled pixels of the images where
+    it appears (the two counts class balancing needs); ignore is left out of both."""
+    n = len(dataset.classes)
+    pixels = np.zeros(n, np.int64)
+    image_pixels = np.zeros(n, np.int64)
+    for i in range(len(dataset)):
+        counts = np.bincount(dataset.label(i).ravel(), minlength=256)[:n]
+        pixels += counts
+        image_pixels += np.where(counts > 0, counts.sum(), 0)
+    return pixels, image_pixels
+
+
 def _lut(mapping: dict[int, int]) -> np.ndarray:
     lut = np.full(256, IGNORE, np.uint8)
     for k, v in mapping.items():
@@ -104,8 +118,8 @@ def open_dataset(root: str | Path, split: str) -> SegmentationDataset:
         raise DatasetError(f"data folder not found: {root}")
     if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
         return _cityscapes(root, split)
-    if (root / "train").is_dir() and (root / "trainannot").is_dir():
-        return _camvid(root, split)
+    if any((root / s).is_dir() and (root / f"{s}annot").is_dir() for s in ("train", "val", "test")):
+        return _camvid(root, split)  # an evaluation folder may hold only test/ + testannot/
     if (root / "images").is_dir() and (root / "masks").is_dir():
         return _generic(root, split)
     raise DatasetError(f"{root}: unknown data layout; expected one of: {LAYOUTS}")
@@ -157,8 +171,6 @@ def _generic(root: Path, split: str) -> SegmentationDataset:
         classes = list(spec["classes"])
     except (ValueError, KeyError, TypeError) as e:
         raise DatasetError(f"{spec_path}: expected {{\"classes\": [...], \"palette\": [...]}} ({e})") from None
-    from bigseg.checkpoint import default_palette
-
     palette = [list(c) for c in spec.get("palette", default_palette(len(classes)))]
     if (root / "images" / split).is_dir():
         images = _images(root / "images" / split)

@@ -1,25 +1,52 @@
-"""Terminal output for the CLI: a rich progress bar on a terminal, plain log lines otherwise.
-Only the CLI imports this module (and rich)."""
+"""Terminal output for the CLI: a rich progress bar on a terminal, plain progress lines at a
+steady interval otherwise (logs, nohup, SLURM), errors as one `Error:` line. Only the CLI imports
+this module (and rich)."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from bigseg.cli.options import flag
+from bigseg.errors import BigsegError
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
+PLAIN_EVERY_SECONDS = 30.0  # plain progress lines: at most this often ...
+PLAIN_EVERY_FRACTION = 0.05  # ... or at every 5% of the work, whichever comes later
+
+_printed: set[str] = set()
 
 
 def error(message: str) -> None:
-    err.print(f"[bold red]Error:[/] {message}", markup=True) if err.is_terminal else print(
+    err.print(f"[bold red]Error:[/] {escape(message)}", markup=True) if err.is_terminal else print(
         f"Error: {message}", file=sys.stderr)
+
+
+def error_line(e: BaseException | str) -> None:
+    """One `Error:` line per distinct message; a library error about a parameter names the option."""
+    if isinstance(e, BigsegError) and e.param:
+        message = f"{flag(e.param)} {e.reason}"
+    else:
+        message = str(e)
+    if message and message not in _printed:
+        _printed.add(message)
+        error(message)
 
 
 def note(message: str, quiet: bool = False) -> None:
     if not quiet:
-        print(message, file=sys.stderr)
+        print(message, file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
 
 
 class _Display:
@@ -30,6 +57,8 @@ class _Display:
         live = err.is_terminal and not quiet
         self.progress = Progress(*columns, console=err, transient=transient) if live else None
         self.task = None
+        self._last_plain = 0.0
+        self._last_fraction = 0.0
 
     def __enter__(self):
         if self.progress:
@@ -48,25 +77,50 @@ class _Display:
         else:
             print(message, file=sys.stderr, flush=True)
 
+    def plain_due(self, fraction: float) -> bool:
+        """Whether a plain progress line is due (no terminal): every PLAIN_EVERY_SECONDS, and at
+        least PLAIN_EVERY_FRACTION of the work since the last one."""
+        if self.progress is not None or self.quiet:
+            return False
+        now = time.monotonic()
+        if now - self._last_plain < PLAIN_EVERY_SECONDS or fraction - self._last_fraction < PLAIN_EVERY_FRACTION:
+            return False
+        self._last_plain, self._last_fraction = now, fraction
+        return True
+
 
 class TileProgress(_Display):
-    """Per-file progress: tiles/s and megapixels/s. Rich bar on a TTY, one line per file otherwise."""
+    """Per-file progress: tiles, tiles/s, megapixels/s and the time left. Rich bar on a terminal;
+    otherwise a plain line every 30 s (and 5%) and one line per finished file."""
 
     def __init__(self, quiet: bool = False):
         super().__init__(quiet, TextColumn("{task.description}"), BarColumn(),
                          TextColumn("{task.completed}/{task.total} tiles"), TextColumn("{task.fields[rate]}"),
                          TimeRemainingColumn(), transient=True)
+        self.name = ""
 
     def start(self, name: str, tile_pixels: int) -> None:
-        self.t0, self.tile_pixels = time.perf_counter(), tile_pixels
+        self.t0, self.tile_pixels, self.name = time.perf_counter(), tile_pixels, name
+        self._last_plain, self._last_fraction = time.monotonic(), 0.0
         if self.progress:
             self.task = self.progress.add_task(name, total=None, rate="")
 
     def tile(self, done: int, total: int) -> None:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        rate = f"{done / dt:.2f} tiles/s, {done * self.tile_pixels / dt / 1e6:.2f} MP/s"
         if self.progress:
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            rate = f"{done / dt:.1f} tiles/s {done * self.tile_pixels / dt / 1e6:.2f} MP/s"
             self.progress.update(self.task, completed=done, total=total, rate=rate)
+        elif total and done < total and self.plain_due(done / total):
+            left = dt / max(done, 1) * (total - done)
+            self.line(f"{self.name}: {done}/{total} tiles ({100 * done / total:.0f}%), {rate}, "
+                      f"about {_duration(left)} left")
+
+    def note(self, message: str, *also: str) -> None:
+        """`note: MESSAGE`, once: not again when it (or any of `also`) was said before."""
+        said = self.__dict__.setdefault("_said", set())
+        if said.isdisjoint({message, *also}):
+            said.update({message, *also})
+            self.line(f"note: {message}")
 
     def finish(self) -> None:
         if self.progress and self.task is not None:
@@ -80,38 +134,50 @@ class TrainProgress(_Display):
     def __init__(self, quiet: bool, epochs: int):
         super().__init__(quiet, TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                          TimeRemainingColumn())
-        self.epochs = epochs
+        self.epochs, self.total = epochs, 0
 
     def event(self, kind: str, info: dict) -> None:
         if self.quiet:
             return
-        if kind == "start":
-            total = info["total_steps"]
+        if kind == "resume":
+            self.line(f"resuming from epoch {info['epoch'] + 1}, step {info['step']} "
+                      f"({info['global_step']} steps done)")
+        elif kind == "start":
+            total = self.total = info["total_steps"]
+            self._last_plain, self._last_fraction = time.monotonic(), info["epoch"] * info["steps_per_epoch"] / max(total, 1)
             self.line(f"training on {info['train_images']} images, {info['steps_per_epoch']} steps/epoch, "
                       f"{info['world']} process(es)")
+            ckpt = "on" if info["grad_checkpoint"] else "off"
+            if info["grad_checkpoint_auto"]:
+                ckpt += " (default on a GPU)" if info["grad_checkpoint"] else " (default on the CPU; --grad-checkpoint saves memory)"
+            weights = info.get("class_weights")
+            self.line(f"{info['device']}, {info['precision']}, {info['threads']} thread(s), gradient checkpointing {ckpt}, "
+                      f"{'channels-last' if info['channels_last'] else 'contiguous'}"
+                      f"{', compiled' if info['compile'] else ''}, crops {'/'.join(map(str, info['crops']))}"
+                      + ("" if weights is None else ", class weights " + " ".join(f"{w:.2f}" for w in weights)))
             if self.progress:
                 self.task = self.progress.add_task("train", total=total, info="",
                                                    completed=info["epoch"] * info["steps_per_epoch"])
-        elif kind == "step" and self.progress:
-            self.progress.update(self.task, completed=info["global_step"], description=f"epoch {info['epoch'] + 1}",
-                                 info=f"loss {info['loss']:.3f} lr {info['lr']:.2e} {info['images_per_s']:.1f} img/s")
+        elif kind == "step":
+            text = f"loss {info['loss']:.3f} lr {info['lr']:.2e} {info['images_per_s']:.1f} img/s"
+            if self.progress:
+                self.progress.update(self.task, completed=info["global_step"], description=f"epoch {info['epoch'] + 1}",
+                                     info=text)
+            elif self.plain_due(info["global_step"] / max(self.total, 1)):
+                self.line(f"epoch {info['epoch'] + 1}/{self.epochs} step {info['step']}: {text}")
         elif kind == "epoch":
             val = f" val mIoU {100 * info['val_miou']:.2f}" if "val_miou" in info else ""
             loss = "n/a" if info["train_loss"] is None else f"{info['train_loss']:.4f}"
             self.line(f"epoch {info['epoch']}/{self.epochs}: loss {loss}{val} ({info['seconds']:.0f} s)"
                       f"{' *best*' if info.get('best') else ''}")
         elif kind == "stopped":
-            self.line(f"stopped ({info['why']}) at epoch {info['epoch'] + 1} step {info['step']}; "
-                      f"continue with --resume")
+            self.line(f"{info['why']}: kept epoch {info['epoch'] + 1} step {info['step']} "
+                      f"({info['global_step']} steps) in {info['path']}; continue with --resume")
 
 
 def print_plans(plans: list, as_json: bool = False) -> None:
     """`predict --dry-run`: one block per input, or a JSON list on stdout."""
-    from rich.markup import escape
-
     if as_json:
-        import json
-
         print(json.dumps([p.to_dict() for p in plans], indent=2))
         return
     for p in plans:

@@ -37,10 +37,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
+from bigseg.errors import BigsegError
+from bigseg.geometry import TileGrid, stitcher_peak_pixels
 from bigseg.io.gdal import gdal_env
-from bigseg.io.readers import open_raster
+from bigseg.io.outputs import describe
+from bigseg.io.readers import open_input
 from bigseg.io.writers import BLOCK
-from bigseg.tiling import TileGrid, stitcher_peak_pixels
+from bigseg.models import create_model
+from bigseg.predictor import Predictor
+from bigseg.run.discover import Failure, find_jobs
+from bigseg.run.file_job import JobOptions
 
 MIB = 2 ** 20
 RUNTIME_MIB = 270       # python + torch + rasterio/GDAL + OpenCV + bigseg imported (measured, CPU build)
@@ -81,8 +87,6 @@ class _PeakTensorBytes(TorchDispatchMode):
 
 def activation_bytes(checkpoint, batch: int, height: int, width: int, dtype: torch.dtype = torch.float32) -> int:
     """Peak live activation bytes of one inference forward pass, traced on the meta device."""
-    from bigseg.models import create_model
-
     with torch.device("meta"):
         model = create_model(checkpoint.arch, checkpoint.num_classes, checkpoint.in_channels, **checkpoint.config)
     model = model.eval().to(dtype)
@@ -133,25 +137,25 @@ def writer_rows(grid: TileGrid, block: int = BLOCK) -> int:
     return min(peak, grid.height)
 
 
-def memory_estimate(segmenter, width: int, height: int, bands: int, probs: bool = False) -> dict:
+def memory_estimate(predictor: Predictor, width: int, height: int, bands: int, probs: bool = False) -> dict:
     """The formula of the module docstring, in MiB per term, with `host` and `gpu` totals."""
-    ckpt = segmenter.checkpoint
-    th, tw = min(segmenter.tile, height), min(segmenter.tile, width)
-    grid = segmenter.grid(width, height)
-    b = min(segmenter.batch_size, len(grid))
+    ckpt = predictor.checkpoint
+    th, tw = min(predictor.tile, height), min(predictor.tile, width)
+    grid = predictor.grid(width, height)
+    b = min(predictor.batch_size, len(grid))
     c = ckpt.num_classes
     params = sum(v.numel() for v in ckpt.state_dict.values() if v.is_floating_point())
     stored = sum(v.numel() * v.element_size() for v in ckpt.state_dict.values())
-    on_gpu = segmenter.device.type == "cuda"
-    blend_on_gpu = on_gpu and segmenter.blends_on_device(segmenter.grid(width, height))
-    dtype = segmenter.dtype if on_gpu else torch.float32
-    scale_max = max(segmenter.scales)
+    on_gpu = predictor.device.type == "cuda"
+    blend_on_gpu = on_gpu and predictor.blends_on_device(predictor.grid(width, height))
+    dtype = predictor.dtype if on_gpu else torch.float32
+    scale_max = max(predictor.scales)
     act_h, act_w = max(1, round(th * scale_max)), max(1, round(tw * scale_max))
     act = activation_bytes(ckpt, b, act_h, act_w, dtype)
     inputs = 2 * b * bands * th * tw * 4
     # one forward's output is the last live activation (counted there); averaging over scales or
     # flips keeps a running sum and one prediction beside it
-    scores = 2 * b * c * th * tw * 4 if segmenter.averages_probabilities else 0
+    scores = 2 * b * c * th * tw * 4 if predictor.averages_probabilities else 0
     stitcher = stitcher_peak_pixels(grid) * (c + 1) * 4
     writer = writer_rows(grid) * width * (1 + (c + 1 if probs else 0))
     terms = {"runtime": RUNTIME_MIB, "checkpoint": stored / MIB, "weights": params * 4 / MIB,
@@ -174,47 +178,47 @@ def memory_estimate(segmenter, width: int, height: int, bands: int, probs: bool 
     return out
 
 
-def plan_file(segmenter, src: Path, dst: Path, read, write, overlap_from: str,
-              estimate: bool = False) -> Plan:
+def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, estimate: bool = False) -> Plan:
     """Open `src` (metadata and the rescale statistics only) and describe the job."""
-    from bigseg.inference import sibling
-
-    with gdal_env(segmenter.io_threads), open_raster(src, segmenter.checkpoint.in_channels, read.bands,
-                                                     read.value_range, read.engine) as reader:
-        grid = segmenter.grid(reader.width, reader.height)
-        valid_tiles = len(grid)
+    with gdal_env(options.threads_for(predictor.device)), \
+            open_input(src, predictor.checkpoint.in_channels, options.read) as reader:
+        grid = predictor.grid(reader.width, reader.height)
         plan = Plan(
             input=str(src), output=str(dst), width=reader.width, height=reader.height,
-            bands=segmenter.checkpoint.in_channels, dtype=str(getattr(reader, "dtype", "uint8")),
+            bands=predictor.checkpoint.in_channels, dtype=str(getattr(reader, "dtype", "uint8")),
             reader=type(reader).__name__, tiles=len(grid), tile_rows=len(grid.row_starts),
-            tile_cols=len(grid.col_starts), batches=-(-valid_tiles // segmenter.batch_size),
-            tile=segmenter.tile, overlap=segmenter.overlap, overlap_from=overlap_from,
-            blend=f"sin^2 ramp, zero weight within {segmenter.overlap // 4} px of inner tile edges",
-            device=str(segmenter.device), precision=str(segmenter.dtype).removeprefix("torch."),
-            notes=list(reader.notes))
-        png = reader.kind == "image" and dst.suffix.lower() == ".png"
-        big = reader.width * reader.height > 4e9 / 1.1  # GDAL's BIGTIFF=IF_SAFER threshold, uint8 mask
-        plan.outputs.append({"path": str(dst), "format": "PNG" if png else ("COG" if write.cog else "GeoTIFF"),
-                             "bigtiff": (not png) and big, "bands": 1})
-        if write.probs:
-            plan.outputs.append({"path": str(sibling(dst, "probs", ".tif")), "format": "COG" if write.cog else "GeoTIFF",
-                                 "bigtiff": reader.width * reader.height * segmenter.num_classes > 4e9 / 1.1,
-                                 "bands": segmenter.num_classes})
-        if write.overlay:
-            plan.outputs.append({"path": str(sibling(dst, "overlay", ".png")), "format": "PNG", "bigtiff": False,
-                                 "bands": 3})
-        plan.memory_mib = memory_estimate(segmenter, reader.width, reader.height, plan.bands, write.probs)
+            tile_cols=len(grid.col_starts), batches=-(-len(grid) // predictor.batch_size),
+            tile=predictor.tile, overlap=predictor.overlap, overlap_from=predictor.overlap_from,
+            blend=f"sin^2 ramp, zero weight within {predictor.overlap // 4} px of inner tile edges",
+            device=str(predictor.device), precision=str(predictor.dtype).removeprefix("torch."),
+            notes=list(reader.notes),
+            outputs=describe(dst, reader.kind, reader.width, reader.height, predictor.num_classes, options.write))
+        plan.memory_mib = memory_estimate(predictor, reader.width, reader.height, plan.bands, options.write.probs)
         if estimate:
-            plan.estimate_seconds = _time_estimate(segmenter, reader, grid)
+            plan.estimate_seconds = _time_estimate(predictor, reader, grid)
     return plan
 
 
-def _time_estimate(segmenter, reader, grid: TileGrid, warmup: int = 1, measured: int = 2) -> float:
+def dry_run(predictor: Predictor, inputs: list[str], out: Path | None, *, recursive: bool = False,
+            options: JobOptions = JobOptions(), estimate: bool = False) -> tuple[list[Plan], list[Failure]]:
+    """The plan of every job without running the model (except a short timed warm-up with
+    `estimate`); unreadable inputs are failures, as in a real run."""
+    jobs, failed = find_jobs(inputs, out, recursive)
+    plans = []
+    for job in jobs:
+        try:
+            plans.append(plan_file(predictor, job.input, job.output, options, estimate))
+        except BigsegError as e:
+            failed.append(Failure(str(job.input), str(e)))
+    return plans, failed
+
+
+def _time_estimate(predictor: Predictor, reader, grid: TileGrid, warmup: int = 1, measured: int = 2) -> float:
     """Time a few real batches of the first tiles (reading + inference) and scale to the grid."""
     windows = list(grid)
-    b = segmenter.batch_size
+    b = predictor.batch_size
     batches = [windows[i:i + b] for i in range(0, min(len(windows), (warmup + measured) * b), b)]
-    fill = segmenter.fill
+    fill = predictor.fill
     timed, tiles = 0.0, 0
     for k, batch in enumerate(batches):
         t0 = time.perf_counter()
@@ -224,7 +228,7 @@ def _time_estimate(segmenter, reader, grid: TileGrid, warmup: int = 1, measured:
             data.append(np.where(valid, x, fill).astype(np.float32))
         shapes = {d.shape for d in data}
         if len(shapes) == 1:
-            segmenter.tile_scores(np.stack(data))
+            predictor.predict(np.stack(data))
         if k >= warmup or len(batches) <= warmup:
             timed += time.perf_counter() - t0
             tiles += len(batch)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from bigseg.sharding import part_path, part_rows
+from bigseg.io.outputs import part_path
+from bigseg.run.shards import part_rows
 from tests.conftest import write_geotiff
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="torchrun tests run on Linux CI")
@@ -66,15 +67,16 @@ def test_a_dead_rank_leaves_its_part_and_the_rerun_redoes_only_that(tmp_path, ti
     dying = tmp_path / "dying.py"
     dying.write_text(
         "import os, sys\n"
-        "import bigseg.sharding as s\n"
+        "import bigseg.run.shards as s\n"
+        "from bigseg.io.outputs import part_path\n"
         "real = s.predict_part\n"
-        "def part(seg, src, dst, read, write, p, n):\n"
+        "def part(predictor, src, dst, options, p, n):\n"
         "    if p == 1:  # die once rank 0's part is committed\n"
         "        import time\n"
-        "        while not s.part_path(dst, 0, n).exists():\n"
+        "        while not part_path(dst, 0, n).exists():\n"
         "            time.sleep(0.01)\n"
         "        os._exit(3)\n"
-        "    return real(seg, src, dst, read, write, p, n)\n"
+        "    return real(predictor, src, dst, options, p, n)\n"
         "s.predict_part = part\n"
         "sys.argv = ['bigseg'] + sys.argv[1:]\n"
         "from bigseg.cli import main\n"

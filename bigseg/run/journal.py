@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import time
 from pathlib import Path
 from typing import Any
+
+from bigseg.atomic import atomic_path
 
 VERSION = 2  # 2: rows_done counts whole block rows (writers write each block once)
 
@@ -43,18 +45,27 @@ def read_journal(dst: Path) -> dict[str, Any] | None:
 
 
 def write_journal(dst: Path, fp: str, rows_done: int, height: int) -> None:
-    path = journal_path(dst)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"fingerprint": fp, "rows_done": rows_done, "height": height, "version": VERSION}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(journal_path(dst), durable=True) as tmp:
+        tmp.write_text(json.dumps({"fingerprint": fp, "rows_done": rows_done, "height": height, "version": VERSION}))
 
 
 def remove_journal(dst: Path) -> None:
-    for p in (journal_path(dst), journal_path(dst).with_name(journal_path(dst).name + ".tmp")):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+    journal_path(dst).unlink(missing_ok=True)
+
+
+class Advance:
+    """When the journal of `dst` moves: at most every `every` seconds (None: never, an output that
+    cannot resume), and only forward."""
+
+    def __init__(self, dst: Path, fp: str, height: int, every: float | None, rows: int = 0):
+        self.dst, self.fp, self.height, self.every, self.rows = dst, fp, height, every, rows
+        self.last = time.monotonic()
+
+    def due(self, rows_on_disk: int) -> bool:
+        """Whether to sync the outputs and record `rows_on_disk` now."""
+        return self.every is not None and time.monotonic() - self.last >= self.every and rows_on_disk > self.rows
+
+    def to(self, rows: int) -> None:
+        """Record that `rows` rows are final on disk (the outputs were synced)."""
+        write_journal(self.dst, self.fp, rows, self.height)
+        self.rows, self.last = rows, time.monotonic()

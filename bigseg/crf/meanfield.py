@@ -14,56 +14,11 @@ Returns probabilities, so overlapping tiles blend.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class CRFParams:
-    """DeepLab v2 (ResNet-101) released defaults: bi_w 4, bi_xy_std 67, bi_rgb_std 3, pos_w 3, pos_xy_std 1."""
-
-    w1: float = 4.0
-    theta_alpha: float = 67.0
-    theta_beta: float = 3.0
-    w2: float = 3.0
-    theta_gamma: float = 1.0
-    iterations: int = 10
-    backend: str = "lattice"  # lattice | window
-    radius: int = 5           # window back-end: kernel radius on the (downsampled) grid
-    downsample: int = 1       # window back-end: grid step for the appearance kernel
-
-    @property
-    def reach(self) -> int:
-        """Pixels one iteration of the window back-end carries information (appearance or smoothness)."""
-        return max(self.radius * self.downsample, math.ceil(3 * self.theta_gamma))
-
-
-def parse_crf(backend: str | None, params: str | None = None) -> CRFParams | None:
-    """`--crf lattice|window` and `--crf-params w1=4,theta_alpha=67,...` to CRFParams (None: off)."""
-    from dataclasses import fields, replace
-
-    from bigseg.errors import InputError
-
-    if backend is None:
-        if params:
-            raise InputError("--crf-params needs --crf lattice or --crf window")
-        return None
-    if backend not in ("lattice", "window"):
-        raise InputError(f"--crf takes lattice or window, got {backend!r}")
-    p = CRFParams(backend=backend)
-    types = {f.name: f.type for f in fields(CRFParams)}
-    for item in filter(None, (params or "").replace(" ", "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in types or key == "backend":
-            raise InputError(f"--crf-params: unknown {key!r}; known: "
-                             f"{', '.join(k for k in types if k != 'backend')}")
-        try:
-            p = replace(p, **{key: (int if types[key] in (int, "int") else float)(value)})
-        except ValueError:
-            raise InputError(f"--crf-params: {key} needs a number, got {value!r}") from None
-    return p
+from bigseg.crf.params import CRFParams
 
 
 def dense_crf(probs: torch.Tensor, image: torch.Tensor, p: CRFParams = CRFParams()) -> torch.Tensor:

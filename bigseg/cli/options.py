@@ -1,0 +1,50 @@
+"""Options shared by predict, eval and train, defined once, and the parsing of option values
+into the library's types (which never import torch, so a bad value fails at once)."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from bigseg.errors import InputError
+
+Model = Annotated[str, typer.Option("--model", "-m", metavar="NAME|FILE",
+                                    help="Shipped model name (see `bigseg models`) or a .pt checkpoint.")]
+Tile = Annotated[int, typer.Option(metavar="PX", help="Tile side in pixels.")]
+Overlap = Annotated[int | None, typer.Option(
+    metavar="PX", help="Tile overlap in pixels. Default: 4 x the model's context margin (at most tile/2), "
+                       "tile/4 for models that see the whole tile.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", metavar="N", help="Tiles per forward pass.")]
+Device = Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")]
+Precision = Annotated[str, typer.Option(metavar="P", help="auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16.")]
+Scales = Annotated[str, typer.Option(metavar="S,...", help="Average softmax over these scales, e.g. 0.75,1,1.25,1.5.")]
+Flip = Annotated[bool, typer.Option("--flip", help="Also average over horizontally mirrored tiles.")]
+Crf = Annotated[str | None, typer.Option(metavar="BACKEND", help="Refine with a dense CRF: lattice or window.")]
+CrfParams = Annotated[str | None, typer.Option(
+    metavar="K=V,...", help="CRF settings, e.g. w1=4,theta_alpha=67,theta_beta=3,w2=3,theta_gamma=1,"
+                            "iterations=10,radius=5,downsample=1.")]
+Threads = Annotated[int | None, typer.Option(metavar="N", help="Compute threads. Default: one per core.")]
+Engine = Annotated[str, typer.Option(
+    metavar="NAME", envvar="BIGSEG_ENGINE",
+    help="auto (ONNX Runtime on the CPU when installed, torch on a GPU), torch or onnx.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+
+# library parameter -> option, for errors that name a parameter
+FLAGS = {"batch_size": "--batch-size", "io_threads": "--io-threads", "value_range": "--value-range",
+         "crop_schedule": "--crop-schedule", "class_balance": "--class-balance"}
+
+
+def flag(param: str) -> str:
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise InputError(f"takes factors like 0.75,1,1.25, got {text!r}", param="scales") from None
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise InputError(f"must be at least 1, got {threads}", param="threads")

@@ -1,0 +1,154 @@
+"""`bigseg predict`: options -> jobs -> the run package; progress and the summary on stderr/stdout."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from bigseg.cli import options as O
+from bigseg.cli.render import TileProgress, error_line, print_plans
+from bigseg.crf.params import parse_crf
+from bigseg.io.bands import parse_bands, parse_value_range
+from bigseg.io.outputs import WriteOptions
+from bigseg.io.readers import ReadOptions
+from bigseg.run.discover import prepare
+
+DEFAULT_MODEL = "ladder-dn121-camvid"
+
+
+def predict(
+    inputs: list[str] = typer.Argument(..., metavar="INPUT", help="Image files, folders or globs.", show_default=False),
+    model: O.Model = DEFAULT_MODEL,
+    out: Path | None = typer.Option(None, "--out", "-o", metavar="PATH",
+                                       help="Output folder, or file for one input. Default: here."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Look for images in subfolders."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo outputs that already exist."),
+    tile: O.Tile = 1024,
+    overlap: O.Overlap = None,
+    batch_size: O.BatchSize = 4,
+    device: O.Device = "auto",
+    precision: O.Precision = "auto",
+    bands: str | None = typer.Option(None, metavar="B,...", help="1-based bands to use, in order, e.g. 1,2,3."),
+    value_range: str | None = typer.Option(None, metavar="LOW,HIGH",
+                                              help="Map LOW..HIGH to 0..255 for non-8-bit input."),
+    reader: str = typer.Option("auto", metavar="NAME", help="auto, gdal, tifffile or opencv."),
+    scales: O.Scales = "1",
+    flip: O.Flip = False,
+    crf: O.Crf = None,
+    crf_params: O.CrfParams = None,
+    probs: bool = typer.Option(False, "--probs", help="Also write per-class probabilities (uint8, p*255)."),
+    overlay: bool = typer.Option(False, "--overlay", help="Also write a colour preview over the image."),
+    cog: bool = typer.Option(False, "--cog", help="Write cloud-optimised GeoTIFFs with overviews."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (slow start, faster GPU tiles)."),
+    threads: O.Threads = None,
+    engine: O.Engine = "auto",
+    io_threads: int | None = typer.Option(None, "--io-threads", metavar="N",
+                                             help="GDAL threads decoding input and compressing output blocks. "
+                                                  "Default: 1 on the CPU, up to 8 with a GPU."),
+    seams: bool = typer.Option(False, "--seams", help="Report how often neighbouring tiles disagree in their overlaps."),
+    quiet: O.Quiet = False,
+    json_summary: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tiles, outputs, peak memory) and stop."),
+    estimate: bool = typer.Option(False, "--estimate", help="With --dry-run: time a short warm-up to estimate the run time."),
+) -> None:
+    """Segment images of any size into class masks, tile by tile, in bounded memory."""
+    read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader)
+    write = WriteOptions(probs, overlay, cog, seams)
+    scale_factors, crf_settings = O.parse_scales(scales), parse_crf(crf, crf_params)
+    O.check_threads(threads)
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 speaks for everyone
+    quiet = quiet or rank > 0
+    jobs, failed = prepare(inputs, out, recursive)  # user mistakes surface before torch loads
+    if not jobs:
+        for failure in failed:
+            error_line(failure.error)
+        raise typer.Exit(1)
+
+    from bigseg import distributed
+    from bigseg.checkpoint import resolve_model
+    from bigseg.predictor import Predictor
+    from bigseg.run.batch import run_predict
+    from bigseg.run.file_job import JobOptions
+    from bigseg.runtime import set_threads
+
+    set_threads(threads)
+    progress = TileProgress(quiet or json_summary)
+    predictor = Predictor(resolve_model(model), distributed.device_for_rank(device, distributed.rank_from_env()),
+                          precision, tile, overlap, batch_size, scale_factors, flip, crf_settings, compile_model,
+                          engine, on_note=progress.note)
+    options = JobOptions(read, write, float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5")), io_threads)
+    if dry_run:
+        _dry_run(predictor, inputs, out, recursive, options, estimate, json_summary, rank)
+        return
+    with progress:
+        summary = run_predict(predictor, jobs, failed, overwrite=overwrite, options=options,
+                              on_event=_events(progress, tile))
+    for failure in summary.failed:
+        error_line(failure.error)
+    _report(summary, quiet, json_summary and rank == 0)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def _dry_run(predictor, inputs, out, recursive, options, estimate: bool, as_json: bool, rank: int) -> None:
+    from bigseg.run.plan import dry_run
+
+    if rank > 0:  # one plan is enough under torchrun
+        return
+    plans, failed = dry_run(predictor, inputs, out, recursive=recursive, options=options, estimate=estimate)
+    for plan in plans:  # the library says where the overlap came from; here that is an option
+        plan.overlap_from = "--overlap" if plan.overlap_from == "given" else plan.overlap_from
+    print_plans(plans, as_json)
+    for failure in failed:
+        error_line(failure.error)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _events(progress: TileProgress, tile: int):
+    """The job loop's events as progress lines."""
+    def on_event(kind: str, payload) -> None:
+        if kind == "start":
+            progress.start(payload.input.name, tile * tile)
+        elif kind == "tile":
+            progress.tile(*payload)
+        elif kind == "note":
+            progress.note(payload)
+        elif kind == "done":
+            progress.finish()
+            for n in payload.notes:  # those said when they happened are not repeated
+                progress.note(f"{payload.input.name}: {n}", n)
+            if payload.seams is not None:
+                s = payload.seams
+                progress.line(f"seams: {payload.input.name}: neighbouring tiles disagree on {100 * s['rate']:.3f}% "
+                              f"of {s['compared']} overlap pixels")
+            progress.line(f"{payload.input} -> {payload.output} ({payload.width}x{payload.height}, "
+                          f"{payload.tiles} tiles, {payload.seconds:.1f} s, "
+                          f"{payload.megapixels / max(payload.seconds, 1e-9):.2f} MP/s)")
+        elif kind == "skip":
+            progress.line(f"{payload.input}: {payload.output} exists, skipped (--overwrite to redo)")
+        elif kind == "fail":
+            progress.finish()
+            error_line(payload.error)
+    return on_event
+
+
+def _report(summary, quiet: bool, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({
+            "done": [{"input": str(r.input), "output": str(r.output), "extras": [str(p) for p in r.extras],
+                      "width": r.width, "height": r.height, "tiles": r.tiles, "seconds": round(r.seconds, 3),
+                      "notes": r.notes, **({"seams": r.seams} if r.seams is not None else {}),
+                      **({"gpu_peak_mib": round(r.gpu_peak_mib, 1)} if r.gpu_peak_mib is not None else {})}
+                     for r in summary.done],
+            "skipped": [{"input": str(j.input), "output": str(j.output)} for j in summary.skipped],
+            "failed": [{"input": f.input, "error": f.error} for f in summary.failed],
+        }, indent=2))
+        return
+    total = len(summary.done) + len(summary.skipped) + len(summary.failed)
+    if total > 1 and not quiet:
+        print(f"{len(summary.done)} done, {len(summary.skipped)} skipped, {len(summary.failed)} failed",
+              file=sys.stderr)

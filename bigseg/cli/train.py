@@ -1,0 +1,100 @@
+"""`bigseg train`: options -> a TrainConfig (or the run's own, to resume) -> the training loop."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from bigseg.cli import options as O
+from bigseg.cli.render import TrainProgress
+from bigseg.errors import InputError
+
+
+def train(
+    ctx: typer.Context,
+    data: Path | None = typer.Option(None, "--data", "-d", metavar="FOLDER",
+                                        help="Data folder: Cityscapes, CamVid or images/+masks/."),
+    model: str = typer.Option("ladder-dn121", "--model", "-m", metavar="ARCH", help="Architecture (see `bigseg models`)."),
+    run: Path = typer.Option(Path("runs/latest"), "--run", metavar="FOLDER", help="Run folder for checkpoints and logs."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --run exactly where it stopped."),
+    epochs: int = typer.Option(100, metavar="N", help="Epochs."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", metavar="N", help="Images per step and process."),
+    crop: int = typer.Option(448, metavar="PX", help="Square training crop (a multiple of the model's 32 or 64)."),
+    crop_schedule: str | None = typer.Option(
+        None, metavar="CROP:FRACTION,...",
+        help="Smaller crops early, e.g. 192:0.6 (192 px for the first 60% of the epochs, then --crop)."),
+    scale_min: float = typer.Option(0.5, metavar="F", help="Random scale range, lower end."),
+    scale_max: float = typer.Option(2.0, metavar="F", help="Random scale range, upper end."),
+    jitter: float = typer.Option(0.0, metavar="F", help="Photometric jitter (relative brightness/contrast/saturation)."),
+    optimizer: str = typer.Option("adam", metavar="NAME", help="adam or sgd."),
+    lr: float = typer.Option(4e-4, metavar="F", help="Peak learning rate."),
+    weight_decay: float = typer.Option(1e-4, metavar="F", help="Weight decay."),
+    schedule: str = typer.Option("cosine", metavar="NAME", help="cosine or poly."),
+    class_balance: str = typer.Option("none", metavar="NAME", help="Class-balanced loss: none, median-frequency or enet."),
+    aux_weight: float = typer.Option(0.4, metavar="F", help="Weight of the auxiliary losses (ladder models)."),
+    init: Path | None = typer.Option(None, metavar="FILE", help="Start from this checkpoint's weights "
+                                        "(same architecture and classes; new optimiser and schedule)."),
+    backbone_weights: Path | None = typer.Option(None, metavar="FILE",
+                                                    help="torchvision ImageNet state dict (.pth) for the backbone."),
+    spp_width: int | None = typer.Option(None, metavar="N", help="SPP fuse width (default D/4 as in the paper; authors' code 512)."),
+    model_config: str | None = typer.Option(
+        None, "--model-config", metavar="KEY=VALUE,...",
+        help="Architecture settings, e.g. output_stride=8 or budget_lambda=0.5,budget_mu=0.2 (tuples: 6/12/18)."),
+    grad_checkpoint: bool | None = typer.Option(
+        None, "--grad-checkpoint/--no-grad-checkpoint",
+        help="Recompute activations in backward to save memory. Default: on with a GPU, off on the CPU."),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="Channels-last memory layout."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model (minutes to start, faster steps)."),
+    device: O.Device = "auto",
+    precision: O.Precision = "auto",
+    threads: O.Threads = None,
+    workers: int = typer.Option(2, metavar="N", help="Data loading processes."),
+    seed: int = typer.Option(0, metavar="N", help="Random seed (data order, augmentation, initialisation)."),
+    eval_every: int = typer.Option(1, metavar="N", help="Validate every N epochs (0: never)."),
+    val_split: str = typer.Option("val", metavar="SPLIT", help="Split used for model selection."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="SyncBatchNorm across processes under torchrun."),
+    recompute_bn: int = typer.Option(0, metavar="N", help="After training, recompute BN statistics over N batches."),
+    max_steps: int | None = typer.Option(None, metavar="N", help="Stop after this many steps (resumable)."),
+    quiet: O.Quiet = False,
+) -> None:
+    """Train a model; checkpoints every epoch and on Ctrl-C, resumable, keeps the best by val mIoU."""
+    from bigseg.train.config import TrainConfig, parse_crop_schedule
+
+    O.check_threads(threads)
+    if resume:
+        given = {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"}
+        changes = {("compile" if k == "compile_model" else k): ctx.params[k] for k in given - {"run", "resume", "quiet"}}
+        from bigseg.train.loop import load_run_config
+
+        cfg = load_run_config(run, **changes)
+    elif data is None:
+        raise InputError("--data is required (a Cityscapes, CamVid or images/+masks/ folder)")
+    else:
+        from bigseg.models.registry import parse_model_config, validate_config
+
+        arch_config = parse_model_config(model_config or "")
+        if spp_width is not None:
+            arch_config["spp_width"] = spp_width
+        validate_config(model, arch_config)
+        cfg = TrainConfig(data=str(data), run_dir=str(run), arch=model, arch_config=arch_config, epochs=epochs,
+                          batch_size=batch_size, crop=crop, crop_schedule=parse_crop_schedule(crop_schedule or ""),
+                          scale_min=scale_min, scale_max=scale_max, jitter=jitter, optimizer=optimizer, lr=lr,
+                          weight_decay=weight_decay, schedule=schedule, class_balance=class_balance,
+                          aux_weight=aux_weight, init=str(init) if init else None,
+                          backbone_weights=str(backbone_weights) if backbone_weights else None,
+                          grad_checkpoint=grad_checkpoint, channels_last=channels_last, compile=compile_model,
+                          device=device, precision=precision, threads=threads, workers=workers, seed=seed,
+                          eval_every=eval_every, val_split=val_split, sync_bn=sync_bn, recompute_bn=recompute_bn,
+                          max_steps=max_steps)
+    from bigseg.runtime import keep_freed_memory
+    from bigseg.train.loop import train as run_training
+
+    keep_freed_memory()  # same-sized activations every step: reuse them instead of page-faulting afresh
+    with TrainProgress(quiet, cfg.epochs) as progress:
+        result = run_training(cfg, resume=resume, on_event=progress.event)
+    if not quiet:
+        best = "n/a" if result.best_miou is None else f"{100 * result.best_miou:.2f}"
+        where = result.run_dir / ("best.pt" if result.stopped == "finished" else "last.pt")
+        print(f"{result.stopped}: {result.epochs_done} epochs, {result.steps_done} steps, best val mIoU {best}; "
+              f"{'model' if result.stopped == 'finished' else 'run checkpoint'}: {where}", file=sys.stderr)

@@ -1,0 +1,220 @@
+"""Inference engines: the model as a function from normalised (n, bands, h, w) tensors to logits.
+
+- `torch`: the model itself (any device).
+- `onnx`: the model exported to ONNX (torch's exporter, batch left dynamic, one export per tile
+  shape) and run by ONNX Runtime's CPU provider, which reached about three times torch's CPU
+  throughput here (`benchmarks/pipeline_throughput.py`). Exports are cached in the user's cache
+  folder under a key of everything that shapes them (weights digest, architecture and config,
+  bands, tile shape, opset, torch and exporter versions) and written atomically; an entry whose
+  recorded sha256 does not match, or that ONNX Runtime refuses, is exported again with a note,
+  never trusted blindly. A fresh export is checked against torch on a random batch before use.
+  A model that cannot be exported (e.g. data-dependent routing) falls back to torch, said once.
+- `auto` (the default; `$BIGSEG_ENGINE` changes it): `onnx` on the CPU when ONNX Runtime is
+  installed, `torch` on a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from bigseg.atomic import remove, write_text
+from bigseg.errors import InputError
+from bigseg.manifest import sha256
+
+ENGINES = ("auto", "torch", "onnx")
+OPSET = 18
+MAX_BATCH = 4096
+CHECK_TOLERANCE = 1e-3  # relative to the logits' range: a fresh export must match torch this well
+
+
+def default_engine() -> str:
+    """`$BIGSEG_ENGINE` (auto, torch or onnx) when set, else auto."""
+    return os.environ.get("BIGSEG_ENGINE") or "auto"
+
+
+def cache_dir() -> Path:
+    """`$BIGSEG_CACHE`, else the platform's user cache folder (XDG on Linux)."""
+    if os.environ.get("BIGSEG_CACHE"):
+        return Path(os.environ["BIGSEG_CACHE"])
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "bigseg"
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "bigseg" / "Cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bigseg"
+
+
+def onnx_available() -> str | None:
+    """None when ONNX Runtime and the exporter can be used, else what is missing."""
+    missing = [m for m in ("onnxruntime", "onnxscript") if _missing(m)]
+    return None if not missing else f"{' and '.join(missing)} not installed (pip install onnxruntime onnxscript)"
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+class TorchEngine:
+    """The model itself."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class OnnxEngine:
+    """The model through ONNX Runtime on the CPU, one cached export per input shape (h, w).
+
+    `identity`: what identifies the weights and architecture in the cache key; `note`: says
+    something once (an export, a rebuilt cache entry, a fallback to torch)."""
+
+    name = "onnx"
+
+    def __init__(self, model: nn.Module, identity: dict, threads: int, note: Callable[[str], None],
+                 folder: Path | None = None):
+        self.model, self.identity, self.threads, self.note = model, identity, threads, note
+        self.folder = (folder or cache_dir()) / "onnx"
+        self.sessions: dict[tuple[int, int], object | None] = {}  # None: this shape runs in torch
+        self.exportable = True  # False once an export failed: every shape then runs in torch
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (int(x.shape[-2]), int(x.shape[-1]))
+        if shape not in self.sessions:
+            self.sessions[shape] = self._session(shape, int(x.shape[1])) if self.exportable else None
+        session = self.sessions[shape]
+        if session is None:
+            return self.model(x)
+        return torch.from_numpy(session.run(None, {"x": np.ascontiguousarray(x.float().numpy())})[0])
+
+    def key(self, shape: tuple[int, int], bands: int) -> str:
+        import onnxscript
+
+        facts = {**self.identity, "bands": bands, "shape": shape, "opset": OPSET, "torch": torch.__version__,
+                 "onnxscript": onnxscript.__version__}
+        return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def _session(self, shape: tuple[int, int], bands: int):
+        """A session for inputs of `shape`, from the cache or a fresh export; None to use torch."""
+        key = self.key(shape, bands)
+        path, meta = self.folder / f"{key}.onnx", self.folder / f"{key}.json"
+        if path.is_file():
+            session = self._open_cached(path, meta)
+            if session is not None:
+                return session
+        self.note(f"exporting the model for ONNX Runtime, {shape[0]}x{shape[1]} tiles (once; cached in {self.folder})")
+        try:
+            self._export(path, meta, shape, bands)
+            return self._open(path)
+        except Exception as e:  # export or check failed: this model runs in torch
+            remove(path)
+            self.exportable = False
+            reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split(". ")[0].splitlines()[0][:100]
+            self.note(f"the model cannot run in ONNX Runtime ({type(e).__name__}: {reason}): using torch")
+            return None
+
+    def _open_cached(self, path: Path, meta: Path):
+        try:
+            recorded = json.loads(meta.read_text())["sha256"]
+        except (OSError, ValueError, KeyError):
+            recorded = None
+        if recorded != sha256(path):
+            self.note(f"the cached ONNX export {path.name} is damaged or incomplete: exporting it again")
+            return None
+        try:
+            return self._open(path)
+        except Exception:  # onnxruntime raises its own types for unreadable models
+            self.note(f"ONNX Runtime cannot load the cached export {path.name}: exporting it again")
+            return None
+
+    def _open(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def _export(self, path: Path, meta: Path, shape: tuple[int, int], bands: int) -> None:
+        """Export, check against torch on a random batch, then commit the file and its record."""
+        from torch.export import Dim
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        example = torch.randn(2, bands, *shape, generator=torch.Generator().manual_seed(0))
+        fd, tmp_name = tempfile.mkstemp(dir=self.folder, prefix=f".{path.stem}.", suffix=".onnx")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            with _quiet():
+                program = torch.onnx.export(self.model, (example,), dynamo=True, opset_version=OPSET,
+                                            input_names=["x"], output_names=["logits"], external_data=False,
+                                            dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
+                program.save(str(tmp), external_data=False)
+            self._check(tmp, example)
+            os.replace(tmp, path)
+        finally:
+            remove(tmp)
+        write_text(meta, json.dumps({**self.identity, "shape": shape, "bands": bands, "opset": OPSET,
+                                     "torch": torch.__version__, "sha256": sha256(path)}, default=str))
+
+    def _check(self, path: Path, example: torch.Tensor) -> None:
+        with torch.inference_mode():
+            expected = self.model(example).float().numpy()
+        got = self._open(path).run(None, {"x": example.numpy()})[0]
+        scale = max(float(np.abs(expected).max()), 1e-6)
+        if got.shape != expected.shape or float(np.abs(got - expected).max()) > CHECK_TOLERANCE * scale:
+            raise ValueError("its outputs differ from torch's")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter's progress messages and warnings are not the user's business."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def make_engine(name: str, model: nn.Module, device: torch.device, identity: dict, threads: int,
+                note: Callable[[str], None]) -> TorchEngine | OnnxEngine:
+    """The engine `name` (auto, torch or onnx) for `model` on `device`."""
+    if name not in ENGINES:
+        raise InputError(f"takes {', '.join(ENGINES)}, got {name!r}", param="engine")
+    if name == "torch" or (name == "auto" and device.type != "cpu"):
+        return TorchEngine(model)
+    if device.type != "cpu":
+        raise InputError(f"onnx runs on the CPU; the device is {device}", param="engine")
+    missing = onnx_available()
+    if missing is not None:
+        if name == "onnx":
+            raise InputError(f"onnx needs {missing}", param="engine")
+        note(f"ONNX Runtime would run this model about 3x faster on the CPU: {missing}")
+        return TorchEngine(model)
+    return OnnxEngine(model, identity, threads, note)

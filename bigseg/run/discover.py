@@ -1,0 +1,100 @@
+"""Inputs to jobs: expand files, folders and globs, pair each input with its output path, and check
+that the output folders can be written before any work starts."""
+from __future__ import annotations
+
+import glob
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bigseg.errors import InputError, OutputError
+from bigseg.io.outputs import check_mask_file, is_output_name, mask_path, names_one_file
+from bigseg.io.readers import IMAGE_SUFFIXES, RASTER_SUFFIXES
+
+INPUT_SUFFIXES = IMAGE_SUFFIXES | RASTER_SUFFIXES
+
+
+@dataclass
+class Job:
+    input: Path
+    output: Path
+
+
+@dataclass
+class Failure:
+    input: str
+    error: str
+
+
+def expand_inputs(inputs: list[str], recursive: bool) -> tuple[list[tuple[Path, Path]], list[Failure]]:
+    """(file, relative name for the output) pairs, in a stable order, and the inputs that name nothing."""
+    found: list[tuple[Path, Path]] = []
+    failures: list[Failure] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            files = sorted(p for p in path.glob(pattern) if p.is_file()
+                           and p.suffix.lower() in INPUT_SUFFIXES and not is_output_name(p))
+            if not files:
+                failures.append(Failure(item, f"{item}: no images in this folder (looked for "
+                                              f"{', '.join(sorted(INPUT_SUFFIXES))}"
+                                              f"{'' if recursive else '; --recursive to look in subfolders'})"))
+            found += [(p, p.relative_to(path)) for p in files]
+        elif path.exists():
+            found.append((path, Path(path.name)))
+        elif path.is_symlink():
+            failures.append(Failure(item, f"{item}: a symbolic link that leads nowhere (a loop or a missing target)"))
+        elif glob.has_magic(item):
+            files = sorted(Path(p) for p in glob.glob(item, recursive=recursive) if Path(p).is_file())
+            if not files:
+                failures.append(Failure(item, f"no file matches {item}"))
+            found += [(p, Path(p.name)) for p in files]
+        else:
+            failures.append(Failure(item, f"input not found: {item}"))
+    return found, failures
+
+
+def plan_jobs(found: list[tuple[Path, Path]], out: Path | None) -> tuple[list[Job], list[Failure]]:
+    """Output paths: `--out FILE` for one input, else `<out>/<relative stem>.mask.{tif,png}`."""
+    if out is not None and len(found) == 1 and names_one_file(out):
+        src = found[0][0]
+        check_mask_file(src, out)
+        return [Job(src, out)], []
+    folder = out or Path.cwd()
+    if names_one_file(folder) and len(found) > 1:
+        raise InputError(f"{folder} names one file but there are {len(found)} inputs; give a folder", param="out")
+    jobs, failures, seen = [], [], {}
+    for src, rel in found:
+        dst = mask_path(src, rel, folder)
+        if dst in seen:
+            failures.append(Failure(str(src), f"{src}: output {dst} would overwrite the one for {seen[dst]}"))
+            continue
+        seen[dst] = src
+        jobs.append(Job(src, dst))
+    return jobs, failures
+
+
+def find_jobs(inputs: list[str], out: Path | None, recursive: bool) -> tuple[list[Job], list[Failure]]:
+    """`expand_inputs` then `plan_jobs`."""
+    found, failed = expand_inputs(inputs, recursive)
+    jobs, more = plan_jobs(found, out)
+    return jobs, failed + more
+
+
+def prepare(inputs: list[str], out: Path | None, recursive: bool) -> tuple[list[Job], list[Failure]]:
+    """`find_jobs`, then check that every output folder can be written (OutputError if not)."""
+    jobs, failed = find_jobs(inputs, out, recursive)
+    for folder in sorted({job.output.parent for job in jobs}):
+        check_writable(folder)
+    return jobs, failed
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work if outputs cannot be created in `folder`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".bigseg-write-test-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write to output folder {folder}: {e.strerror or e}") from None

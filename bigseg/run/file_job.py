@@ -1,0 +1,201 @@
+"""One file job: reader -> tiles through the predictor -> OutputSet, journaled so that a killed
+job resumes where it stopped (`bigseg.run.journal`) with an identical result."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from bigseg.errors import Interrupted, OutputError
+from bigseg.geometry import Window
+from bigseg.io.gdal import gdal_env
+from bigseg.io.outputs import OutputSet, WriteOptions, writes_png
+from bigseg.io.readers import Reader, ReadOptions, open_input
+from bigseg.predictor import PREFETCH_BATCHES, Predictor
+from bigseg.run import journal
+
+JOURNAL_SECONDS = 5.0  # how often a journaled output is synced (resume granularity vs. a close/reopen)
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How files are read and written, beside the model: read and write options, how often the
+    journal is advanced, and GDAL's decode/compress threads (None: 1 on the CPU, up to 8 with a
+    GPU, which the host must keep up with)."""
+
+    read: ReadOptions = ReadOptions()
+    write: WriteOptions = WriteOptions()
+    journal_seconds: float = JOURNAL_SECONDS
+    io_threads: int | None = None
+
+    def threads_for(self, device: torch.device) -> int:
+        if self.io_threads is not None:
+            return self.io_threads
+        return min(8, os.cpu_count() or 1) if device.type == "cuda" else 1
+
+
+@dataclass
+class PredictResult:
+    input: Path
+    output: Path
+    width: int
+    height: int
+    tiles: int
+    seconds: float
+    extras: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seams: dict | None = None  # overlap pixels compared / disagreeing (with WriteOptions.seams)
+    gpu_peak_mib: float | None = None  # peak GPU memory of this process during the file (on a GPU)
+
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / 1e6
+
+
+def fingerprint(predictor: Predictor, src: Path, dst: Path, options: JobOptions, **extra: Any) -> str:
+    """The resume fingerprint: the input's identity and everything that shapes `dst`'s content."""
+    return journal.fingerprint(src, {**predictor.settings(), "read": vars(options.read),
+                                     "write": vars(options.write), "output": dst.name, **extra})
+
+
+def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions = JobOptions(),
+                 on_event: Callable[[str, Any], None] | None = None) -> PredictResult:
+    """Segment one file into `dst`; extra outputs go beside it. `on_event` hears "tile" with
+    (done, total) after every tile and "note" with a message when something is decided (e.g.
+    resuming an interrupted run).
+
+    GeoTIFF outputs are journaled: every `journal_seconds` the partial outputs are closed and the
+    number of final rows recorded, so a killed or interrupted job resumes from there when run
+    again with the same input and settings, with an identical result. Without a journaled row (or
+    for PNG outputs) nothing is left on failure."""
+    start = time.perf_counter()
+    say = on_event or (lambda kind, payload: None)
+    if predictor.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(predictor.device)
+    ckpt = predictor.checkpoint
+    with gdal_env(options.threads_for(predictor.device)), open_input(src, ckpt.in_channels, options.read) as reader:
+        fp = fingerprint(predictor, src, dst, options)
+        resumable = not writes_png(reader.kind, dst)
+        rows_done, notes = _resume_point(dst, fp, reader.height, resumable)
+        outputs, rows_done = _open_outputs(dst, reader, predictor, options.write, rows_done, notes)
+        for n in notes:
+            say("note", f"{src.name}: {n}")
+        grid = predictor.grid(reader.width, reader.height)
+        seams = {} if options.write.seams else None
+        advance = journal.Advance(dst, fp, reader.height, options.journal_seconds if resumable else None, rows_done)
+        try:
+            with outputs:
+                if rows_done:
+                    outputs.keep_partial = True
+                    journal.write_journal(dst, fp, rows_done, reader.height)
+                    replay_overlay(reader, outputs, rows_done)
+                _run_tiles(predictor, reader, outputs, grid, rows_done, seams, lambda d, t: say("tile", (d, t)),
+                           advance)
+                _finish_seams(outputs, seams, rows_done)
+        except KeyboardInterrupt:
+            kept = (f"{advance.rows} of {reader.height} rows of {dst.name} kept; run the same command to resume"
+                    if advance.rows else f"nothing of {dst.name} was kept (no block row was finished)")
+            raise Interrupted(f"interrupted: {kept}") from None
+        journal.remove_journal(dst)
+    gpu_peak = _gpu_peak_mib(predictor.device) if predictor.device.type == "cuda" else None
+    return PredictResult(src, outputs.written[0], reader.width, reader.height, len(grid), time.perf_counter() - start,
+                         outputs.written[1:], notes + reader.notes + predictor.take_notes(), seams, gpu_peak)
+
+
+def _finish_seams(outputs: OutputSet, seams: dict | None, rows_done: int) -> None:
+    """The seam report's rate, also as a tag of the mask."""
+    if seams is None:
+        return
+    seams["rate"] = round(seams["disagreed"] / max(seams["compared"], 1), 6)
+    if rows_done:
+        seams["note"] = f"rows {rows_done} and below only (resumed run)"
+    outputs.tag(seam_disagreement=str(seams["rate"]))
+
+
+def _resume_point(dst: Path, fp: str, height: int, resumable: bool) -> tuple[int, list[str]]:
+    """Rows an interrupted run of this very job left on disk (0: start afresh), and what to say."""
+    previous = journal.read_journal(dst) if resumable else None
+    if previous is None:
+        return 0, []
+    journal.remove_journal(dst)
+    if previous["fingerprint"] == fp and 0 < previous["rows_done"] <= height:
+        return previous["rows_done"], [f"resuming the interrupted run at row {previous['rows_done']} of {height}"]
+    return 0, ["the input or settings changed since the interrupted run: starting over"]
+
+
+def _open_outputs(dst: Path, reader: Reader, predictor: Predictor, write: WriteOptions, rows_done: int,
+                  notes: list[str]) -> tuple[OutputSet, int]:
+    """The job's OutputSet, continuing the partial files from `rows_done` when they are usable."""
+    ckpt = predictor.checkpoint
+
+    def create(rows: int) -> OutputSet:
+        return OutputSet.create(dst, reader.kind, reader.width, reader.height, reader.georef, ckpt.classes,
+                                ckpt.palette, write, resume_rows=rows)
+    try:
+        return create(rows_done), rows_done
+    except OutputError as e:
+        if not rows_done:
+            raise
+        notes[-1] = f"the interrupted run's partial output is unusable ({e}): starting over"
+        journal.remove_journal(dst)
+        return create(0), 0
+
+
+def _run_tiles(predictor: Predictor, reader: Reader, outputs: OutputSet, grid, rows_done: int,
+               seams: dict | None, on_tile: Callable[[int, int], None] | None, advance: journal.Advance) -> None:
+    """Stream every tile below `rows_done` into `outputs`, advancing the journal as block rows land."""
+    done = [0]
+
+    def tile_done(window: Window) -> None:
+        done[0] += 1
+        if on_tile is not None:
+            on_tile(done[0], len(grid))
+
+    def read(window: Window) -> tuple[np.ndarray, np.ndarray] | None:
+        if reader.empty(window):  # e.g. absent blocks of a sparse GeoTIFF: not even read
+            return None
+        data, valid = reader.read(window)
+        outputs.add_image(window, data)
+        return data, valid
+
+    if on_tile is not None:
+        on_tile(0, len(grid))
+    finish = predictor.labels_and_probabilities("probs" in outputs.writers)
+    for window, copy, valid in predictor.stream(grid, read, finish, PREFETCH_BATCHES, rows=(rows_done, grid.height),
+                                                on_tile=tile_done, seams=seams):
+        if copy is None:
+            outputs.write_nodata(window)
+        else:
+            arrays = copy.numpy()
+            outputs.write(window, arrays["labels"], arrays.get("probs"), valid)
+        if advance.due(outputs.rows_on_disk):
+            outputs.sync()
+            advance.to(outputs.rows_on_disk)
+            outputs.keep_partial = True
+
+
+def replay_overlay(reader: Reader, outputs: OutputSet, rows: int) -> None:
+    """Rebuild the overlay preview of the first `rows` rows from the finished mask on disk (a
+    resumed job; the image rows it samples are read, since those tiles are not run again)."""
+    overlay = outputs.overlay
+    if overlay is None:
+        return
+    for top in range(0, rows, 512):
+        window = Window(0, top, reader.width, min(512, rows - top))
+        for r in overlay.rows_in(window):
+            row = Window(0, int(r), reader.width, 1)
+            overlay.add_image(row, reader.read(row)[0])
+        overlay.write(window, outputs.writers["mask"].read(window)[0])
+
+
+def _gpu_peak_mib(device: torch.device) -> float:
+    """The process's peak GPU memory as nvidia-smi would show it on a GPU of its own: what is used
+    now (CUDA context and libraries included) plus how far torch's reserved memory peaked above now."""
+    free, total = torch.cuda.mem_get_info(device)
+    now = torch.cuda.memory_reserved(device)
+    return (total - free - now + torch.cuda.max_memory_reserved(device)) / 2 ** 20

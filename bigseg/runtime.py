@@ -1,0 +1,62 @@
+"""Process-wide CPU settings made once at start-up by the entry point (the CLI, a benchmark, a
+notebook): how OpenMP threads wait, how many compute threads run, and whether glibc keeps freed
+large blocks for reuse. Library code never calls these; they are passed in as values.
+
+- OpenMP threads spin between parallel regions by default; on a machine with any other load a
+  spinning thread holds a core the other work needs, and a training step took 52 s instead of
+  13.7 s here. Passive waiting (threads sleep on a futex) costs little on an idle machine (see
+  `benchmarks/train_speed.py`) and keeps torch fast on a busy one. libgomp reads the policy when it
+  loads, so it must be set before torch is imported.
+- glibc serves every block above its mmap threshold (at most 32 MiB, adaptive) with a fresh
+  mmap and returns it on free: every large activation of every forward pass is page-faulted
+  again, zero-filled by the kernel. Raising the thresholds keeps those blocks on the heap for the
+  next step (training's memory is the same every step, so nothing grows).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_INT_MAX = 2**31 - 1
+
+
+def prefer_passive_waiting() -> bool:
+    """Let idle OpenMP threads sleep instead of spin, unless the user chose a policy. Returns
+    whether it took effect (False once torch is imported: libgomp has read its settings)."""
+    if "torch" in sys.modules:
+        return False
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return True
+
+
+def set_threads(threads: int | None) -> int:
+    """Use `threads` intra-op threads (None: torch's default, one per core); returns the count."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def keep_freed_memory(threshold_mib: int = 1024) -> bool:
+    """Serve blocks up to `threshold_mib` from glibc's heap and never hand free heap memory back
+    to the kernel (mallopt); False where the C library is not glibc. After a few steps the heap
+    holds every activation size a training step needs and no page is faulted again."""
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # values are C ints: at most 2 GiB - 1
+    size = min(threshold_mib << 20, _INT_MAX)
+    return bool(mallopt(_M_MMAP_THRESHOLD, size)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))

@@ -1,0 +1,83 @@
+"""The settings of a training run: a small frozen dataclass built once at the CLI edge (or in
+Python), stored in every run checkpoint, compared on resume. No torch here."""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+
+from bigseg.errors import TrainingError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    run_dir: str
+    arch: str = "ladder-dn121"
+    arch_config: dict = field(default_factory=dict)
+    epochs: int = 100
+    batch_size: int = 8
+    crop: int = 448
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    flip: bool = True
+    jitter: float = 0.0
+    optimizer: str = "adam"        # adam | sgd
+    lr: float = 4e-4
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"       # cosine | poly
+    min_lr: float = 1e-6
+    pretrained_lr_factor: float = 0.25  # backbone weights loaded from ImageNet: lr / 4 (and wd / 4)
+    backbone_weights: str | None = None
+    grad_checkpoint: bool | None = None  # None: on with a GPU (memory), off on the CPU (20% time)
+    aux_weight: float = 0.4
+    class_balance: str = "none"    # none | median-frequency | enet (train/losses.py)
+    crop_schedule: tuple[tuple[int, float], ...] = ()  # (crop, until this fraction of the epochs), then `crop`
+    channels_last: bool = True
+    compile: bool = False
+    init: str | None = None        # start from this checkpoint's weights (new optimiser and schedule)
+    threads: int | None = None     # intra-op threads (None: one per core)
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 2
+    seed: int = 0
+    eval_every: int = 1
+    val_split: str = "val"
+    val_tile: int = 1024
+    sync_bn: bool = False
+    recompute_bn: int = 0          # batches for exact BN statistics after training (0: off)
+    max_steps: int | None = None   # stop (with a run checkpoint) after this many steps in all
+
+
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+RESUMABLE = ("epochs", "max_steps", "workers", "device", "threads")  # settings a resumed run may change
+
+
+def parse_crop_schedule(text: str) -> tuple[tuple[int, float], ...]:
+    """`192:0.6,320:1.0` -> ((192, 0.6), (320, 1.0)): 192 px crops until 60% of the epochs, then 320."""
+    out = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        crop, sep, until = item.partition(":")
+        try:
+            out.append((int(crop), float(until)))
+        except ValueError:
+            raise TrainingError(f"crop schedule: expected CROP:FRACTION,..., e.g. 192:0.6,320:1.0; got {item!r}") from None
+    fractions = [u for _, u in out]
+    if any(not 0 < u <= 1 for u in fractions) or fractions != sorted(fractions):
+        raise TrainingError(f"crop schedule: fractions must rise within (0, 1], got {text!r}")
+    return tuple(out)
+
+
+def crop_at(cfg: TrainConfig, epoch: int) -> int:
+    """The crop of `epoch` (0-based) under the crop schedule; `cfg.crop` after its last entry."""
+    for crop, until in cfg.crop_schedule:
+        if epoch < round(until * cfg.epochs):
+            return crop
+    return cfg.crop
+
+
+def check_crops(cfg: TrainConfig, multiple: int) -> None:
+    """Crops that are not multiples of the model's padding cost as much as the next multiple."""
+    for crop in {cfg.crop, *(c for c, _ in cfg.crop_schedule)}:
+        if crop % multiple:
+            lower, upper = crop // multiple * multiple, -(-crop // multiple) * multiple
+            raise TrainingError(f"crop {crop} is not a multiple of {multiple}: the model pads it to {upper} "
+                                f"and pays for {upper}; use {upper}" + (f" or {lower}" if lower else ""))

@@ -1,0 +1,101 @@
+"""Inference engines: the ONNX Runtime engine exports once per shape into the cache and reuses it,
+rebuilds a damaged entry, falls back to torch for a model it cannot export, and predicts what
+torch predicts (tiled equals whole for a small receptive field through it too)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bigseg.checkpoint import load_checkpoint
+from bigseg.engines import OnnxEngine, TorchEngine, make_engine
+from bigseg.errors import InputError
+from bigseg.geometry import TileGrid
+from bigseg.models import create_model
+from bigseg.predictor import Predictor
+from bigseg.tiling import Pipeline, stream_tiles
+from tests.conftest import TINY_BY_ARCH
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("engine-cache")
+
+
+def test_auto_is_onnx_on_the_cpu_and_names_are_checked(tiny_checkpoint, cache, monkeypatch):
+    monkeypatch.setenv("BIGSEG_CACHE", str(cache))
+    ckpt = load_checkpoint(tiny_checkpoint)
+    assert Predictor(ckpt, "cpu", tile=128, engine="auto").engine.name == "onnx"
+    assert Predictor(ckpt, "cpu", tile=128, engine="torch").engine.name == "torch"
+    with pytest.raises(InputError, match="engine takes auto, torch, onnx"):
+        Predictor(ckpt, "cpu", tile=128, engine="tensorrt")
+
+
+def test_export_once_then_reuse_the_cache_with_torchs_labels(tiny_checkpoint, cache, monkeypatch):
+    monkeypatch.setenv("BIGSEG_CACHE", str(cache))
+    ckpt = load_checkpoint(tiny_checkpoint)
+    image = np.random.default_rng(0).uniform(0, 255, (3, 200, 300)).astype(np.float32)
+    torch_scores = Predictor(ckpt, "cpu", "fp32", tile=128, overlap=32, engine="torch").scores(image)
+    first = Predictor(ckpt, "cpu", "fp32", tile=128, overlap=32, engine="onnx")
+    onnx_scores = first.scores(image)
+    assert any("exporting the model for ONNX Runtime, 128x128" in n for n in first.notes)
+    exports = sorted((cache / "onnx").glob("*.onnx"))
+    assert len(exports) == 1 and exports[0].with_suffix(".json").is_file()
+    again = Predictor(ckpt, "cpu", "fp32", tile=128, overlap=32, engine="onnx")
+    assert np.array_equal(again.scores(image), onnx_scores) and not again.notes  # a cache hit, said nothing
+    agree = (onnx_scores.argmax(0) == torch_scores.argmax(0)).mean()
+    assert agree >= 0.995
+    p_onnx, p_torch = (torch.from_numpy(s).softmax(0).numpy() for s in (onnx_scores, torch_scores))
+    assert (np.abs(np.round(p_onnx * 255) - np.round(p_torch * 255)) <= 1).mean() >= 0.99
+    assert first.settings()["engine"] == "onnx"  # a resume with another engine starts over
+
+
+def test_a_damaged_cache_entry_is_exported_again(tiny_checkpoint, cache, monkeypatch):
+    monkeypatch.setenv("BIGSEG_CACHE", str(cache))
+    ckpt = load_checkpoint(tiny_checkpoint)
+    image = np.random.default_rng(1).uniform(0, 255, (3, 128, 128)).astype(np.float32)
+    expected = Predictor(ckpt, "cpu", "fp32", tile=128, engine="onnx").scores(image)  # the entry of test above
+    entry = next((cache / "onnx").glob("*.onnx"))
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    predictor = Predictor(ckpt, "cpu", "fp32", tile=128, engine="onnx")
+    assert np.array_equal(predictor.scores(image), expected)
+    assert any("damaged or incomplete: exporting it again" in n for n in predictor.notes)
+
+
+def test_a_model_that_cannot_be_exported_runs_in_torch_with_a_note(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("dynamic-routing-l16", 3, **TINY_BY_ARCH["dynamic-routing-l16"]).eval()
+    notes = []
+    engine = make_engine("onnx", model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, notes.append)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(engine(x), model(x)) and torch.equal(engine(x), model(x))
+    assert len([n for n in notes if "cannot run in ONNX Runtime" in n and "using torch" in n]) == 1
+
+
+def test_tiled_equals_whole_through_the_engine_for_a_small_receptive_field(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 4, 5, padding=2)).eval()  # receptive radius 4
+    engine = OnnxEngine(net, {"net": "conv2"}, 1, lambda m: None, folder=tmp_path)
+    image = np.random.default_rng(1).uniform(0, 255, (3, 301, 437)).astype(np.float32)
+    with torch.inference_mode():
+        whole = net(torch.from_numpy(image)[None])[0].numpy()
+        predict = lambda x: engine(torch.from_numpy(x)).numpy()
+        grid = TileGrid(437, 301, 96, 16)  # dead zone overlap/4 = 4 = receptive radius
+        read = lambda win: (image[(slice(None), *win.slices)], np.ones((win.height, win.width), bool))
+        tiled = np.zeros_like(whole)
+        for win, block, _ in stream_tiles(grid, read, Pipeline(predict, 4, np.zeros((3, 1, 1), np.float32), 5)):
+            tiled[(slice(None), *win.slices)] = block
+    np.testing.assert_allclose(tiled, whole, rtol=1e-4, atol=1e-3)
+    assert isinstance(engine, OnnxEngine) and set(engine.sessions) == {(96, 96)}
+    assert all(s is not None for s in engine.sessions.values())
+
+
+def test_the_torch_engine_is_the_model_itself():
+    net = torch.nn.Conv2d(3, 2, 1)
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(TorchEngine(net)(x), net(x))

@@ -1,0 +1,270 @@
+"""One file job: file output equals the in-memory API, nodata forms kept, interrupted runs leave
+nothing that looks finished, killed runs resume bit for bit, damaged partials start over."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from bigseg.atomic import partial_path
+from bigseg.checkpoint import load_checkpoint
+from bigseg.io.outputs import WriteOptions
+from bigseg.predictor import Predictor
+from bigseg.run.file_job import JobOptions, predict_file
+from bigseg.run.journal import journal_path, read_journal
+from tests.cli_helpers import run_cli
+from tests.conftest import interrupt_after, write_geotiff
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def predict_cmd(src, dst, ckpt, *extra):
+    return [sys.executable, "-m", "bigseg", "predict", str(src), "--model", str(ckpt), "-o", str(dst),
+            "--device", "cpu", "--tile", "64", "--overlap", "16", "--batch-size", "2", *extra]
+
+
+def read(path):
+    with rasterio.open(path) as ds:
+        return ds.read(), ds.transform, ds.crs, ds.read_masks(1)
+
+
+def test_file_output_equals_the_in_memory_api(tmp_path, tiny_checkpoint):
+    src = write_geotiff(tmp_path / "a.tif", 333, 257)
+    seg = Predictor(load_checkpoint(tiny_checkpoint), "cpu", "fp32", tile=128, overlap=32, batch_size=3)
+    predict_file(seg, src, tmp_path / "a.mask.tif")
+    with rasterio.open(src) as ds:
+        image = ds.read()
+    with rasterio.open(tmp_path / "a.mask.tif") as ds:
+        assert np.array_equal(ds.read(1), seg.segment(image))
+
+
+@pytest.mark.parametrize("form", ["nodata", "alpha", "internal_mask", "external_mask", "nan"])
+def test_every_nodata_form_becomes_output_nodata(tmp_path, tiny_checkpoint, form):
+    rng = np.random.default_rng(2)
+    hole = (slice(20, 70), slice(30, 100))
+    if form == "nan":
+        data = rng.uniform(0, 1000, (3, 150, 160)).astype(np.float32)
+        data[(slice(None), *hole)] = np.nan
+        src = write_geotiff(tmp_path / "f.tif", 160, 150, dtype="float32", data=data)
+    elif form == "alpha":
+        data = rng.integers(1, 255, (4, 150, 160)).astype(np.uint8)
+        data[3] = 255
+        data[(3, *hole)] = 0
+        src = write_geotiff(tmp_path / "f.tif", 160, 150, count=4, data=data, photometric="RGB", alpha="YES")
+    else:
+        data = rng.integers(1, 255, (3, 150, 160)).astype(np.uint8)
+        if form == "nodata":
+            data[(slice(None), *hole)] = 0
+        src = write_geotiff(tmp_path / "f.tif", 160, 150, data=data, nodata=0 if form == "nodata" else None)
+        if form.endswith("mask"):
+            mask = np.full((150, 160), 255, np.uint8)
+            mask[hole] = 0
+            with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=form == "internal_mask"):
+                with rasterio.open(src, "r+") as ds:
+                    ds.write_mask(mask)
+            assert Path(str(src) + ".msk").exists() == (form == "external_mask")
+    seg = Predictor(load_checkpoint(tiny_checkpoint), "cpu", tile=64, overlap=16)
+    predict_file(seg, src, tmp_path / "f.mask.tif")
+    with rasterio.open(tmp_path / "f.mask.tif") as ds:
+        out = ds.read(1)
+    assert (out[hole] == 255).all()
+    outside = np.ones_like(out, bool)
+    outside[hole] = False
+    assert (out[outside] < 3).all()
+
+
+def test_an_interrupted_run_leaves_no_output(tmp_path, tiny_checkpoint, monkeypatch):
+    src = write_geotiff(tmp_path / "a.tif", 400, 400)
+    seg = Predictor(load_checkpoint(tiny_checkpoint), "cpu", tile=64, overlap=16, batch_size=2)
+    interrupt_after(seg, 6)
+    out = tmp_path / "o"
+    out.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        predict_file(seg, src, out / "a.mask.tif", options=JobOptions(write=WriteOptions(probs=True, overlay=True)))
+    assert files(out) == []
+
+
+def test_sigkill_then_rerun_equals_uninterrupted_bit_for_bit(tmp_path, tiny_checkpoint):
+    src = write_geotiff(tmp_path / "big.tif", 900, 1400, nodata=0)
+    env = {**os.environ, "BIGSEG_JOURNAL_SECONDS": "0"}
+    whole = tmp_path / "whole.tif"
+    subprocess.run(predict_cmd(src, whole, tiny_checkpoint, "--probs"), env=env, check=True)
+
+    dst = tmp_path / "resumed.tif"
+    proc = subprocess.Popen(predict_cmd(src, dst, tiny_checkpoint, "--probs"), env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        j = read_journal(dst)
+        if j is not None and j["rows_done"] >= 300:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    j = read_journal(dst)
+    assert j is not None and 300 <= j["rows_done"] < 1400, j
+    assert not dst.exists()  # nothing that looks complete
+
+    result = subprocess.run(predict_cmd(src, dst, tiny_checkpoint, "--probs"), env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert "resuming the interrupted run at row" in result.stderr
+    assert not journal_path(dst).exists() and not list(tmp_path.glob(".*partial*"))
+    for a, b in ((whole, dst), (tmp_path / "whole.probs.tif", tmp_path / "resumed.probs.tif")):
+        da, ta, ca, ma = read(a)
+        db, tb, cb, mb = read(b)
+        assert np.array_equal(da, db) and np.array_equal(ma, mb) and ta == tb and ca == cb
+
+
+def test_changed_settings_start_over_and_interrupt_keeps_journaled_rows(tmp_path, tiny_checkpoint, capsys):
+    # taller than one 512-row block: the journal records whole block rows
+    src = write_geotiff(tmp_path / "a.tif", 300, 1200)
+    seg = Predictor(load_checkpoint(tiny_checkpoint), "cpu", tile=64, overlap=16, batch_size=2)
+    interrupt_after(seg, 60)
+    dst = tmp_path / "a.mask.tif"
+    with pytest.raises(KeyboardInterrupt):
+        predict_file(seg, src, dst, options=JobOptions(write=WriteOptions(overlay=True), journal_seconds=0))
+    assert read_journal(dst)["rows_done"] > 0 and not dst.exists()
+    # a different overlap: the journal does not apply
+    code, _, err = run_cli(capsys, "predict", src, "--model", tiny_checkpoint, "-o", dst, "--device", "cpu",
+                           "--tile", "64", "--overlap", "24", "--overlay")
+    assert code == 0, err
+    assert "changed since the interrupted run: starting over" in err
+    assert not journal_path(dst).exists() and dst.exists() and (tmp_path / "a.overlay.png").exists()
+
+
+def test_resumed_overlay_equals_uninterrupted(tmp_path, tiny_checkpoint):
+    import cv2
+    src = write_geotiff(tmp_path / "a.tif", 300, 1200)
+    ckpt = load_checkpoint(tiny_checkpoint)
+    predict_file(Predictor(ckpt, "cpu", tile=64, overlap=16), src, tmp_path / "w.tif", options=JobOptions(write=WriteOptions(overlay=True)))
+    seg = Predictor(ckpt, "cpu", tile=64, overlap=16)
+    interrupt_after(seg, 30)
+    with pytest.raises(KeyboardInterrupt):
+        predict_file(seg, src, tmp_path / "r.tif", options=JobOptions(write=WriteOptions(overlay=True), journal_seconds=0))
+    result = predict_file(Predictor(ckpt, "cpu", tile=64, overlap=16), src, tmp_path / "r.tif",
+                                                                      options=JobOptions(write=WriteOptions(overlay=True)))
+    assert any("resuming" in n for n in result.notes)
+    assert np.array_equal(cv2.imread(str(tmp_path / "w.overlay.png")), cv2.imread(str(tmp_path / "r.overlay.png")))
+    assert np.array_equal(read(tmp_path / "w.tif")[0], read(tmp_path / "r.tif")[0])
+
+
+def test_a_damaged_partial_output_starts_over_instead_of_failing(tmp_path, tiny_checkpoint):
+    src = write_geotiff(tmp_path / "a.tif", 200, 1300)
+    ckpt = load_checkpoint(tiny_checkpoint)
+    whole = tmp_path / "whole.tif"
+    predict_file(Predictor(ckpt, "cpu", tile=64, overlap=16), src, whole)
+    seg = Predictor(ckpt, "cpu", tile=64, overlap=16)
+    interrupt_after(seg, 25)
+    dst = tmp_path / "r.tif"
+    with pytest.raises(KeyboardInterrupt):
+        predict_file(seg, src, dst, JobOptions(journal_seconds=0))
+    assert read_journal(dst)["rows_done"] in (512, 1024)
+    partial = partial_path(dst)
+    raw = partial.read_bytes()
+    # blocks are written once, so a crash can only cut what follows the last sync: the TIFF
+    # directory that libtiff appends at the end when the file is closed
+    partial.write_bytes(raw[: len(raw) - 200])
+    result = predict_file(Predictor(ckpt, "cpu", tile=64, overlap=16), src, dst)
+    assert any("unusable" in n and "starting over" in n for n in result.notes), result.notes
+    with rasterio.open(whole) as a, rasterio.open(dst) as b:
+        assert np.array_equal(a.read(), b.read())
+
+
+def test_gdal_threads_change_nothing_in_the_outputs(tmp_path, tiny_checkpoint):
+    src = write_geotiff(tmp_path / "a.tif", 700, 1100, nodata=0, compress="deflate")
+    ckpt = load_checkpoint(tiny_checkpoint)
+    for threads in (1, 3):
+        seg = Predictor(ckpt, "cpu", tile=128, overlap=32)
+        predict_file(seg, src, tmp_path / f"t{threads}.tif", options=JobOptions(write=WriteOptions(probs=True), io_threads=threads))
+    for name in ("t{}.tif", "t{}.probs.tif"):
+        with rasterio.open(tmp_path / name.format(1)) as a, rasterio.open(tmp_path / name.format(3)) as b:
+            assert np.array_equal(a.read(), b.read()) and np.array_equal(a.read_masks(1), b.read_masks(1))
+
+
+def test_ctrl_c_says_what_was_kept_and_the_rerun_says_it_resumes_at_once(tmp_path, tiny_checkpoint):
+    src = write_geotiff(tmp_path / "big.tif", 600, 1400, nodata=0)
+    env = {**os.environ, "BIGSEG_JOURNAL_SECONDS": "0"}
+    dst = tmp_path / "out.tif"
+    proc = subprocess.Popen(predict_cmd(src, dst, tiny_checkpoint), env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (read_journal(dst) or {}).get("rows_done", 0) < 512:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    kept = read_journal(dst)["rows_done"]
+    assert proc.returncode == 130, err
+    assert f"interrupted: {kept} of 1400 rows of out.tif kept; run the same command to resume" in err
+    assert "Traceback" not in err
+    done = subprocess.run(predict_cmd(src, dst, tiny_checkpoint), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    resumed = next(i for i, line in enumerate(lines) if f"resuming the interrupted run at row {kept}" in line)
+    finished = next(i for i, line in enumerate(lines) if "-> " in line)
+    assert resumed < finished  # said when it starts, not only at the end
+
+
+def test_progress_lines_appear_without_a_terminal(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from bigseg.cli import render
+
+    monkeypatch.setattr(render, "PLAIN_EVERY_SECONDS", 0.0)
+    src = write_geotiff(tmp_path / "a.tif", 600, 400)
+    code, _, err = run_cli(capsys, "predict", src, "--model", tiny_checkpoint, "-o", tmp_path / "a.mask.tif",
+                           "--device", "cpu", "--tile", "64", "--overlap", "16")
+    assert code == 0, err
+    progress = [line for line in err.splitlines() if line.startswith("a.tif: ") and "tiles (" in line]
+    assert len(progress) >= 5 and all("tiles/s" in line and "MP/s" in line and "left" in line for line in progress)
+
+
+SPARSE_PROBE = """
+import resource, sys, time
+from pathlib import Path
+from bigseg.checkpoint import load_checkpoint
+from bigseg.predictor import Predictor
+from bigseg.run.file_job import predict_file
+predictor = Predictor(load_checkpoint(sys.argv[1]), "cpu", tile=1024, overlap=256, batch_size=4)
+tiles = []
+real = predictor.forward
+predictor.forward = lambda batch: (tiles.append(len(batch)), real(batch))[1]
+start = time.perf_counter()
+predict_file(predictor, Path(sys.argv[2]), Path(sys.argv[3]))
+print(sum(tiles), round(time.perf_counter() - start, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_a_huge_mostly_nodata_raster_costs_what_its_valid_area_costs(tmp_path, tiny_checkpoint):
+    """100000 x 100000 pixels, one 600 x 600 patch of data in a sparse GeoTIFF (nodata 0): the same
+    model work and about the same memory as a 4096 x 4096 raster with that patch; the mask is
+    sparse on disk, nodata everywhere but around the patch."""
+    from rasterio.windows import Window as RWindow
+
+    patch = np.random.default_rng(0).integers(1, 255, (3, 600, 600)).astype(np.uint8)
+    runs = {}
+    for side in (4096, 100_000):
+        src = write_geotiff(tmp_path / f"s{side}.tif", side, side, nodata=0, data=None, SPARSE_OK=True,
+                            BIGTIFF="YES", compress="deflate", empty=True)
+        with rasterio.open(src, "r+") as ds:
+            ds.write(patch, window=RWindow(2000, 3000, 600, 600))
+        out = subprocess.run([sys.executable, "-c", SPARSE_PROBE, str(tiny_checkpoint), str(src), str(tmp_path / f"m{side}.tif")],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[side] = [float(v) for v in out.stdout.split()[-3:]]
+    (small_tiles, _, small_rss), (big_tiles, big_s, big_rss) = runs[4096], runs[100_000]
+    assert big_tiles == small_tiles > 0            # only tiles with valid pixels reach the model
+    assert big_rss < 1.3 * small_rss                # no accumulator or block row for nodata regions
+    assert big_s < 120                              # 16900 tiles, all but a few never read
+    big = tmp_path / "m100000.tif"
+    assert big.stat().st_size < 5e6                  # nodata blocks are not written (sparse file)
+    with rasterio.open(big) as ds:
+        assert (ds.width, ds.height) == (100_000, 100_000)
+        inside = ds.read(1, window=RWindow(2100, 3100, 400, 400))
+        assert (inside < 3).all()
+        for row, col in ((0, 0), (50_000, 50_000), (99_000, 99_000), (3000, 2700)):
+            assert (ds.read(1, window=RWindow(col, row, 256, 256)) == 255).all()
+        assert not ds.overviews(1)                  # mostly empty: no overviews to build from 10 GB of nodata

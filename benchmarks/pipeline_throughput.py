@@ -1,7 +1,8 @@
 """Throughput of `bigseg predict` against the device's ceiling, the bare model per engine, a naive
 tiler and MONAI's sliding window, in one run.
 
-(0) ceiling (CPU): fp32 4096x4096 matmuls in torch, GFLOP per CPU-second (all threads counted);
+(0) ceiling (CPU): fp32 4096x4096 matmuls in torch and numpy, the faster's GFLOP per CPU-second
+    (all threads counted);
 (a) bare model per engine (torch, onnx): batches of normalised tiles, no reading or writing;
     MP/s, CPU seconds per megapixel and the achieved GFLOP per CPU-second as a share of (0);
 (b) end to end per engine: `predict_file` on a synthetic GeoTIFF and (`--ortho FILE`) a crop of
@@ -44,6 +45,7 @@ from bigseg.models import create_model, list_archs
 from bigseg.models.complexity import count_macs
 from bigseg.predictor import Predictor
 from bigseg.run.file_job import JobOptions, predict_file
+from bigseg.runtime import keep_freed_memory
 
 CLASSES = 11
 
@@ -58,15 +60,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_ceiling(n: int = 4096, repeats: int = 6) -> tuple[float, float]:
-    """GFLOP per CPU-second and per wall-second of fp32 n x n matmuls."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    c0, t0 = cpu_seconds(), time.perf_counter()
-    for _ in range(repeats):
+def matmul_ceiling(n: int = 4096, repeats: int = 6) -> dict[str, tuple[float, float]]:
+    """GFLOP per CPU-second and per wall-second of fp32 n x n matmuls, through torch (MKL or
+    oneDNN) and numpy (OpenBLAS): on some CPUs one library is well ahead of the other."""
+    rates = {}
+    for name, make in (("torch", lambda: torch.randn(n, n)), ("numpy", lambda: np.random.rand(n, n).astype(np.float32))):
+        a, b = make(), make()
         a @ b
-    flop = 2 * n ** 3 * repeats / 1e9
-    return flop / (cpu_seconds() - c0), flop / (time.perf_counter() - t0)
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        flop = 2 * n ** 3 * repeats / 1e9
+        rates[name] = (flop / (cpu_seconds() - c0), flop / (time.perf_counter() - t0))
+    return rates
 
 
 def bare(pred: Predictor, batches: int) -> tuple[float, float]:
@@ -141,14 +147,15 @@ def monai_window(pred: Predictor, src: Path, dst: Path) -> tuple[float, float]:
 
 
 def cli_run(src: Path, dst: Path, model: str, args, engine: str, checkout: Path | None = None) -> tuple[float, float]:
-    """Peak RSS (MiB) and seconds of `bigseg predict` in a fresh process (from `checkout` if given)."""
+    """Peak RSS (MiB) and seconds of `bigseg predict` in a fresh process (from `checkout` if given:
+    run there, since `python -m` puts the working folder first on the path)."""
     env = {**os.environ, **({"PYTHONPATH": str(checkout)} if checkout else {})}
     env.pop("BIGSEG_ENGINE", None)
     cmd = [sys.executable, "-m", "bigseg", "predict", str(src), "-m", model, "-o", str(dst), "--overwrite",
            "--device", args.device, "--tile", str(args.tile), "--batch-size", str(args.batch), "--json"]
     if checkout is None:
         cmd += ["--engine", engine]
-    rss, seconds, _ = peak_rss_mb(cmd, env)
+    rss, seconds, _ = peak_rss_mb(cmd, env, checkout)
     return rss, seconds
 
 
@@ -232,7 +239,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--agreement", action="store_true", help="also compare bf16 with fp32 labels (trained weights)")
     args = p.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="bigseg-pipe-"))
+    if os.environ.get("BIGSEG_KEEP_FREED_MEMORY") == "1":  # as `bigseg predict` does then
+        keep_freed_memory()
+    work = (args.work or Path(tempfile.mkdtemp(prefix="bigseg-pipe-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     ckpt, model_arg = checkpoint_for(args.model, work)
     engines = [e for e in args.engines.split(",") if e] if args.device == "cpu" else ["torch"]
@@ -248,8 +257,10 @@ def main() -> None:
           f"{2 * macs_per_mp / 1e9:.1f} GFLOP per MP")
     ceiling = None
     if first.device.type == "cpu":
-        ceiling, wall_rate = matmul_ceiling()
-        print(f"(0) fp32 matmul ceiling: {ceiling:.0f} GFLOP per CPU-second ({wall_rate:.0f} per wall second)")
+        rates = matmul_ceiling()
+        ceiling = max(cpu_rate for cpu_rate, _ in rates.values())
+        print("(0) fp32 matmul ceiling: " + "; ".join(f"{name} {c:.0f} GFLOP per CPU-second ({w:.0f} per wall second)"
+                                                      for name, (c, w) in rates.items()) + f"; ceiling {ceiling:.0f}")
     for engine, pred in preds.items():
         rate, cpu_per_mp = bare(pred, args.bare_batches)
         share = "" if ceiling is None else f", {2 * macs_per_mp / 1e9 / cpu_per_mp:.0f} GFLOP/CPU-s = " \
@@ -260,6 +271,9 @@ def main() -> None:
         make_raster(inputs[0][1], args.size)
     if args.ortho:
         inputs.append((f"ortho crop {args.crop}^2", crop(args.ortho, args.crop, work / f"ortho_{args.crop}.tif")))
+    if args.device == "cpu":  # auto's one-time timing of the engines, so that runs below do not pay it
+        auto = Predictor(ckpt, "cpu", args.precision, args.tile, None, args.batch, engine="auto", on_note=print)
+        auto.predict(np.zeros((1, ckpt.in_channels, args.tile, args.tile), np.float32))
     for label, path in inputs:
         speeds = {}
         for engine, pred in preds.items():
@@ -283,10 +297,10 @@ def main() -> None:
             mp = _megapixels(path) / seconds
             print(f"(e) `bigseg predict` of {args.before} {label}: {mp:6.3f} MP/s (whole command, {seconds:.1f} s, "
                   f"peak RSS {rss:.0f} MiB)", flush=True)
-            for engine in preds:
+            for engine in [*preds, *(["auto"] if args.device == "cpu" else [])]:
                 rss, seconds = cli_run(path, work / f"cli_{engine}_{path.stem}.tif", model_arg, args, engine)
                 print(f"    `bigseg predict --engine {engine}` {label}: {_megapixels(path) / seconds:6.3f} MP/s "
-                      f"({seconds:.1f} s, peak RSS {rss:.0f} MiB); {mp * seconds / _megapixels(path):.2f}x the baseline",
+                      f"({seconds:.1f} s, peak RSS {rss:.0f} MiB); {_megapixels(path) / mp / seconds:.2f}x the baseline's speed",
                       flush=True)
         one, many = read_rate(first, path, 1), read_rate(first, path, args.io_threads)
         print(f"(g) reading alone {label}: {one:.1f} tile MP/s with 1 GDAL thread, {many:.1f} with {args.io_threads}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -41,18 +40,30 @@ def make_raster(path: Path, side: int) -> None:
                       window=rasterio.windows.Window(0, r, side, len(rows)))
 
 
-def peak_rss_mb(cmd: list[str], env: dict | None = None) -> tuple[float, float, dict]:
-    """Peak RSS (MiB) and seconds of `cmd`, and its JSON summary on stdout."""
+# Linux keeps a process's peak RSS across exec, and a child starts with its parent's: a command
+# started by a large process (this benchmark after holding whole images) would report that
+# process's peak. A small launcher process starts the command instead and reports its figure.
+LAUNCHER = """import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))"""
+
+
+def peak_rss_mb(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, float, dict]:
+    """Peak RSS (MiB) and seconds of `cmd` (run in `cwd`), and its JSON summary on stdout."""
     start = time.perf_counter()
-    with tempfile.TemporaryFile() as stdout:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env)
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryDirectory() as scratch:
+        figure = Path(scratch) / "maxrss"
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(figure), *cmd], stdout=stdout,
+                                stderr=subprocess.PIPE, env=env, cwd=cwd)
         err = proc.stderr.read().decode()
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
+        if proc.wait() != 0:
             sys.exit(f"command failed: {' '.join(cmd)}\n{err}")
         stdout.seek(0)
         summary = json.loads(stdout.read() or b"{}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - start, summary
+        kib = int(figure.read_text())
+    return kib / 1024, time.perf_counter() - start, summary
 
 
 def main() -> None:

@@ -2,15 +2,19 @@
 
 - `torch`: the model itself (any device).
 - `onnx`: the model exported to ONNX (torch's exporter, batch left dynamic, one export per tile
-  shape) and run by ONNX Runtime's CPU provider, which reached about three times torch's CPU
-  throughput here (`benchmarks/pipeline_throughput.py`). Exports are cached in the user's cache
+  shape) and run by ONNX Runtime's CPU provider (`benchmarks/pipeline_throughput.py` compares
+  them). Exports are cached in the user's cache
   folder under a key of everything that shapes them (weights digest, architecture and config,
   bands, tile shape, opset, torch and exporter versions) and written atomically; an entry whose
   recorded sha256 does not match, or that ONNX Runtime refuses, is exported again with a note,
   never trusted blindly. A fresh export is checked against torch on a random batch before use.
   A model that cannot be exported (e.g. data-dependent routing) falls back to torch, said once.
-- `auto` (the default; `$BIGSEG_ENGINE` changes it): `onnx` on the CPU when ONNX Runtime is
-  installed, `torch` on a GPU.
+- `auto` (the default; `$BIGSEG_ENGINE` changes it): `torch` on a GPU; on the CPU whichever of
+  ONNX Runtime and torch runs the tile shape faster on this machine. Which one is faster depends
+  on the CPU (ONNX Runtime was about twice as fast as torch on an AVX-512 Xeon, torch a little
+  faster on an AVX2 EPYC), so the first time a shape is exported both are timed on the check
+  batch and the result is kept with the cache entry, per CPU model, thread count and allocator
+  setting (`bigseg.runtime.keep_freed_memory` makes torch faster on the CPU).
 """
 from __future__ import annotations
 
@@ -20,9 +24,11 @@ import io
 import json
 import logging
 import os
+import platform
 import re
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -34,10 +40,12 @@ from torch import nn
 from bigseg.atomic import remove, write_text
 from bigseg.errors import InputError
 from bigseg.manifest import sha256
+from bigseg.runtime import keeps_freed_memory
 
 ENGINES = ("auto", "torch", "onnx")
 OPSET = 18
 MAX_BATCH = 4096
+STALE_SECONDS = 3600  # a temporary export file this old belongs to no running export
 CHECK_TOLERANCE = 1e-3  # relative to the logits' range: a fresh export must match torch this well
 
 
@@ -85,13 +93,14 @@ class OnnxEngine:
     """The model through ONNX Runtime on the CPU, one cached export per input shape (h, w).
 
     `identity`: what identifies the weights and architecture in the cache key; `note`: says
-    something once (an export, a rebuilt cache entry, a fallback to torch)."""
+    something once (an export, a rebuilt cache entry, a fallback to torch); `choose` (auto):
+    run each shape in whichever of ONNX Runtime and torch is faster on this machine."""
 
     name = "onnx"
 
     def __init__(self, model: nn.Module, identity: dict, threads: int, note: Callable[[str], None],
-                 folder: Path | None = None):
-        self.model, self.identity, self.threads, self.note = model, identity, threads, note
+                 folder: Path | None = None, choose: bool = False):
+        self.model, self.identity, self.threads, self.note, self.choose = model, identity, threads, note, choose
         self.folder = (folder or cache_dir()) / "onnx"
         self.sessions: dict[tuple[int, int], object | None] = {}  # None: this shape runs in torch
         self.exportable = True  # False once an export failed: every shape then runs in torch
@@ -99,7 +108,7 @@ class OnnxEngine:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = (int(x.shape[-2]), int(x.shape[-1]))
         if shape not in self.sessions:
-            self.sessions[shape] = self._session(shape, int(x.shape[1])) if self.exportable else None
+            self.sessions[shape] = self._choose(shape, int(x.shape[1])) if self.exportable else None
         session = self.sessions[shape]
         if session is None:
             return self.model(x)
@@ -145,12 +154,41 @@ class OnnxEngine:
             self.note(f"ONNX Runtime cannot load the cached export {path.name}: exporting it again")
             return None
 
+    def _choose(self, shape: tuple[int, int], bands: int):
+        """The session for `shape`, or None where torch runs it: a model that cannot be exported,
+        or (auto) a shape that torch runs faster on this machine."""
+        if not self.choose:
+            return self._session(shape, bands)
+        meta = self.folder / f"{self.key(shape, bands)}.json"
+        machine = f"{_cpu_name()}, {self.threads} threads{', freed memory kept' if keeps_freed_memory() else ''}"
+        timing = _recorded_timing(meta, machine)
+        if timing is not None and timing["torch"] < timing["onnx"]:
+            return None  # known: no need to load the export at all
+        session = self._session(shape, bands)
+        if session is None or timing is not None:
+            return session
+        example = torch.randn(2, bands, *shape, generator=torch.Generator().manual_seed(1))
+        timing = {"onnx": _seconds(lambda: session.run(None, {"x": example.numpy()})),
+                  "torch": _seconds(lambda: self.model(example.contiguous(memory_format=torch.channels_last)))}
+        with contextlib.suppress(OSError, ValueError):  # kept with the entry it was measured on
+            record = json.loads(meta.read_text())
+            record.setdefault("timings", {})[machine] = timing
+            write_text(meta, json.dumps(record, default=str))
+        faster = "ONNX Runtime" if timing["onnx"] <= timing["torch"] else "torch"
+        self.note(f"{faster} is faster here on {shape[0]}x{shape[1]} tiles (ONNX Runtime {timing['onnx']:.2f} s, "
+                  f"torch {timing['torch']:.2f} s a batch of 2): using it (measured once; --engine chooses)")
+        return session if timing["onnx"] <= timing["torch"] else None
+
     def _open(self, path: Path):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        # idle threads sleep instead of spinning, like torch's here: less CPU time and no slower
+        # alone (3.26 against 3.51 CPU s per MP, ladder-dn121 on 1024-px tiles), far better beside
+        # the reader's and writer's threads or any other load
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -159,6 +197,10 @@ class OnnxEngine:
         from torch.export import Dim
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".*.onnx"):  # left by an export that was killed
+            with contextlib.suppress(OSError):
+                if time.time() - stale.stat().st_mtime > STALE_SECONDS:
+                    remove(stale)
         example = torch.randn(2, bands, *shape, generator=torch.Generator().manual_seed(0))
         fd, tmp_name = tempfile.mkstemp(dir=self.folder, prefix=f".{path.stem}.", suffix=".onnx")
         os.close(fd)
@@ -183,6 +225,37 @@ class OnnxEngine:
         scale = max(float(np.abs(expected).max()), 1e-6)
         if got.shape != expected.shape or float(np.abs(got - expected).max()) > CHECK_TOLERANCE * scale:
             raise ValueError("its outputs differ from torch's")
+
+
+def _recorded_timing(meta: Path, machine: str) -> dict | None:
+    """The engines' timing recorded in a cache entry's record for `machine`, if any."""
+    try:
+        timing = json.loads(meta.read_text()).get("timings", {}).get(machine)
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(timing, dict) and all(isinstance(timing.get(k), (int, float)) for k in ("onnx", "torch"))
+    return timing if ok else None
+
+
+def _seconds(run: Callable[[], object]) -> float:
+    """Wall seconds of `run()` after one warm-up call."""
+    with torch.inference_mode():
+        run()
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (a cache shared across machines keeps one timing per CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @contextlib.contextmanager
@@ -215,6 +288,6 @@ def make_engine(name: str, model: nn.Module, device: torch.device, identity: dic
     if missing is not None:
         if name == "onnx":
             raise InputError(f"onnx needs {missing}", param="engine")
-        note(f"ONNX Runtime would run this model about 3x faster on the CPU: {missing}")
+        note(f"ONNX Runtime may run this model faster on the CPU: {missing}")
         return TorchEngine(model)
-    return OnnxEngine(model, identity, threads, note)
+    return OnnxEngine(model, identity, threads, note, choose=name == "auto")

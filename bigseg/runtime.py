@@ -23,6 +23,7 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _INT_MAX = 2**31 - 1
+_kept = False
 
 
 def prefer_passive_waiting() -> bool:
@@ -49,14 +50,27 @@ def keep_freed_memory(threshold_mib: int = 1024) -> bool:
     """Serve blocks up to `threshold_mib` from glibc's heap and never hand free heap memory back
     to the kernel (mallopt); False where the C library is not glibc. After a few steps the heap
     holds every activation size a training step needs and no page is faulted again."""
-    name = ctypes.util.find_library("c")
-    if sys.platform != "linux" or not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # values are C ints: at most 2 GiB - 1
     size = min(threshold_mib << 20, _INT_MAX)
-    return bool(mallopt(_M_MMAP_THRESHOLD, size)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+    global _kept
+    _kept = bool(mallopt(_M_MMAP_THRESHOLD, size)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+    return _kept
+
+
+def keeps_freed_memory() -> bool:
+    """Whether `keep_freed_memory` took effect in this process (it changes torch's CPU speed)."""
+    return _kept
+
+
+def _glibc(function: str):
+    """`function` of glibc, or None where the C library is another."""
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or not name:
+        return None
+    try:
+        return getattr(ctypes.CDLL(name), function)
+    except (OSError, AttributeError):
+        return None

@@ -40,6 +40,10 @@ def test_models_table_lists_the_ladders_with_published_sizes():
     assert r.returncode == 0, r.stderr
     assert "ladder-dn121" in r.stdout and "ladder-dn169" in r.stdout and "ladder-dn161" in r.stdout
     assert "10.31 M" in r.stdout and "16.34 M" in r.stdout and "31.24 M" in r.stdout
+    from bigseg.catalogue import ARCHITECTURES
+
+    names = [line.split()[0] for line in r.stdout.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert set(ARCHITECTURES) <= set(names), "every architecture's name stands apart from its figures"
 
 
 def test_user_mistake_is_one_line_without_traceback(tmp_path):

@@ -1,6 +1,10 @@
 """Inference engines: the ONNX Runtime engine exports once per shape into the cache and reuses it,
 rebuilds a damaged entry, falls back to torch for a model it cannot export, and predicts what
-torch predicts (tiled equals whole for a small receptive field through it too)."""
+torch predicts (tiled equals whole for a small receptive field through it too); auto times both
+engines once per shape and machine and keeps the faster."""
+import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +67,34 @@ def test_a_damaged_cache_entry_is_exported_again(tiny_checkpoint, cache, monkeyp
     predictor = Predictor(ckpt, "cpu", "fp32", tile=128, engine="onnx")
     assert np.array_equal(predictor.scores(image), expected)
     assert any("damaged or incomplete: exporting it again" in n for n in predictor.notes)
+
+
+def test_auto_times_both_engines_once_and_keeps_the_faster(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
+    ckpt = load_checkpoint(tiny_checkpoint)
+    image = np.random.default_rng(2).uniform(0, 255, (3, 128, 128)).astype(np.float32)
+    (tmp_path / "onnx").mkdir()
+    stale, fresh = tmp_path / "onnx" / ".killed.x1.onnx", tmp_path / "onnx" / ".running.x2.onnx"
+    stale.write_bytes(b"half"), fresh.write_bytes(b"half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    first = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
+    first.scores(image)
+    assert not stale.exists() and fresh.exists()  # a killed export's leftover goes, a running one's stays
+    assert any("is faster here on 128x128 tiles" in n for n in first.notes)
+    record = json.loads(next((tmp_path / "onnx").glob("*.json")).read_text())
+    (machine, timing), = record["timings"].items()
+    assert set(timing) == {"onnx", "torch"} and all(t > 0 for t in timing.values())
+    again = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
+    again.scores(image)
+    assert not again.notes  # measured once, then read from the record
+
+    # a record saying torch is faster makes auto run torch on that shape, exactly
+    meta = next((tmp_path / "onnx").glob("*.json"))
+    record["timings"][machine] = {"onnx": 9.0, "torch": 0.1}
+    meta.write_text(json.dumps(record))
+    auto = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto").scores(image)
+    assert np.array_equal(auto, Predictor(ckpt, "cpu", "fp32", tile=128, engine="torch").scores(image))
+    assert not np.array_equal(auto, Predictor(ckpt, "cpu", "fp32", tile=128, engine="onnx").scores(image))
 
 
 def test_a_model_that_cannot_be_exported_runs_in_torch_with_a_note(tmp_path):

@@ -45,9 +45,10 @@ def evaluate(
     from bigseg.checkpoint import resolve_model
     from bigseg.evaluation import evaluate as run_eval
     from bigseg.predictor import Predictor
-    from bigseg.runtime import set_threads
+    from bigseg.runtime import keep_freed_memory, set_threads
 
     set_threads(threads)
+    keep_freed_memory()  # tiles of one shape: reuse their buffers instead of page-faulting afresh
     predictor = Predictor(resolve_model(model), device, precision, tile, overlap, batch_size, scale_factors, flip,
                           crf_settings, engine=engine, on_note=lambda message: print(f"note: {message}", file=sys.stderr))
     result = run_eval(predictor, dataset, split)

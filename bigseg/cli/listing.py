@@ -14,6 +14,8 @@ NAME = 22  # width of the name column
 
 def _block(name: str, lines: list[str]) -> str:
     body = [textwrap.fill(line, 78, initial_indent=" " * NAME, subsequent_indent=" " * NAME) for line in lines]
+    if len(name) > NAME - 3:  # a long name gets a line of its own
+        return "\n".join([f"  {name}"] + body)
     first = body[0][NAME:] if body else ""
     return "\n".join([f"  {name:<{NAME - 2}}{first}"] + body[1:])
 

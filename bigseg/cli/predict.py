@@ -72,9 +72,11 @@ def predict(
     from bigseg.predictor import Predictor
     from bigseg.run.batch import run_predict
     from bigseg.run.file_job import JobOptions
-    from bigseg.runtime import set_threads
+    from bigseg.runtime import keep_freed_memory, set_threads
 
     set_threads(threads)
+    if os.environ.get("BIGSEG_KEEP_FREED_MEMORY") == "1":  # faster with torch, but memory grows with width
+        keep_freed_memory()
     progress = TileProgress(quiet or json_summary)
     predictor = Predictor(resolve_model(model), distributed.device_for_rank(device, distributed.rank_from_env()),
                           precision, tile, overlap, batch_size, scale_factors, flip, crf_settings, compile_model,

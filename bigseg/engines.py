@@ -154,13 +154,26 @@ class OnnxEngine:
             self.note(f"ONNX Runtime cannot load the cached export {path.name}: exporting it again")
             return None
 
+    def expects_onnx(self, shape: tuple[int, int], bands: int) -> bool:
+        """Whether `shape` will run in ONNX Runtime, as far as is known before running it: False
+        for a model that failed to export or (auto) a shape recorded as faster in torch here."""
+        if not self.exportable or self.sessions.get(shape, True) is None:
+            return False
+        if not self.choose:
+            return True
+        timing = _recorded_timing(self.folder / f"{self.key(shape, bands)}.json", self._machine())
+        return timing is None or timing["onnx"] <= timing["torch"]
+
+    def _machine(self) -> str:
+        return f"{_cpu_name()}, {self.threads} threads{', freed memory kept' if keeps_freed_memory() else ''}"
+
     def _choose(self, shape: tuple[int, int], bands: int):
         """The session for `shape`, or None where torch runs it: a model that cannot be exported,
         or (auto) a shape that torch runs faster on this machine."""
         if not self.choose:
             return self._session(shape, bands)
         meta = self.folder / f"{self.key(shape, bands)}.json"
-        machine = f"{_cpu_name()}, {self.threads} threads{', freed memory kept' if keeps_freed_memory() else ''}"
+        machine = self._machine()
         timing = _recorded_timing(meta, machine)
         if timing is not None and timing["torch"] < timing["onnx"]:
             return None  # known: no need to load the export at all

@@ -131,3 +131,25 @@ def test_the_torch_engine_is_the_model_itself():
     net = torch.nn.Conv2d(3, 2, 1)
     x = torch.randn(1, 3, 8, 8)
     assert torch.equal(TorchEngine(net)(x), net(x))
+
+
+def test_the_memory_estimate_counts_onnx_runtimes_arena_only_where_it_will_run(tiny_checkpoint, tmp_path, monkeypatch):
+    from bigseg.run.plan import CPU_ACTIVATION_OVERHEAD, ONNX_ACTIVATION_OVERHEAD, memory_estimate
+
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
+    ckpt = load_checkpoint(tiny_checkpoint)
+    by_engine = {e: memory_estimate(Predictor(ckpt, "cpu", "fp32", tile=128, engine=e), 500, 400, 3)
+                 for e in ("torch", "onnx", "auto")}
+    assert by_engine["torch"]["onnx_runtime"] == 0 and by_engine["onnx"]["onnx_runtime"] > 0
+    ratio = by_engine["onnx"]["activations"] / by_engine["torch"]["activations"]
+    assert ratio == pytest.approx(ONNX_ACTIVATION_OVERHEAD / CPU_ACTIVATION_OVERHEAD, rel=0.01)
+    assert by_engine["auto"] == by_engine["onnx"]  # not timed yet: assume the export runs
+
+    auto = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
+    auto.scores(np.zeros((3, 128, 128), np.float32))  # times both engines and records which is faster
+    meta = next((tmp_path / "onnx").glob("*.json"))
+    record = json.loads(meta.read_text())
+    (machine, _), = record["timings"].items()
+    record["timings"][machine] = {"onnx": 9.0, "torch": 0.1}
+    meta.write_text(json.dumps(record))
+    assert memory_estimate(Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto"), 500, 400, 3) == by_engine["torch"]

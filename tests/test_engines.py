@@ -127,6 +127,21 @@ def test_tiled_equals_whole_through_the_engine_for_a_small_receptive_field(tmp_p
     assert all(s is not None for s in engine.sessions.values())
 
 
+def test_scales_flips_and_the_crf_run_through_the_engine_as_through_torch(tiny_checkpoint, tmp_path, monkeypatch):
+    from bigseg.crf.params import CRFParams
+
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
+    ckpt = load_checkpoint(tiny_checkpoint)
+    image = np.random.default_rng(3).uniform(0, 255, (3, 160, 200)).astype(np.float32)
+    settings = dict(tile=128, overlap=32, scales=(0.75, 1.0), flip=True, crf=CRFParams(backend="window", iterations=3))
+    onnx = Predictor(ckpt, "cpu", "fp32", engine="onnx", **settings)
+    probs = {"onnx": onnx.scores(image), "torch": Predictor(ckpt, "cpu", "fp32", engine="torch", **settings).scores(image)}
+    assert (probs["onnx"].argmax(0) == probs["torch"].argmax(0)).mean() >= 0.995
+    assert (np.abs(probs["onnx"] - probs["torch"]) <= 1 / 255).mean() >= 0.99
+    assert set(onnx.engine.sessions) == {(96, 96), (128, 128)}  # one export per scaled tile shape
+    assert all(session is not None for session in onnx.engine.sessions.values())
+
+
 def test_the_torch_engine_is_the_model_itself():
     net = torch.nn.Conv2d(3, 2, 1)
     x = torch.randn(1, 3, 8, 8)

@@ -11,10 +11,10 @@
   A model that cannot be exported (e.g. data-dependent routing) falls back to torch, said once.
 - `auto` (the default; `$BIGSEG_ENGINE` changes it): `torch` on a GPU; on the CPU whichever of
   ONNX Runtime and torch runs the tile shape faster on this machine. Which one is faster depends
-  on the CPU (ONNX Runtime was about twice as fast as torch on an AVX-512 Xeon, torch a little
-  faster on an AVX2 EPYC), so the first time a shape is exported both are timed on the check
-  batch and the result is kept with the cache entry, per CPU model, thread count and allocator
-  setting (`bigseg.runtime.keep_freed_memory` makes torch faster on the CPU).
+  on the CPU (ONNX Runtime was about twice as fast as torch on an AVX-512 Xeon; on an AVX2 EPYC
+  1.26x faster, and 1.17x slower once glibc kept freed memory), so the first time a shape is
+  exported both are timed on the check batch and the result is kept with the cache entry, per
+  CPU model, thread count and allocator setting (`bigseg.runtime.keep_freed_memory`).
 """
 from __future__ import annotations
 

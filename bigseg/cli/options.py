@@ -26,7 +26,8 @@ CrfParams = Annotated[str | None, typer.Option(
 Threads = Annotated[int | None, typer.Option(metavar="N", help="Compute threads. Default: one per core.")]
 Engine = Annotated[str, typer.Option(
     metavar="NAME", envvar="BIGSEG_ENGINE",
-    help="auto (ONNX Runtime on the CPU when installed, torch on a GPU), torch or onnx.")]
+    help="auto (torch on a GPU; on the CPU whichever of ONNX Runtime and torch is faster here, timed once), "
+         "torch or onnx.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
 # library parameter -> option, for errors that name a parameter

@@ -121,3 +121,25 @@ def make_generic_dataset(root: Path, n: int = 6, size: tuple[int, int] = (80, 96
     (root / "classes.json").write_text(json.dumps({"classes": CLASSES, "palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255]],
                                                    "ignore": [255]}))
     return root
+
+
+def small_receptive_field_net() -> torch.nn.Module:
+    """Two 5x5 convolutions: a receptive radius of 4 pixels (tiles with overlap 16 stitch exactly)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 4, 5, padding=2)).eval()
+
+
+def tiled_prediction(predict, image: np.ndarray, tile: int = 96, overlap: int = 16) -> np.ndarray:
+    """`predict` over (bands, H, W) `image` through stream_tiles, stitched into one array."""
+    from bigseg.geometry import TileGrid
+    from bigseg.tiling import Pipeline, stream_tiles
+
+    grid = TileGrid(image.shape[2], image.shape[1], tile, overlap)
+    read = lambda win: (image[(slice(None), *win.slices)], np.ones((win.height, win.width), bool))
+    tiled = None
+    for win, block, _ in stream_tiles(grid, read, Pipeline(predict, 4, np.zeros((len(image), 1, 1), np.float32), 5)):
+        if tiled is None:
+            tiled = np.zeros((len(block), *image.shape[1:]), block.dtype)
+        tiled[(slice(None), *win.slices)] = block
+    return tiled

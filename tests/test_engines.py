@@ -14,11 +14,9 @@ import torch
 from bigseg.checkpoint import load_checkpoint
 from bigseg.engines import OnnxEngine, TorchEngine, make_engine
 from bigseg.errors import InputError
-from bigseg.geometry import TileGrid
 from bigseg.models import create_model
 from bigseg.predictor import Predictor
-from bigseg.tiling import Pipeline, stream_tiles
-from tests.conftest import TINY_BY_ARCH
+from tests.conftest import TINY_BY_ARCH, small_receptive_field_net, tiled_prediction
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -109,19 +107,12 @@ def test_a_model_that_cannot_be_exported_runs_in_torch_with_a_note(tmp_path):
 
 
 def test_tiled_equals_whole_through_the_engine_for_a_small_receptive_field(tmp_path):
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.ReLU(),
-                              torch.nn.Conv2d(8, 4, 5, padding=2)).eval()  # receptive radius 4
+    net = small_receptive_field_net()  # receptive radius 4 = the dead zone overlap/4 of 96-px tiles
     engine = OnnxEngine(net, {"net": "conv2"}, 1, lambda m: None, folder=tmp_path)
     image = np.random.default_rng(1).uniform(0, 255, (3, 301, 437)).astype(np.float32)
     with torch.inference_mode():
         whole = net(torch.from_numpy(image)[None])[0].numpy()
-        predict = lambda x: engine(torch.from_numpy(x)).numpy()
-        grid = TileGrid(437, 301, 96, 16)  # dead zone overlap/4 = 4 = receptive radius
-        read = lambda win: (image[(slice(None), *win.slices)], np.ones((win.height, win.width), bool))
-        tiled = np.zeros_like(whole)
-        for win, block, _ in stream_tiles(grid, read, Pipeline(predict, 4, np.zeros((3, 1, 1), np.float32), 5)):
-            tiled[(slice(None), *win.slices)] = block
+        tiled = tiled_prediction(lambda x: engine(torch.from_numpy(x)).numpy(), image)
     np.testing.assert_allclose(tiled, whole, rtol=1e-4, atol=1e-3)
     assert isinstance(engine, OnnxEngine) and set(engine.sessions) == {(96, 96)}
     assert all(s is not None for s in engine.sessions.values())
@@ -149,7 +140,11 @@ def test_the_torch_engine_is_the_model_itself():
 
 
 def test_the_memory_estimate_counts_onnx_runtimes_arena_only_where_it_will_run(tiny_checkpoint, tmp_path, monkeypatch):
-    from bigseg.run.plan import CPU_ACTIVATION_OVERHEAD, ONNX_ACTIVATION_OVERHEAD, memory_estimate
+    from bigseg.run.plan import (
+        CPU_ACTIVATION_OVERHEAD,
+        ONNX_ACTIVATION_OVERHEAD,
+        memory_estimate,
+    )
 
     monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
     ckpt = load_checkpoint(tiny_checkpoint)

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from bigseg.geometry import TileGrid, Window
 from bigseg.tiling import Pipeline, StreamingStitcher, stream_tiles
+from tests.conftest import small_receptive_field_net, tiled_prediction
 
 
 @settings(max_examples=40, deadline=None)
@@ -29,18 +30,12 @@ def test_identity_model_gives_back_the_input(w, h, tile, frac):
 
 
 def test_tiled_equals_whole_image_when_receptive_field_fits_in_the_overlap():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, padding=2), torch.nn.ReLU(),
-                              torch.nn.Conv2d(8, 4, 5, padding=2)).eval()  # receptive radius 4
+    net = small_receptive_field_net()  # receptive radius 4 = the dead zone overlap/4 of 96-px tiles
     image = np.random.default_rng(1).uniform(0, 255, (3, 301, 437)).astype(np.float32)
     predict = lambda x: net(torch.from_numpy(x)).detach().numpy()
     with torch.no_grad():
         whole = predict(image[None])[0]
-        grid = TileGrid(437, 301, 96, 16)  # dead zone overlap/4 = 4 = receptive radius
-        read = lambda win: (image[(slice(None), *win.slices)], np.ones((win.height, win.width), bool))
-        tiled = np.zeros_like(whole)
-        for win, block, _ in stream_tiles(grid, read, Pipeline(predict, 4, np.zeros((3, 1, 1), np.float32), 5)):
-            tiled[(slice(None), *win.slices)] = block
+        tiled = tiled_prediction(predict, image)
     np.testing.assert_allclose(tiled, whole, rtol=1e-4, atol=1e-4)
 
 

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 
-
 def run(src: Path, dst: Path, args, keep: bool) -> tuple[float, float, float, float]:
     """Wall, user and system seconds and peak RSS (MiB) of one `bigseg predict` in a fresh process."""
     env = {**os.environ, "BIGSEG_KEEP_FREED_MEMORY": "1" if keep else "0"}

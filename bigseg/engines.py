@@ -15,6 +15,11 @@
   1.26x faster, and 1.17x slower once glibc kept freed memory), so the first time a shape is
   exported both are timed on the check batch and the result is kept with the cache entry, per
   CPU model, thread count and allocator setting (`bigseg.runtime.keep_freed_memory`).
+  An export costs tens of seconds (45 s for LDN121 here) and pays off only over many tiles, so
+  `auto` first runs a shape with no cached export in torch and exports it only once torch has
+  spent `AUTO_EXPORT_AFTER_S` on it (the ski-rental rule: never more than about twice the better
+  choice's time): a single photo takes seconds, not a minute; a large raster or a folder of
+  photos is exported after its first tiles and runs in the faster engine from then on.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ OPSET = 18
 MAX_BATCH = 4096
 STALE_SECONDS = 3600  # a temporary export file this old belongs to no running export
 CHECK_TOLERANCE = 1e-3  # relative to the logits' range: a fresh export must match torch this well
+AUTO_EXPORT_AFTER_S = 30.0  # auto: torch seconds on a shape before exporting it (about one export's cost)
 
 
 def default_engine() -> str:
@@ -104,9 +110,16 @@ class OnnxEngine:
         self.folder = (folder or cache_dir()) / "onnx"
         self.sessions: dict[tuple[int, int], object | None] = {}  # None: this shape runs in torch
         self.exportable = True  # False once an export failed: every shape then runs in torch
+        self.export_after = AUTO_EXPORT_AFTER_S if choose else 0.0
+        self.torch_seconds: dict[tuple[int, int], float] = {}  # auto: torch time per shape not yet exported
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = (int(x.shape[-2]), int(x.shape[-1]))
+        if shape not in self.sessions and self.exportable and self._defer(shape, int(x.shape[1])):
+            start = time.perf_counter()
+            y = self.model(x)
+            self.torch_seconds[shape] += time.perf_counter() - start
+            return y
         if shape not in self.sessions:
             self.sessions[shape] = self._choose(shape, int(x.shape[1])) if self.exportable else None
         session = self.sessions[shape]
@@ -153,6 +166,16 @@ class OnnxEngine:
         except Exception:  # onnxruntime raises its own types for unreadable models
             self.note(f"ONNX Runtime cannot load the cached export {path.name}: exporting it again")
             return None
+
+    def _defer(self, shape: tuple[int, int], bands: int) -> bool:
+        """Whether `shape` should still run in torch before an export is worth its cost: (auto)
+        no export of it is cached and torch has run it for less than `export_after` seconds."""
+        if shape not in self.torch_seconds:
+            cached = (self.folder / f"{self.key(shape, bands)}.onnx").is_file()
+            if cached or self.export_after <= 0:
+                return False
+            self.torch_seconds[shape] = 0.0
+        return self.torch_seconds[shape] < self.export_after
 
     def expects_onnx(self, shape: tuple[int, int], bands: int) -> bool:
         """Whether `shape` will run in ONNX Runtime, as far as is known before running it: False

@@ -11,19 +11,27 @@ large blocks for reuse. Library code never calls these; they are passed in as va
   mmap and returns it on free: every large activation of every forward pass is page-faulted
   again, zero-filled by the kernel. Raising the thresholds keeps those blocks on the heap for the
   next step (training's memory is the same every step, so nothing grows).
+- SIGTERM is what `kill`, systemd, SLURM, CI runners and torchrun send to stop a job. By default
+  it ends Python at once, so a training run would lose everything since its last epoch and a
+  prediction its last journal entry. `stop_on_terminate` makes the first SIGTERM stop a job the
+  way Ctrl-C does (the job saves what it has and says how to go on); a second one ends the process
+  at once, as before.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+import signal
 import sys
+import threading
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _INT_MAX = 2**31 - 1
 _kept = False
+_stop_signal: int | None = None
 
 
 def prefer_passive_waiting() -> bool:
@@ -74,3 +82,27 @@ def _glibc(function: str):
         return getattr(ctypes.CDLL(name), function)
     except (OSError, AttributeError):
         return None
+
+
+def stop_on_terminate() -> bool:
+    """Turn the first SIGTERM into a KeyboardInterrupt in the main thread (what Ctrl-C raises), so
+    every job's Ctrl-C path runs: training saves `last.pt`, prediction keeps its journal. A second
+    SIGTERM kills the process at once. Returns False where handlers cannot be set (not the main
+    thread, or a platform without SIGTERM)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return False
+    signal.signal(signal.SIGTERM, _on_terminate)
+    return True
+
+
+def stop_signal() -> int:
+    """The signal that stopped this process's job: SIGTERM after `stop_on_terminate` caught one,
+    else SIGINT (Ctrl-C). Shells report a job stopped by signal N with exit code 128 + N."""
+    return _stop_signal if _stop_signal is not None else signal.SIGINT
+
+
+def _on_terminate(signum: int, frame) -> None:
+    global _stop_signal
+    _stop_signal = signum
+    signal.signal(signum, signal.SIG_DFL)
+    raise KeyboardInterrupt

@@ -1,7 +1,8 @@
 """Inference engines: the ONNX Runtime engine exports once per shape into the cache and reuses it,
 rebuilds a damaged entry, falls back to torch for a model it cannot export, and predicts what
 torch predicts (tiled equals whole for a small receptive field through it too); auto times both
-engines once per shape and machine and keeps the faster."""
+engines once per shape and machine and keeps the faster, and exports only once a shape has run
+long enough in torch to be worth it."""
 import json
 import os
 import time
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from bigseg import engines
 from bigseg.checkpoint import load_checkpoint
 from bigseg.engines import OnnxEngine, TorchEngine, make_engine
 from bigseg.errors import InputError
@@ -69,6 +71,7 @@ def test_a_damaged_cache_entry_is_exported_again(tiny_checkpoint, cache, monkeyp
 
 def test_auto_times_both_engines_once_and_keeps_the_faster(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
+    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 0.0)  # export at the first tile
     ckpt = load_checkpoint(tiny_checkpoint)
     image = np.random.default_rng(2).uniform(0, 255, (3, 128, 128)).astype(np.float32)
     (tmp_path / "onnx").mkdir()
@@ -93,6 +96,29 @@ def test_auto_times_both_engines_once_and_keeps_the_faster(tiny_checkpoint, tmp_
     auto = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto").scores(image)
     assert np.array_equal(auto, Predictor(ckpt, "cpu", "fp32", tile=128, engine="torch").scores(image))
     assert not np.array_equal(auto, Predictor(ckpt, "cpu", "fp32", tile=128, engine="onnx").scores(image))
+
+
+def test_auto_runs_a_small_job_in_torch_and_exports_once_torch_has_spent_an_exports_cost(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
+    ckpt = load_checkpoint(tiny_checkpoint)
+    image = np.random.default_rng(3).uniform(0, 255, (3, 128, 128)).astype(np.float32)
+    in_torch = Predictor(ckpt, "cpu", "fp32", tile=128, engine="torch").scores(image)
+    exports = lambda: list(tmp_path.glob("onnx/*.onnx"))
+    small = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
+    assert np.array_equal(small.scores(image), in_torch)
+    assert not exports() and not small.notes  # a photo: no export, no timing, nothing to say
+
+    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 1e-9)
+    large = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
+    assert np.array_equal(large.scores(image), in_torch) and not exports()  # nothing spent in torch yet
+    large.scores(image)  # torch has now spent more than an export costs: exported and timed
+    assert len(exports()) == 1 and any("exporting the model" in n for n in large.notes)
+    assert any("is faster here on 128x128 tiles" in n for n in large.notes)
+    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 1e9)
+    cached = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
+    cached.scores(image)
+    assert cached.engine.sessions  # a cached export is used at once, however small the job
 
 
 def test_a_model_that_cannot_be_exported_runs_in_torch_with_a_note(tmp_path):
@@ -155,6 +181,7 @@ def test_the_memory_estimate_counts_onnx_runtimes_arena_only_where_it_will_run(t
     assert ratio == pytest.approx(ONNX_ACTIVATION_OVERHEAD / CPU_ACTIVATION_OVERHEAD, rel=0.01)
     assert by_engine["auto"] == by_engine["onnx"]  # not timed yet: assume the export runs
 
+    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 0.0)
     auto = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
     auto.scores(np.zeros((3, 128, 128), np.float32))  # times both engines and records which is faster
     meta = next((tmp_path / "onnx").glob("*.json"))

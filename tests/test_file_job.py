@@ -188,7 +188,8 @@ def test_gdal_threads_change_nothing_in_the_outputs(tmp_path, tiny_checkpoint):
             assert np.array_equal(a.read(), b.read()) and np.array_equal(a.read_masks(1), b.read_masks(1))
 
 
-def test_ctrl_c_says_what_was_kept_and_the_rerun_says_it_resumes_at_once(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_says_what_was_kept_and_the_rerun_says_it_resumes_at_once(tmp_path, tiny_checkpoint, signum, code):
     src = write_geotiff(tmp_path / "big.tif", 600, 1400, nodata=0)
     env = {**os.environ, "BIGSEG_JOURNAL_SECONDS": "0"}
     dst = tmp_path / "out.tif"
@@ -196,10 +197,10 @@ def test_ctrl_c_says_what_was_kept_and_the_rerun_says_it_resumes_at_once(tmp_pat
     deadline = time.time() + 120
     while time.time() < deadline and (read_journal(dst) or {}).get("rows_done", 0) < 512:
         time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     err = proc.communicate(timeout=60)[1]
     kept = read_journal(dst)["rows_done"]
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert f"interrupted: {kept} of 1400 rows of out.tif kept; run the same command to resume" in err
     assert "Traceback" not in err
     done = subprocess.run(predict_cmd(src, dst, tiny_checkpoint), env=env, capture_output=True, text=True)

@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -310,3 +311,93 @@ def test_eval_takes_a_folder_with_only_a_test_split(tmp_path, tiny_checkpoint, c
     assert len(open_dataset(root, "test")) == 1
     with pytest.raises(DatasetError, match="needs train/ and trainannot/"):
         open_dataset(root, "train")
+
+
+def test_sigterm_to_the_process_group_saves_last_pt_like_ctrl_c(tmp_path):
+    """What systemd, SLURM and CI send: the job saves where it is and says so (exit 143), even when
+    it was started in the background with SIGINT ignored and the data worker gets the signal too."""
+    import signal
+    import time
+
+    data = make_generic_dataset(tmp_path / "data", n=10)
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "bigseg", "train", "--data", str(data), "--run", str(run), "--batch-size", "2",
+           "--crop", "64", "--workers", "1", "--device", "cpu", "--eval-every", "0", "--epochs", "500",
+           "--model-config", "spp_bottleneck=8,spp_level=4,spp_width=8,up_widths=8/8/8/8,squeeze=8"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (run / "log.csv").exists():
+        time.sleep(0.05)
+    time.sleep(1.5)  # inside the second epoch
+    os.killpg(proc.pid, signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    kept = re.search(r"interrupted: kept epoch (\d+) step (\d+) \((\d+) steps\)", err)
+    assert kept, err
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["global_step"] == int(kept[3]) >= 1
+    assert (state["epoch"] + 1, state["step_in_epoch"]) == (int(kept[1]), int(kept[2]))
+
+
+def test_data_on_device_trains_like_the_workers_and_resumes_exactly(tmp_path, capsys):
+    data = make_generic_dataset(tmp_path / "data", n=10)
+    same = {"eval_every": 0, "scale_min": 1.0, "scale_max": 1.0}  # no resampling: the very same crops
+    workers = train(tiny_config(data, tmp_path / "w", max_steps=4, **same))
+    full = train(tiny_config(data, tmp_path / "a", max_steps=6, data_on_device=True, **same))
+    assert np.allclose(full.losses[:4], workers.losses, rtol=1e-5)
+    first = train(tiny_config(data, tmp_path / "b", max_steps=3, data_on_device=True, **same))
+    second = train(tiny_config(data, tmp_path / "b", max_steps=6, data_on_device=True, **same), resume=True)
+    assert full.losses == first.losses + second.losses  # bit for bit, across an epoch boundary
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "c", "--batch-size", "2", "--crop",
+                           "64", "--device", "cpu", "--eval-every", "0", "--max-steps", "1", "--data-on-device",
+                           "--model-config", "spp_bottleneck=8,spp_level=4,spp_width=8,up_widths=8/8/8/8,squeeze=8")
+    assert code == 0, err
+    assert re.search(r"data on the device \(0\.\d MiB, augmented there\)", err), err
+
+
+def test_the_gpu_schedule_script_runs_a_tiny_schedule_on_the_cpu(tmp_path):
+    """weights/train-camvid-gpu.sh end to end on a tiny CamVid pack: calibration, the fitted
+    schedule, the fp16 model back in pieces that join into a loadable checkpoint."""
+    import hashlib
+    import shutil
+    import tarfile
+    from pathlib import Path
+
+    import cv2
+
+    for tool in ("bash", "timeout", "split", "sha256sum"):
+        if not shutil.which(tool):
+            pytest.skip(f"needs {tool}")
+    rng = np.random.default_rng(0)
+    root = tmp_path / "pack" / "camvid"
+    for split, n in (("train", 6), ("val", 2)):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for i in range(n):
+            label = np.repeat(np.arange(12, dtype=np.uint8), 8)[None].repeat(72, 0)
+            label = np.roll(label, int(rng.integers(0, 96)), 1)
+            cv2.imwrite(str(root / split / f"f{i}.jpg"), (label[..., None] * 20 + rng.integers(0, 20, (72, 96, 3))).astype(np.uint8))
+            cv2.imwrite(str(root / f"{split}annot" / f"f{i}.png"), label)
+    with tarfile.open(tmp_path / "pack.tar", "w") as tar:
+        tar.add(root, arcname="camvid")
+    out = tmp_path / "out"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PACK": str(tmp_path / "pack.tar"), "BUDGET": "30", "MAX_EPOCHS": "2", "DEVICE": "cpu",
+           "PRECISION": "fp32", "BATCH": "2", "CROP": "64", "INIT": "none", "RUN": str(tmp_path / "run"),
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "EXTRA": "--model-config spp_bottleneck=8,spp_level=4,spp_width=8,up_widths=8/8/8/8,squeeze=8"}
+    done = subprocess.run(["bash", str(repo / "weights" / "train-camvid-gpu.sh"), str(out)], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "training 2 epochs, validating every 1" in done.stdout
+    parts = sorted(out.glob("best-fp16.pt.part-*"))
+    listed = dict(line.split()[::-1] for line in (out / "parts.sha256").read_text().splitlines())
+    assert parts and all(hashlib.sha256(p.read_bytes()).hexdigest() == listed[p.name] for p in parts)
+    (tmp_path / "best.pt").write_bytes(b"".join(p.read_bytes() for p in parts))
+    ckpt = load_checkpoint(tmp_path / "best.pt")
+    assert ckpt.classes[:2] == ["sky", "building"] and all(
+        v.dtype == torch.float16 for v in ckpt.state_dict.values() if v.is_floating_point())
+    assert len(json.loads((out / "log.json").read_text())) == 2
+    assert (out / "command.txt").read_text().startswith("bigseg train --data")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from bigseg.runtime import prefer_passive_waiting
+from bigseg.runtime import prefer_passive_waiting, stop_on_terminate, stop_signal
 
 prefer_passive_waiting()  # before torch loads: OpenMP threads sleep instead of spinning when idle
 
@@ -40,8 +40,8 @@ def root(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 def _guarded(command):
-    """A command whose user mistakes are one `Error:` line (exit 1) and whose Ctrl-C says what was
-    kept (exit 130); Typer would otherwise end an interrupted command silently."""
+    """A command whose user mistakes are one `Error:` line (exit 1) and whose Ctrl-C or SIGTERM says
+    what was kept (exit 130 or 143); Typer would otherwise end an interrupted command silently."""
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
@@ -51,7 +51,7 @@ def _guarded(command):
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:
             note(str(e) or "interrupted")
-            raise typer.Exit(130) from None
+            raise typer.Exit(128 + stop_signal()) from None
     return run
 
 
@@ -62,8 +62,9 @@ app.command(name="models", short_help="List architectures and shipped weights.")
 
 
 def main() -> None:
-    """Console-script entry: user mistakes become one `Error:` line and exit code 1; Ctrl-C says
-    what was kept and exits 130."""
+    """Console-script entry: user mistakes become one `Error:` line and exit code 1; Ctrl-C (or a
+    first SIGTERM) says what was kept and exits 130 (143)."""
+    stop_on_terminate()
     try:
         app(prog_name="bigseg")
     except BigsegError as e:

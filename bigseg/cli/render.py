@@ -145,8 +145,10 @@ class TrainProgress(_Display):
         elif kind == "start":
             total = self.total = info["total_steps"]
             self._last_plain, self._last_fraction = time.monotonic(), info["epoch"] * info["steps_per_epoch"] / max(total, 1)
+            on_device = info.get("data_on_device")
             self.line(f"training on {info['train_images']} images, {info['steps_per_epoch']} steps/epoch, "
-                      f"{info['world']} process(es)")
+                      f"{info['world']} process(es)"
+                      + ("" if on_device is None else f", data on the device ({on_device / 2**20:.1f} MiB, augmented there)"))
             ckpt = "on" if info["grad_checkpoint"] else "off"
             if info["grad_checkpoint_auto"]:
                 ckpt += " (default on a GPU)" if info["grad_checkpoint"] else " (default on the CPU; --grad-checkpoint saves memory)"

@@ -50,6 +50,9 @@ def train(
     precision: O.Precision = "auto",
     threads: O.Threads = None,
     workers: int = typer.Option(2, metavar="N", help="Data loading processes."),
+    data_on_device: bool = typer.Option(
+        False, "--data-on-device",
+        help="Decode the training images once onto the device and augment them there (small data sets on a GPU)."),
     seed: int = typer.Option(0, metavar="N", help="Random seed (data order, augmentation, initialisation)."),
     eval_every: int = typer.Option(1, metavar="N", help="Validate every N epochs (0: never)."),
     val_split: str = typer.Option("val", metavar="SPLIT", help="Split used for model selection."),
@@ -84,7 +87,8 @@ def train(
                           aux_weight=aux_weight, init=str(init) if init else None,
                           backbone_weights=str(backbone_weights) if backbone_weights else None,
                           grad_checkpoint=grad_checkpoint, channels_last=channels_last, compile=compile_model,
-                          device=device, precision=precision, threads=threads, workers=workers, seed=seed,
+                          device=device, precision=precision, threads=threads, workers=workers,
+                          data_on_device=data_on_device, seed=seed,
                           eval_every=eval_every, val_split=val_split, sync_bn=sync_bn, recompute_bn=recompute_bn,
                           max_steps=max_steps)
     from bigseg.runtime import keep_freed_memory

@@ -38,6 +38,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     workers: int = 2
+    data_on_device: bool = False   # decode the training split once onto the device, augment there
     seed: int = 0
     eval_every: int = 1
     val_split: str = "val"
@@ -48,7 +49,7 @@ class TrainConfig:
 
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-RESUMABLE = ("epochs", "max_steps", "workers", "device", "threads")  # settings a resumed run may change
+RESUMABLE = ("epochs", "max_steps", "workers", "device", "threads", "data_on_device")  # settings a resumed run may change
 
 
 def parse_crop_schedule(text: str) -> tuple[tuple[int, float], ...]:

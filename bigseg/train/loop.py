@@ -1,7 +1,7 @@
 """The training loop, top to bottom in one function (`train`), plus its run-checkpoint state.
 
 A run folder holds: `last.pt` (run checkpoint: model, optimizer, scheduler, scaler, RNG states,
-epoch and step, written atomically every epoch and on Ctrl-C), `best.pt` (the best model by
+epoch and step, written atomically every epoch and on Ctrl-C or SIGTERM), `best.pt` (the best model by
 validation mIoU, a self-describing checkpoint `predict` loads), `log.csv`/`log.json` (per-epoch
 metrics) and `curves.png`.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from bigseg.models.blocks import set_grad_checkpointing
 from bigseg.predictor import Predictor
 from bigseg.runtime import set_threads
 from bigseg.train.config import DEFAULTS, RESUMABLE, TrainConfig, check_crops, crop_at
+from bigseg.train.device_data import DeviceData
 from bigseg.train.losses import BALANCING, class_weights, model_loss
 from bigseg.train.plot import plot_curves
 from bigseg.train.transforms import Augment, AugmentedView
@@ -144,7 +146,23 @@ def _loader(view: AugmentedView, cfg: TrainConfig, start: int) -> torch.utils.da
     indices = list(range(start, len(view)))
     return torch.utils.data.DataLoader(torch.utils.data.Subset(view, indices), batch_size=cfg.batch_size,
                                        shuffle=False, drop_last=True, num_workers=cfg.workers,
-                                       persistent_workers=False)
+                                       persistent_workers=False, worker_init_fn=_ignore_terminate)
+
+
+def _batches(view: AugmentedView, cfg: TrainConfig, start: int, data: DeviceData | None):
+    """The batches of `view` from sample `start`: decoded and augmented by workers, or on the
+    device from the frames already there (`--data-on-device`), with the same random choices."""
+    if data is None:
+        return _loader(view, cfg, start)
+    return data.batches(view.indices[start:], view.aug, view.seed, view.epoch, cfg.batch_size)
+
+
+def _ignore_terminate(worker_id: int) -> None:
+    """Data workers leave SIGTERM to the main process: a stop sent to the whole process group
+    (systemd, a CI runner, `kill -- -PGID`) must not kill a worker before the main process has
+    saved `last.pt`. Workers still end when the main process shuts them down or dies."""
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train(cfg: TrainConfig, resume: bool = False,
@@ -159,6 +177,8 @@ def train(cfg: TrainConfig, resume: bool = False,
     if d.active and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every step of a phase has the same crop: autotune once
     torch.manual_seed(cfg.seed)
 
     if cfg.class_balance not in BALANCING:
@@ -173,6 +193,7 @@ def train(cfg: TrainConfig, resume: bool = False,
         raise TrainingError(f"{len(train_set)} training images are fewer than one batch of "
                             f"{cfg.batch_size} x {d.world} process(es); lower --batch-size")
     total_steps = steps_per_epoch * cfg.epochs
+    device_data = DeviceData(train_set, device) if cfg.data_on_device else None
 
     # --- model and optimisation ----------------------------------------------------------------
     net = create_model(cfg.arch, len(classes), 3, **cfg.arch_config)
@@ -247,6 +268,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                        "grad_checkpoint": checkpointing, "grad_checkpoint_auto": cfg.grad_checkpoint is None,
                        "channels_last": cfg.channels_last, "compile": cfg.compile,
                        "crops": sorted({crop_at(cfg, e) for e in range(cfg.epochs)}),
+                       "data_on_device": None if device_data is None else device_data.nbytes,
                        "class_weights": prepared.get("class_weights")})
     losses: list[float] = []
     stopped = "finished"
@@ -257,7 +279,7 @@ def train(cfg: TrainConfig, resume: bool = False,
             view = AugmentedView(train_set, D.shard(order, d, cfg.batch_size), aug, cfg.seed, epoch)
             net.train()
             t0, epoch_losses = time.perf_counter(), []
-            for images, labels in _loader(view, cfg, step_in_epoch * cfg.batch_size):
+            for images, labels in _batches(view, cfg, step_in_epoch * cfg.batch_size, device_data):
                 if cfg.max_steps is not None and global_step >= cfg.max_steps:
                     stopped = "max_steps"
                     break
@@ -314,7 +336,7 @@ def train(cfg: TrainConfig, resume: bool = False,
         metrics = history[-1] if history else {}
         if cfg.recompute_bn > 0:
             aug = Augment(crop_at(cfg, cfg.epochs - 1), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter)
-            recompute_batchnorm(net, train_set, aug, cfg, device, mean, std)
+            recompute_batchnorm(net, train_set, aug, cfg, device, mean, std, device_data)
             if val_set is not None:
                 metrics = {**metrics, **_validate(describe(), val_set, cfg, device), "bn_recomputed": True}
                 if best is None or metrics["val_miou"] > best:
@@ -341,7 +363,7 @@ def _validate(ckpt: Checkpoint, val_set, cfg: TrainConfig, device: torch.device)
 
 @torch.no_grad()
 def recompute_batchnorm(model: nn.Module, train_set, aug: Augment, cfg: TrainConfig, device: torch.device,
-                        mean: torch.Tensor, std: torch.Tensor) -> None:
+                        mean: torch.Tensor, std: torch.Tensor, data: DeviceData | None = None) -> None:
     """Replace running statistics by exact averages over `cfg.recompute_bn` training batches."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
@@ -351,7 +373,7 @@ def recompute_batchnorm(model: nn.Module, train_set, aug: Augment, cfg: TrainCon
     model.train()
     order = np.random.default_rng([cfg.seed, 10**6]).permutation(len(train_set)).tolist()
     view = AugmentedView(train_set, order, aug, cfg.seed, 10**6)
-    for i, (images, _) in enumerate(_loader(view, cfg, 0)):
+    for i, (images, _) in enumerate(_batches(view, cfg, 0, data)):
         if i >= cfg.recompute_bn:
             break
         model((images.to(device) - mean) / std)

@@ -26,17 +26,40 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+@dataclass(frozen=True)
+class Draw:
+    """One sample's augmentation: its scale and scaled size (w, h), the crop's top-left corner in
+    the scaled image (padded with ignore to at least the crop), a flip, and the jitter factors
+    (brightness, contrast, saturation) or None."""
+    scale: float
+    size: tuple[int, int]
+    y: int
+    x: int
+    flip: bool
+    jitter: tuple[float, float, float] | None
+
+
+def draw(aug: Augment, rng: np.random.Generator, height: int, width: int) -> Draw:
+    """The random choices of one sample, in the order both augmentation paths use them."""
+    s = rng.uniform(aug.scale_min, aug.scale_max)
+    size = (max(1, round(width * s)), max(1, round(height * s)))
+    y = int(rng.integers(0, max(size[1], aug.crop) - aug.crop + 1))
+    x = int(rng.integers(0, max(size[0], aug.crop) - aug.crop + 1))
+    flip = bool(aug.flip and rng.random() < 0.5)
+    jitter = tuple(float(v) for v in rng.uniform(1 - aug.jitter, 1 + aug.jitter, 3)) if aug.jitter > 0 else None
+    return Draw(float(s), size, y, x, flip, jitter)
+
+
 def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.Generator
             ) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) uint8 + (H, W) uint8 -> (3, crop, crop) float32 in 0..255 + (crop, crop) int64."""
     import cv2
 
-    s = rng.uniform(aug.scale_min, aug.scale_max)
     h, w = label.shape
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    if size != (w, h):
-        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR if s > 1 else cv2.INTER_AREA)
-        label = cv2.resize(label, size, interpolation=cv2.INTER_NEAREST)
+    d = draw(aug, rng, h, w)
+    if d.size != (w, h):
+        image = cv2.resize(image, d.size, interpolation=cv2.INTER_LINEAR if d.scale > 1 else cv2.INTER_AREA)
+        label = cv2.resize(label, d.size, interpolation=cv2.INTER_NEAREST)
     image = image.astype(np.float32)
     h, w = label.shape
     c = aug.crop
@@ -44,18 +67,16 @@ def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.G
     if ph or pw:  # pad with ignore; the padded image area is never scored
         image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
         label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
-    y = int(rng.integers(0, label.shape[0] - c + 1))
-    x = int(rng.integers(0, label.shape[1] - c + 1))
-    image, label = image[y:y + c, x:x + c], label[y:y + c, x:x + c]
-    if aug.flip and rng.random() < 0.5:
+    image, label = image[d.y:d.y + c, d.x:d.x + c], label[d.y:d.y + c, d.x:d.x + c]
+    if d.flip:
         image, label = image[:, ::-1], label[:, ::-1]
-    if aug.jitter > 0:
-        image = _jitter(image, aug.jitter, rng)
+    if d.jitter is not None:
+        image = _jitter(image, d.jitter)
     return np.ascontiguousarray(image.transpose(2, 0, 1)), np.ascontiguousarray(label).astype(np.int64)
 
 
-def _jitter(image: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
-    b, c, s = rng.uniform(1 - amount, 1 + amount, 3)
+def _jitter(image: np.ndarray, factors: tuple[float, float, float]) -> np.ndarray:
+    b, c, s = (np.float64(f) for f in factors)  # float64 as drawn: the result is rounded to float32 once
     gray = image @ np.array([0.299, 0.587, 0.114], np.float32)
     image = image * b
     image = (image - image.mean()) * c + image.mean()

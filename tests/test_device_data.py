@@ -1,0 +1,68 @@
+"""Training data on the device: the same augmentation as the worker path, from frames decoded once."""
+import numpy as np
+import pytest
+import torch
+
+from bigseg.datasets import IGNORE
+from bigseg.errors import TrainingError
+from bigseg.train.device_data import DeviceData
+from bigseg.train.transforms import Augment, augment, sample_rng
+
+
+class Frames:
+    """A dataset of textured synthetic frames with thin structures (the cases resampling changes)."""
+
+    def __init__(self, n=6, size=(90, 130)):
+        rng = np.random.default_rng(0)
+        h, w = size
+        yy, xx = np.mgrid[:h, :w]
+        self.items = []
+        for i in range(n):
+            image = (rng.integers(0, 256, (h, w, 3)) * 0.3 + 120 + 60 * np.sin(xx / (3 + i))[..., None]).astype(np.uint8)
+            label = ((xx // (2 + i) + yy // 7) % 4).astype(np.uint8)
+            label[:, (7 * i) % w] = 3  # one-pixel poles
+            label[rng.random((h, w)) < 0.02] = IGNORE
+            self.items.append((image, label))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (1.0, 2.0), (0.5, 1.0)], ids=["same", "enlarged", "shrunk"])
+def test_device_augmentation_makes_the_worker_paths_crops(scales):
+    frames = Frames()
+    data = DeviceData(frames, torch.device("cpu"))
+    assert data.nbytes == sum(i.nbytes + lab.nbytes for i, lab in frames.items)
+    for jitter in (0.0, 0.3):
+        aug = Augment(96, *scales, True, jitter)
+        for i in range(len(frames)):
+            image, label = augment(*frames[i], aug, sample_rng(4, 2, i))
+            x, y = data.sample(i, aug, sample_rng(4, 2, i))
+            assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (3, 96, 96)
+            same = (y.numpy() == label).mean()
+            diff = np.abs(x.numpy() - image)
+            if scales == (1.0, 1.0):
+                assert same == 1 and diff.max() < 1e-3  # no resampling: the same pixels
+            elif scales[0] >= 1:
+                assert same > 0.995 and diff.max() <= 1.5  # OpenCV rounds its bilinear output to 8 bits
+            else:
+                assert same > 0.995 and diff.mean() < 3  # area averaging vs antialiased bilinear
+            assert (y == IGNORE).any() or (label != IGNORE).all()
+
+
+def test_batches_follow_the_indices_and_drop_the_incomplete_last_batch():
+    data = DeviceData(Frames(n=5), torch.device("cpu"))
+    aug = Augment(64, 0.75, 1.25, True, 0.0)
+    batches = list(data.batches([4, 2, 0, 1, 3], aug, seed=1, epoch=0, batch_size=2))
+    assert len(batches) == 2 and batches[0][0].shape == (2, 3, 64, 64)
+    x, y = data.sample(0, aug, sample_rng(1, 0, 0))
+    assert torch.equal(batches[1][0][0], x) and torch.equal(batches[1][1][0], y)
+
+
+def test_a_data_set_too_large_for_the_gpu_is_refused_before_it_is_copied(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20_000, 80_000))
+    with pytest.raises(TrainingError, match="without --data-on-device"):
+        DeviceData(Frames(n=2), torch.device("cuda"))

@@ -16,7 +16,9 @@ def test_default_model_is_shipped_and_verified():
     ckpt = resolve_model("ladder-dn121")  # verifies the sha256 on the way
     entry = next(e for e in SHIPPED if e["arch"] == "ladder-dn121")
     assert ckpt.classes == entry["classes"] and ckpt.palette == entry["palette"]
-    assert entry["training_command"].startswith("bigseg train")
+    commands = entry["training_commands"]
+    assert commands and all(c.startswith("bigseg train") for c in commands)
+    assert all("--init" in c for c in commands[1:])  # each later stage continues from weights
 
 
 @needs_weights

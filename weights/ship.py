@@ -3,6 +3,9 @@ manifest with its sha256, classes, palette, normalisation, training command, dat
 
     python -m bigseg.weights.ship runs/camvid/best.pt ladder-dn121-camvid \\
         --eval val=eval-val.json --eval test=eval-test.json --command "bigseg train ..." --data CamVid
+
+A model trained in stages (a schedule continued from earlier weights with `--init`) names every
+stage's command in order with one `--command` each; the manifest keeps them all.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("name")
     parser.add_argument("--eval", action="append", default=[], help="SPLIT=eval.json from `bigseg eval`")
-    parser.add_argument("--command", required=True, help="the `bigseg train` command that made it")
+    parser.add_argument("--command", action="append", required=True,
+                        help="the `bigseg train` command that made it (once per stage, in order)")
     parser.add_argument("--data", required=True, help="what it was trained on")
     parser.add_argument("--licence", default="")
     args = parser.parse_args()
@@ -41,7 +45,7 @@ def main() -> None:
     entry = {"name": args.name, "arch": ckpt.arch, "file": file, "sha256": sha256(HERE / file),
              "classes": ckpt.classes, "palette": ckpt.palette,
              "normalization": {"mean": ckpt.normalization.mean, "std": ckpt.normalization.std},
-             "training_command": args.command, "data": args.data, "licence": args.licence,
+             "training_commands": args.command, "data": args.data, "licence": args.licence,
              "epochs": ckpt.training.get("epochs"), "steps": ckpt.training.get("steps"), "metrics": metrics}
     manifest_path = HERE / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": []}

@@ -190,7 +190,8 @@ def test_gdal_threads_change_nothing_in_the_outputs(tmp_path, tiny_checkpoint):
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_says_what_was_kept_and_the_rerun_says_it_resumes_at_once(tmp_path, tiny_checkpoint, signum, code):
-    src = write_geotiff(tmp_path / "big.tif", 600, 1400, nodata=0)
+    # tall enough that the signal, sent once the first block row is journaled, lands before the end
+    src = write_geotiff(tmp_path / "big.tif", 600, 3600, nodata=0)
     env = {**os.environ, "BIGSEG_JOURNAL_SECONDS": "0"}
     dst = tmp_path / "out.tif"
     proc = subprocess.Popen(predict_cmd(src, dst, tiny_checkpoint), env=env, stderr=subprocess.PIPE, text=True)
@@ -201,7 +202,7 @@ def test_ctrl_c_says_what_was_kept_and_the_rerun_says_it_resumes_at_once(tmp_pat
     err = proc.communicate(timeout=60)[1]
     kept = read_journal(dst)["rows_done"]
     assert proc.returncode == code, err
-    assert f"interrupted: {kept} of 1400 rows of out.tif kept; run the same command to resume" in err
+    assert f"interrupted: {kept} of 3600 rows of out.tif kept; run the same command to resume" in err
     assert "Traceback" not in err
     done = subprocess.run(predict_cmd(src, dst, tiny_checkpoint), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -85,12 +85,17 @@ def from_model(model: nn.Module, arch: str, classes: list[str], palette: list[li
                half: bool = False) -> Checkpoint:
     """Describe a trained `model` as a checkpoint (`half` stores floating weights as fp16)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    return Checkpoint(arch=arch, config=model_config(model), classes=list(classes),
+    ckpt = Checkpoint(arch=arch, config=model_config(model), classes=list(classes),
                       palette=palette or default_palette(len(classes)),
                       normalization=normalization or Normalization(), state_dict=state,
                       in_channels=getattr(model, "in_channels", 3), training=training or {})
+    return half_precision(ckpt) if half else ckpt
+
+
+def half_precision(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt` with its floating weights stored as fp16 (what is shipped: half the size)."""
+    ckpt.state_dict = {k: v.half() if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    return ckpt
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:

@@ -106,3 +106,12 @@ def _on_terminate(signum: int, frame) -> None:
     _stop_signal = signum
     signal.signal(signum, signal.SIG_DFL)
     raise KeyboardInterrupt
+
+
+def ignore_terminate(worker_id: int = 0) -> None:
+    """For worker processes (a DataLoader's `worker_init_fn`): leave SIGTERM to the main process,
+    so that a stop sent to the whole process group (systemd, a CI runner, `kill -- -PGID`) does not
+    kill a worker before the main process has saved its work. Workers still end when the main
+    process shuts them down or dies."""
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from bigseg.atomic import write_text
-from bigseg.checkpoint import load_checkpoint, save_checkpoint
+from bigseg.checkpoint import half_precision, load_checkpoint, save_checkpoint
 from bigseg.manifest import sha256
 
 HERE = Path(__file__).resolve().parent
@@ -31,8 +31,7 @@ def main() -> None:
     parser.add_argument("--licence", default="")
     args = parser.parse_args()
 
-    ckpt = load_checkpoint(args.checkpoint)
-    ckpt.state_dict = {k: v.half() if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    ckpt = half_precision(load_checkpoint(args.checkpoint))
     file = f"{args.name}.pt"
     save_checkpoint(ckpt, HERE / file)
     metrics = {}

@@ -65,9 +65,8 @@ echo "training ended with status $status"
 
 # 3. the best model in fp16, in pieces under 16 MiB (cat best-fp16.pt.part-* > best-fp16.pt)
 "$PYTHON" -c 'import sys
-from bigseg.checkpoint import load_checkpoint, save_checkpoint
-ckpt = load_checkpoint(sys.argv[1])
-ckpt.state_dict = {k: v.half() if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+from bigseg.checkpoint import half_precision, load_checkpoint, save_checkpoint
+ckpt = half_precision(load_checkpoint(sys.argv[1]))
 save_checkpoint(ckpt, sys.argv[2])
 miou = ckpt.training.get("metrics", {}).get("val_miou")
 print(sys.argv[2], "epoch", ckpt.training.get("epochs"), "val mIoU on the JPEG frames",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from bigseg.evaluation import evaluate
 from bigseg.models import create_model
 from bigseg.models.blocks import set_grad_checkpointing
 from bigseg.predictor import Predictor
-from bigseg.runtime import set_threads
+from bigseg.runtime import ignore_terminate, set_threads
 from bigseg.train.config import DEFAULTS, RESUMABLE, TrainConfig, check_crops, crop_at
 from bigseg.train.device_data import DeviceData
 from bigseg.train.losses import BALANCING, class_weights, model_loss
@@ -146,7 +145,7 @@ def _loader(view: AugmentedView, cfg: TrainConfig, start: int) -> torch.utils.da
     indices = list(range(start, len(view)))
     return torch.utils.data.DataLoader(torch.utils.data.Subset(view, indices), batch_size=cfg.batch_size,
                                        shuffle=False, drop_last=True, num_workers=cfg.workers,
-                                       persistent_workers=False, worker_init_fn=_ignore_terminate)
+                                       persistent_workers=False, worker_init_fn=ignore_terminate)
 
 
 def _batches(view: AugmentedView, cfg: TrainConfig, start: int, data: DeviceData | None):
@@ -155,14 +154,6 @@ def _batches(view: AugmentedView, cfg: TrainConfig, start: int, data: DeviceData
     if data is None:
         return _loader(view, cfg, start)
     return data.batches(view.indices[start:], view.aug, view.seed, view.epoch, cfg.batch_size)
-
-
-def _ignore_terminate(worker_id: int) -> None:
-    """Data workers leave SIGTERM to the main process: a stop sent to the whole process group
-    (systemd, a CI runner, `kill -- -PGID`) must not kill a worker before the main process has
-    saved `last.pt`. Workers still end when the main process shuts them down or dies."""
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train(cfg: TrainConfig, resume: bool = False,

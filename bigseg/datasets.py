@@ -111,8 +111,23 @@ def _pair(images: list[Path], label_dir: Path, where: str) -> list[Sample]:
     return [Sample(p, labels[p.stem]) for p in images]
 
 
+def split_names(split: str) -> list[str]:
+    """`train+val` -> ["train", "val"]: a split may join several of the folder's splits."""
+    names = [s.strip() for s in split.split("+")]
+    if not all(names) or len(set(names)) != len(names):
+        raise DatasetError(f"split {split!r}: expected a split name or names joined by '+', e.g. train+val")
+    return names
+
+
 def open_dataset(root: str | Path, split: str) -> SegmentationDataset:
-    """Recognise the layout of `root` and return its `split` (train, val or test)."""
+    """Recognise the layout of `root` and return its `split` (train, val or test), or several
+    splits joined in order (`train+val`)."""
+    names = split_names(split)
+    if len(names) > 1:
+        parts = [open_dataset(root, name) for name in names]
+        first = parts[0]
+        return SegmentationDataset(first.name, [s for p in parts for s in p.samples], first.classes,
+                                   first.palette, first.lut)
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"data folder not found: {root}")

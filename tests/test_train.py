@@ -230,6 +230,23 @@ def test_median_frequency_weights_follow_segnet_and_weight_the_loss(tmp_path):
     assert segmentation_loss(logits, labels, w).item() == pytest.approx((w[labels] * ce).sum().item() / w[labels].sum().item())
 
 
+def test_train_plus_val_fits_both_splits_and_never_selects_on_its_own_images(tmp_path, capsys):
+    data = make_generic_dataset(tmp_path / "data", n=20)  # no split folders: every 10th image is val
+    train_names = [s.image.name for s in open_dataset(data, "train").samples]
+    val_names = [s.image.name for s in open_dataset(data, "val").samples]
+    assert [s.image.name for s in open_dataset(data, "train+val").samples] == train_names + val_names
+    with pytest.raises(DatasetError, match="joined by '\\+'"):
+        open_dataset(data, "train+train")
+    events = []
+    train(tiny_config(data, tmp_path / "r", epochs=1, train_split="train+val", eval_every=0),
+          on_event=lambda kind, info: events.append((kind, info)))
+    assert [info["train_images"] for kind, info in events if kind == "start"] == [20]
+    assert load_checkpoint(tmp_path / "r" / "final.pt").training["config"]["train_split"] == "train+val"
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "s", "--train-split", "train+val",
+                           "--device", "cpu")
+    assert code == 1 and "--val-split val overlaps --train-split train+val" in err and len(err.splitlines()) == 1
+
+
 def test_crop_schedule_changes_crops_by_epoch_and_odd_crops_are_refused(tmp_path):
     from bigseg.train.config import crop_at, parse_crop_schedule
 

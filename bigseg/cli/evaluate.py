@@ -17,7 +17,7 @@ def evaluate(
     data: Path = typer.Option(..., "--data", "-d", metavar="FOLDER",
                               help="Labelled data folder (as for train, or only test/ + testannot/)."),
     model: O.Model = DEFAULT_MODEL,
-    split: str = typer.Option("val", metavar="SPLIT", help="train, val or test."),
+    split: str = typer.Option("val", metavar="SPLIT", help="train, val or test (or joined, e.g. val+test)."),
     out: Path | None = typer.Option(None, "--out", "-o", metavar="FILE", help="JSON report path. Default: eval-<split>.json."),
     tile: O.Tile = 1024,
     overlap: O.Overlap = None,

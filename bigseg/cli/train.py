@@ -54,6 +54,9 @@ def train(
         False, "--data-on-device",
         help="Decode the training images once onto the device and augment them there (small data sets on a GPU)."),
     seed: int = typer.Option(0, metavar="N", help="Random seed (data order, augmentation, initialisation)."),
+    train_split: str = typer.Option(
+        "train", metavar="SPLIT",
+        help="Split to train on; train+val joins two (the final fit once the schedule is fixed on val)."),
     eval_every: int = typer.Option(1, metavar="N", help="Validate every N epochs (0: never)."),
     val_split: str = typer.Option("val", metavar="SPLIT", help="Split used for model selection."),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="SyncBatchNorm across processes under torchrun."),
@@ -89,7 +92,7 @@ def train(
                           grad_checkpoint=grad_checkpoint, channels_last=channels_last, compile=compile_model,
                           device=device, precision=precision, threads=threads, workers=workers,
                           data_on_device=data_on_device, seed=seed,
-                          eval_every=eval_every, val_split=val_split, sync_bn=sync_bn, recompute_bn=recompute_bn,
+                          train_split=train_split, eval_every=eval_every, val_split=val_split, sync_bn=sync_bn, recompute_bn=recompute_bn,
                           max_steps=max_steps)
     from bigseg.runtime import keep_freed_memory
     from bigseg.train.loop import train as run_training

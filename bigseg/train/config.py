@@ -40,6 +40,7 @@ class TrainConfig:
     workers: int = 2
     data_on_device: bool = False   # decode the training split once onto the device, augment there
     seed: int = 0
+    train_split: str = "train"     # or several joined, e.g. train+val for the final fit
     eval_every: int = 1
     val_split: str = "val"
     val_tile: int = 1024

@@ -28,7 +28,7 @@ from bigseg.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from bigseg.datasets import label_statistics, open_dataset
+from bigseg.datasets import label_statistics, open_dataset, split_names
 from bigseg.device import resolve_device, resolve_precision
 from bigseg.errors import Interrupted, TrainingError
 from bigseg.evaluation import evaluate
@@ -176,7 +176,12 @@ def train(cfg: TrainConfig, resume: bool = False,
         raise TrainingError(f"class balance must be one of {', '.join(BALANCING)}, got {cfg.class_balance!r}")
 
     # --- data --------------------------------------------------------------------------------
-    train_set = open_dataset(cfg.data, "train")
+    overlap = set(split_names(cfg.train_split)) & set(split_names(cfg.val_split))
+    if cfg.eval_every > 0 and overlap:
+        raise TrainingError(f"--val-split {cfg.val_split} overlaps --train-split {cfg.train_split}: its mIoU would "
+                            f"select on training images; use --eval-every 0 (the last epoch is the model) "
+                            f"or another --val-split")
+    train_set = open_dataset(cfg.data, cfg.train_split)
     val_set = open_dataset(cfg.data, cfg.val_split) if cfg.eval_every > 0 else None
     classes, palette = list(train_set.classes), train_set.palette
     steps_per_epoch = len(train_set) // (cfg.batch_size * d.world)

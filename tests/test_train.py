@@ -247,6 +247,24 @@ def test_train_plus_val_fits_both_splits_and_never_selects_on_its_own_images(tmp
     assert code == 1 and "--val-split val overlaps --train-split train+val" in err and len(err.splitlines()) == 1
 
 
+def test_validation_runs_at_the_scales_the_model_will_be_used_at(tmp_path, capsys):
+    from bigseg.evaluation import evaluate
+    from bigseg.predictor import Predictor
+
+    data = make_generic_dataset(tmp_path / "data", n=10)
+    result = train(tiny_config(data, tmp_path / "r", epochs=1, val_scales=(0.5, 1.0)))
+    ckpt = load_checkpoint(tmp_path / "r" / "best.pt")
+    scored = {scales: evaluate(Predictor(ckpt, "cpu", "fp32", tile=128, scales=scales, engine="torch"),
+                               open_dataset(data, "val")).scores["miou"] for scales in ((0.5, 1.0), (1.0,))}
+    assert scored[(0.5, 1.0)] != scored[(1.0,)]  # the scales matter on this data
+    assert result.best_miou == pytest.approx(scored[(0.5, 1.0)], abs=1e-6)
+    assert list(ckpt.training["config"]["val_scales"]) == [0.5, 1.0]
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "s", "--val-scales", "9",
+                           "--device", "cpu")
+    assert code == 1 and "validation scales must be factors between 0.1 and 4" in err
+    assert not (tmp_path / "s" / "last.pt").exists()
+
+
 def test_crop_schedule_changes_crops_by_epoch_and_odd_crops_are_refused(tmp_path):
     from bigseg.train.config import crop_at, parse_crop_schedule
 

@@ -39,11 +39,11 @@ def flag(param: str) -> str:
     return FLAGS.get(param, "--" + param.replace("_", "-"))
 
 
-def parse_scales(text: str) -> tuple[float, ...]:
+def parse_scales(text: str, param: str = "scales") -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.replace(" ", "").split(","))
     except ValueError:
-        raise InputError(f"takes factors like 0.75,1,1.25, got {text!r}", param="scales") from None
+        raise InputError(f"takes factors like 0.75,1,1.25, got {text!r}", param=param) from None
 
 
 def check_threads(threads: int | None) -> None:

@@ -59,6 +59,8 @@ def train(
         help="Split to train on; train+val joins two (the final fit once the schedule is fixed on val)."),
     eval_every: int = typer.Option(1, metavar="N", help="Validate every N epochs (0: never)."),
     val_split: str = typer.Option("val", metavar="SPLIT", help="Split used for model selection."),
+    val_scales: str = typer.Option("1", metavar="S,...",
+                                   help="Validate at these scales (averaged), e.g. 2 for CamVid at 960x720."),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="SyncBatchNorm across processes under torchrun."),
     recompute_bn: int = typer.Option(0, metavar="N", help="After training, recompute BN statistics over N batches."),
     max_steps: int | None = typer.Option(None, metavar="N", help="Stop after this many steps (resumable)."),
@@ -92,7 +94,8 @@ def train(
                           grad_checkpoint=grad_checkpoint, channels_last=channels_last, compile=compile_model,
                           device=device, precision=precision, threads=threads, workers=workers,
                           data_on_device=data_on_device, seed=seed,
-                          train_split=train_split, eval_every=eval_every, val_split=val_split, sync_bn=sync_bn, recompute_bn=recompute_bn,
+                          train_split=train_split, eval_every=eval_every, val_split=val_split,
+                          val_scales=O.parse_scales(val_scales, "val_scales"), sync_bn=sync_bn, recompute_bn=recompute_bn,
                           max_steps=max_steps)
     from bigseg.runtime import keep_freed_memory
     from bigseg.train.loop import train as run_training

@@ -43,6 +43,7 @@ class TrainConfig:
     train_split: str = "train"     # or several joined, e.g. train+val for the final fit
     eval_every: int = 1
     val_split: str = "val"
+    val_scales: tuple[float, ...] = (1.0,)  # validate as the model will be used (e.g. 2: CamVid at 960x720)
     val_tile: int = 1024
     sync_bn: bool = False
     recompute_bn: int = 0          # batches for exact BN statistics after training (0: off)

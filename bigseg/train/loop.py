@@ -176,6 +176,8 @@ def train(cfg: TrainConfig, resume: bool = False,
         raise TrainingError(f"class balance must be one of {', '.join(BALANCING)}, got {cfg.class_balance!r}")
 
     # --- data --------------------------------------------------------------------------------
+    if not cfg.val_scales or any(not 0.1 <= s <= 4 for s in cfg.val_scales):
+        raise TrainingError(f"validation scales must be factors between 0.1 and 4, got {cfg.val_scales}")
     overlap = set(split_names(cfg.train_split)) & set(split_names(cfg.val_split))
     if cfg.eval_every > 0 and overlap:
         raise TrainingError(f"--val-split {cfg.val_split} overlaps --train-split {cfg.train_split}: its mIoU would "
@@ -352,7 +354,7 @@ def train(cfg: TrainConfig, resume: bool = False,
 def _validate(ckpt: Checkpoint, val_set, cfg: TrainConfig, device: torch.device) -> dict:
     # torch, not an exported engine: the weights change every epoch (an export each time would cost more)
     predictor = Predictor(ckpt, str(device), "fp32" if device.type == "cpu" else "auto", tile=cfg.val_tile,
-                          engine="torch")
+                          scales=tuple(cfg.val_scales), engine="torch")
     result = evaluate(predictor, val_set, cfg.val_split)
     return {"val_miou": result.scores["miou"], "val_pixel_accuracy": result.scores["pixel_accuracy"]}
 

@@ -125,9 +125,11 @@ def open_dataset(root: str | Path, split: str) -> SegmentationDataset:
     names = split_names(split)
     if len(names) > 1:
         parts = [open_dataset(root, name) for name in names]
-        first = parts[0]
-        return SegmentationDataset(first.name, [s for p in parts for s in p.samples], first.classes,
-                                   first.palette, first.lut)
+        first, samples = parts[0], [s for p in parts for s in p.samples]
+        if len({s.image for s in samples}) != len(samples):
+            raise DatasetError(f"{root}: the splits in {split!r} share images (a folder without split "
+                               f"folders has one validation set for every name but train)")
+        return SegmentationDataset(first.name, samples, first.classes, first.palette, first.lut)
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"data folder not found: {root}")

@@ -237,6 +237,10 @@ def test_train_plus_val_fits_both_splits_and_never_selects_on_its_own_images(tmp
     assert [s.image.name for s in open_dataset(data, "train+val").samples] == train_names + val_names
     with pytest.raises(DatasetError, match="joined by '\\+'"):
         open_dataset(data, "train+train")
+    with pytest.raises(DatasetError, match="share images"):
+        open_dataset(data, "val+test")  # without split folders both are every 10th image
+    with pytest.raises(TrainingError, match="--val-split test overlaps --train-split train\\+val"):
+        train(tiny_config(data, tmp_path / "t", epochs=1, train_split="train+val", val_split="test"))
     events = []
     train(tiny_config(data, tmp_path / "r", epochs=1, train_split="train+val", eval_every=0),
           on_event=lambda kind, info: events.append((kind, info)))

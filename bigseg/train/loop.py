@@ -28,7 +28,7 @@ from bigseg.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from bigseg.datasets import label_statistics, open_dataset, split_names
+from bigseg.datasets import label_statistics, open_dataset
 from bigseg.device import resolve_device, resolve_precision
 from bigseg.errors import Interrupted, TrainingError
 from bigseg.evaluation import evaluate
@@ -178,13 +178,12 @@ def train(cfg: TrainConfig, resume: bool = False,
     # --- data --------------------------------------------------------------------------------
     if not cfg.val_scales or any(not 0.1 <= s <= 4 for s in cfg.val_scales):
         raise TrainingError(f"validation scales must be factors between 0.1 and 4, got {cfg.val_scales}")
-    overlap = set(split_names(cfg.train_split)) & set(split_names(cfg.val_split))
-    if cfg.eval_every > 0 and overlap:
+    train_set = open_dataset(cfg.data, cfg.train_split)
+    val_set = open_dataset(cfg.data, cfg.val_split) if cfg.eval_every > 0 else None
+    if val_set is not None and {s.image for s in train_set.samples} & {s.image for s in val_set.samples}:
         raise TrainingError(f"--val-split {cfg.val_split} overlaps --train-split {cfg.train_split}: its mIoU would "
                             f"select on training images; use --eval-every 0 (the last epoch is the model) "
                             f"or another --val-split")
-    train_set = open_dataset(cfg.data, cfg.train_split)
-    val_set = open_dataset(cfg.data, cfg.val_split) if cfg.eval_every > 0 else None
     classes, palette = list(train_set.classes), train_set.palette
     steps_per_epoch = len(train_set) // (cfg.batch_size * d.world)
     if steps_per_epoch == 0:

@@ -36,8 +36,8 @@ def test_device_augmentation_makes_the_worker_paths_crops(scales):
     frames = Frames()
     data = DeviceData(frames, torch.device("cpu"))
     assert data.nbytes == sum(i.nbytes + lab.nbytes for i, lab in frames.items)
-    for jitter in (0.0, 0.3):
-        aug = Augment(96, *scales, True, jitter)
+    for jitter, colour in ((0.0, 0.0), (0.3, 0.0), (0.3, 0.2)):
+        aug = Augment(96, *scales, True, jitter, colour)
         for i in range(len(frames)):
             image, label = augment(*frames[i], aug, sample_rng(4, 2, i))
             x, y = data.sample(i, aug, sample_rng(4, 2, i))
@@ -66,3 +66,19 @@ def test_a_data_set_too_large_for_the_gpu_is_refused_before_it_is_copied(monkeyp
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20_000, 80_000))
     with pytest.raises(TrainingError, match="without --data-on-device"):
         DeviceData(Frames(n=2), torch.device("cuda"))
+
+
+def test_colour_jitter_casts_each_channel_and_leaves_the_other_choices_as_they_were():
+    from bigseg.train.transforms import draw
+
+    image = np.full((40, 50, 3), 100, np.uint8)
+    label = np.zeros((40, 50), np.uint8)
+    plain, cast = Augment(32, 0.75, 1.5, True, 0.3), Augment(32, 0.75, 1.5, True, 0.3, 0.25)
+    for i in range(20):
+        a, b = draw(plain, sample_rng(0, 0, i), 40, 50), draw(cast, sample_rng(0, 0, i), 40, 50)
+        assert a.gains is None and (a.scale, a.y, a.x, a.flip, a.jitter) == (b.scale, b.y, b.x, b.flip, b.jitter)
+        assert all(0.75 <= g <= 1.25 for g in b.gains)
+    x, _ = augment(image, label, Augment(32, 1.0, 1.0, False, 0.0, 0.25), sample_rng(0, 0, 3))
+    gains = draw(Augment(32, 1.0, 1.0, False, 0.0, 0.25), sample_rng(0, 0, 3), 40, 50).gains
+    assert np.allclose(x.reshape(3, -1).mean(1), 100 * np.array(gains), atol=1e-3)
+    assert len({round(g, 3) for g in gains}) == 3  # a cast, not a brightness change

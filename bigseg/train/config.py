@@ -20,6 +20,7 @@ class TrainConfig:
     scale_max: float = 2.0
     flip: bool = True
     jitter: float = 0.0
+    colour_jitter: float = 0.0     # per-channel gains in 1 +- this (white balance, dusk casts)
     optimizer: str = "adam"        # adam | sgd
     lr: float = 4e-4
     weight_decay: float = 1e-4

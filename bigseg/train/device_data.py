@@ -81,6 +81,8 @@ def augment_on_device(image: torch.Tensor, label: torch.Tensor, aug: Augment, d:
         x, label = x.flip(-1), label.flip(-1)
     if d.jitter is not None:
         x = _jitter(x, d.jitter)
+    if d.gains is not None:
+        x = (x * x.new_tensor(d.gains).view(3, 1, 1)).clamp_(0, 255)
     return x.contiguous(), label.long()
 
 

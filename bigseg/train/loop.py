@@ -176,6 +176,9 @@ def train(cfg: TrainConfig, resume: bool = False,
         raise TrainingError(f"class balance must be one of {', '.join(BALANCING)}, got {cfg.class_balance!r}")
 
     # --- data --------------------------------------------------------------------------------
+    for name, value in (("--jitter", cfg.jitter), ("--colour-jitter", cfg.colour_jitter)):
+        if not 0 <= value < 1:
+            raise TrainingError(f"{name} must be at least 0 and below 1, got {value}")
     if not cfg.val_scales or any(not 0.1 <= s <= 4 for s in cfg.val_scales):
         raise TrainingError(f"validation scales must be factors between 0.1 and 4, got {cfg.val_scales}")
     train_set = open_dataset(cfg.data, cfg.train_split)
@@ -272,7 +275,8 @@ def train(cfg: TrainConfig, resume: bool = False,
     try:
         while epoch < cfg.epochs:
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_set)).tolist()
-            aug = Augment(crop_at(cfg, epoch), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter)
+            aug = Augment(crop_at(cfg, epoch), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter,
+                          cfg.colour_jitter)
             view = AugmentedView(train_set, D.shard(order, d, cfg.batch_size), aug, cfg.seed, epoch)
             net.train()
             t0, epoch_losses = time.perf_counter(), []
@@ -332,7 +336,8 @@ def train(cfg: TrainConfig, resume: bool = False,
     elif d.main:
         metrics = history[-1] if history else {}
         if cfg.recompute_bn > 0:
-            aug = Augment(crop_at(cfg, cfg.epochs - 1), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter)
+            aug = Augment(crop_at(cfg, cfg.epochs - 1), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter,
+                          cfg.colour_jitter)
             recompute_batchnorm(net, train_set, aug, cfg, device, mean, std, device_data)
             if val_set is not None:
                 metrics = {**metrics, **_validate(describe(), val_set, cfg, device), "bn_recomputed": True}

@@ -1,5 +1,5 @@
 """Training augmentation as in the ladder/SwiftNet papers: random scale (0.5 to 2), random crop
-with ignore padding, horizontal flip, optional photometric jitter.
+with ignore padding, horizontal flip, optional photometric jitter and colour cast.
 
 Each sample draws from its own generator seeded by (seed, epoch, index), so the augmented batch
 is the same whatever the number of worker processes and after a resume.
@@ -20,6 +20,7 @@ class Augment:
     scale_max: float = 2.0
     flip: bool = True
     jitter: float = 0.0  # max relative change of brightness, contrast and saturation
+    colour: float = 0.0  # max relative change of each channel's gain (white balance, colour cast)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -29,14 +30,15 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 @dataclass(frozen=True)
 class Draw:
     """One sample's augmentation: its scale and scaled size (w, h), the crop's top-left corner in
-    the scaled image (padded with ignore to at least the crop), a flip, and the jitter factors
-    (brightness, contrast, saturation) or None."""
+    the scaled image (padded with ignore to at least the crop), a flip, the jitter factors
+    (brightness, contrast, saturation) or None, and the R, G, B gains or None."""
     scale: float
     size: tuple[int, int]
     y: int
     x: int
     flip: bool
     jitter: tuple[float, float, float] | None
+    gains: tuple[float, float, float] | None = None
 
 
 def draw(aug: Augment, rng: np.random.Generator, height: int, width: int) -> Draw:
@@ -47,7 +49,9 @@ def draw(aug: Augment, rng: np.random.Generator, height: int, width: int) -> Dra
     x = int(rng.integers(0, max(size[0], aug.crop) - aug.crop + 1))
     flip = bool(aug.flip and rng.random() < 0.5)
     jitter = tuple(float(v) for v in rng.uniform(1 - aug.jitter, 1 + aug.jitter, 3)) if aug.jitter > 0 else None
-    return Draw(float(s), size, y, x, flip, jitter)
+    # drawn last: runs without a colour jitter draw exactly what they drew before it existed
+    gains = tuple(float(v) for v in rng.uniform(1 - aug.colour, 1 + aug.colour, 3)) if aug.colour > 0 else None
+    return Draw(float(s), size, y, x, flip, jitter, gains)
 
 
 def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.Generator
@@ -72,6 +76,8 @@ def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.G
         image, label = image[:, ::-1], label[:, ::-1]
     if d.jitter is not None:
         image = _jitter(image, d.jitter)
+    if d.gains is not None:
+        image = np.clip(image * np.array(d.gains, np.float32), 0, 255)
     return np.ascontiguousarray(image.transpose(2, 0, 1)), np.ascontiguousarray(label).astype(np.int64)
 
 

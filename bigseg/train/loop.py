@@ -74,6 +74,11 @@ def load_run_config(run_dir: str | Path, **changes: Any) -> TrainConfig:
     return TrainConfig(**{**config, **changes})
 
 
+def _augmentation(cfg: TrainConfig, epoch: int) -> Augment:
+    """The augmentation of `epoch` (0-based): its crop under the crop schedule, the run's ranges."""
+    return Augment(crop_at(cfg, epoch), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter, cfg.colour_jitter)
+
+
 def _schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     floor = cfg.min_lr / cfg.lr
 
@@ -275,8 +280,7 @@ def train(cfg: TrainConfig, resume: bool = False,
     try:
         while epoch < cfg.epochs:
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_set)).tolist()
-            aug = Augment(crop_at(cfg, epoch), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter,
-                          cfg.colour_jitter)
+            aug = _augmentation(cfg, epoch)
             view = AugmentedView(train_set, D.shard(order, d, cfg.batch_size), aug, cfg.seed, epoch)
             net.train()
             t0, epoch_losses = time.perf_counter(), []
@@ -336,8 +340,7 @@ def train(cfg: TrainConfig, resume: bool = False,
     elif d.main:
         metrics = history[-1] if history else {}
         if cfg.recompute_bn > 0:
-            aug = Augment(crop_at(cfg, cfg.epochs - 1), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter,
-                          cfg.colour_jitter)
+            aug = _augmentation(cfg, cfg.epochs - 1)
             recompute_batchnorm(net, train_set, aug, cfg, device, mean, std, device_data)
             if val_set is not None:
                 metrics = {**metrics, **_validate(describe(), val_set, cfg, device), "bn_recomputed": True}

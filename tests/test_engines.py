@@ -7,6 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -96,6 +97,20 @@ def test_auto_times_both_engines_once_and_keeps_the_faster(tiny_checkpoint, tmp_
     auto = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto").scores(image)
     assert np.array_equal(auto, Predictor(ckpt, "cpu", "fp32", tile=128, engine="torch").scores(image))
     assert not np.array_equal(auto, Predictor(ckpt, "cpu", "fp32", tile=128, engine="onnx").scores(image))
+
+
+def test_auto_timing_is_the_best_of_interleaved_calls_so_a_burst_of_load_does_not_decide(monkeypatch):
+    clock, calls = [0.0], []
+    monkeypatch.setattr(engines, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    costs = {"onnx": iter([5.0, 4.0, 1.0]), "torch": iter([2.0, 2.0, 2.0])}  # onnx: warm-up, a burst, then alone
+
+    def run(name):
+        calls.append(name)
+        clock[0] += next(costs[name])
+
+    timing = engines._race({"onnx": lambda: run("onnx"), "torch": lambda: run("torch")})
+    assert calls == ["onnx", "torch", "onnx", "torch", "torch", "onnx"]  # warm-ups, then A B, B A
+    assert timing == {"onnx": 1.0, "torch": 2.0}  # one slowed call alone would have recorded torch
 
 
 def test_auto_runs_a_small_job_in_torch_and_exports_once_torch_has_spent_an_exports_cost(

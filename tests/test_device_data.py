@@ -36,8 +36,8 @@ def test_device_augmentation_makes_the_worker_paths_crops(scales):
     frames = Frames()
     data = DeviceData(frames, torch.device("cpu"))
     assert data.nbytes == sum(i.nbytes + lab.nbytes for i, lab in frames.items)
-    for jitter, colour in ((0.0, 0.0), (0.3, 0.0), (0.3, 0.2)):
-        aug = Augment(96, *scales, True, jitter, colour)
+    for jitter, colour, gamma in ((0.0, 0.0, 0.0), (0.3, 0.0, 0.0), (0.3, 0.2, 0.0), (0.3, 0.2, 0.5)):
+        aug = Augment(96, *scales, True, jitter, colour, gamma)
         for i in range(len(frames)):
             image, label = augment(*frames[i], aug, sample_rng(4, 2, i))
             x, y = data.sample(i, aug, sample_rng(4, 2, i))
@@ -82,3 +82,28 @@ def test_colour_jitter_casts_each_channel_and_leaves_the_other_choices_as_they_w
     gains = draw(Augment(32, 1.0, 1.0, False, 0.0, 0.25), sample_rng(0, 0, 3), 40, 50).gains
     assert np.allclose(x.reshape(3, -1).mean(1), 100 * np.array(gains), atol=1e-3)
     assert len({round(g, 3) for g in gains}) == 3  # a cast, not a brightness change
+
+
+def test_gamma_bends_the_tone_curve_both_ways_and_leaves_the_other_choices_as_they_were():
+    from bigseg.train.transforms import draw
+
+    plain, toned = Augment(32, 0.75, 1.5, True, 0.3, 0.2), Augment(32, 0.75, 1.5, True, 0.3, 0.2, 0.5)
+    exponents = []
+    for i in range(200):
+        a, b = draw(plain, sample_rng(0, 0, i), 40, 50), draw(toned, sample_rng(0, 0, i), 40, 50)
+        assert a.gamma is None and (a.scale, a.y, a.x, a.flip, a.jitter, a.gains) == \
+            (b.scale, b.y, b.x, b.flip, b.jitter, b.gains)
+        exponents.append(b.gamma)
+    assert all(1 / 1.5 <= g <= 1.5 for g in exponents)
+    assert 0.35 < np.mean(np.array(exponents) > 1) < 0.65  # darker and brighter about equally often
+    # black and white stay, mid-grey moves as 255 * (x / 255) ** g; both paths agree
+    image = np.zeros((40, 40, 3), np.uint8)
+    image[:, 13:26], image[:, 26:] = 128, 255
+    label = np.zeros((40, 40), np.uint8)
+    aug = Augment(40, 1.0, 1.0, False, 0.0, 0.0, 0.5)
+    g = draw(aug, sample_rng(0, 0, 7), 40, 40).gamma
+    x, _ = augment(image, label, aug, sample_rng(0, 0, 7))
+    assert x[:, :, 5].max() == 0 and np.allclose(x[:, :, 35], 255) and not np.isclose(g, 1, atol=0.05)
+    assert np.allclose(x[:, :, 20], 255 * (128 / 255) ** g, atol=1e-3)
+    y, _ = DeviceData([(image, label)], torch.device("cpu")).sample(0, aug, sample_rng(0, 0, 7))
+    assert np.abs(y.numpy() - x).max() < 1e-3

@@ -269,11 +269,12 @@ def test_validation_runs_at_the_scales_the_model_will_be_used_at(tmp_path, capsy
     assert not (tmp_path / "s" / "last.pt").exists()
 
 
-def test_colour_jitter_trains_and_out_of_range_jitter_is_refused_before_training(tmp_path, capsys):
+def test_colour_jitter_and_gamma_train_and_out_of_range_jitter_is_refused_before_training(tmp_path, capsys):
     data = make_generic_dataset(tmp_path / "data", n=4)
-    result = train(tiny_config(data, tmp_path / "r", epochs=1, jitter=0.3, colour_jitter=0.2, eval_every=0))
+    result = train(tiny_config(data, tmp_path / "r", epochs=1, jitter=0.3, colour_jitter=0.2, gamma=0.5,
+                               eval_every=0))
     assert result.stopped == "finished" and np.isfinite(result.losses).all()
-    for flag in ("--jitter", "--colour-jitter"):
+    for flag in ("--jitter", "--colour-jitter", "--gamma"):
         code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "s", flag, "1.2", "--device", "cpu")
         assert code == 1 and f"{flag} must be at least 0 and below 1, got 1.2" in err
     assert not (tmp_path / "s" / "last.pt").exists()

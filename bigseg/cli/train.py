@@ -29,6 +29,8 @@ def train(
     jitter: float = typer.Option(0.0, metavar="F", help="Photometric jitter (relative brightness/contrast/saturation)."),
     colour_jitter: float = typer.Option(0.0, metavar="F",
                                         help="Colour cast: each of R, G, B scaled by a random 1 +- F."),
+    gamma: float = typer.Option(0.0, metavar="F", help="Tone curve: intensities (0..1) raised to a random power "
+                                "in [1/(1+F), 1+F] (darker and brighter exposures)."),
     optimizer: str = typer.Option("adam", metavar="NAME", help="adam or sgd."),
     lr: float = typer.Option(4e-4, metavar="F", help="Peak learning rate."),
     weight_decay: float = typer.Option(1e-4, metavar="F", help="Weight decay."),
@@ -90,7 +92,7 @@ def train(
         cfg = TrainConfig(data=str(data), run_dir=str(run), arch=model, arch_config=arch_config, epochs=epochs,
                           batch_size=batch_size, crop=crop, crop_schedule=parse_crop_schedule(crop_schedule or ""),
                           scale_min=scale_min, scale_max=scale_max, jitter=jitter, colour_jitter=colour_jitter,
-                          optimizer=optimizer, lr=lr,
+                          gamma=gamma, optimizer=optimizer, lr=lr,
                           weight_decay=weight_decay, schedule=schedule, class_balance=class_balance,
                           aux_weight=aux_weight, init=str(init) if init else None,
                           backbone_weights=str(backbone_weights) if backbone_weights else None,

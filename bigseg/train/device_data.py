@@ -83,6 +83,8 @@ def augment_on_device(image: torch.Tensor, label: torch.Tensor, aug: Augment, d:
         x = _jitter(x, d.jitter)
     if d.gains is not None:
         x = (x * x.new_tensor(d.gains).view(3, 1, 1)).clamp_(0, 255)
+    if d.gamma is not None:
+        x = 255 * (x / 255).pow(d.gamma)
     return x.contiguous(), label.long()
 
 

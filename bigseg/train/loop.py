@@ -76,7 +76,8 @@ def load_run_config(run_dir: str | Path, **changes: Any) -> TrainConfig:
 
 def _augmentation(cfg: TrainConfig, epoch: int) -> Augment:
     """The augmentation of `epoch` (0-based): its crop under the crop schedule, the run's ranges."""
-    return Augment(crop_at(cfg, epoch), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter, cfg.colour_jitter)
+    return Augment(crop_at(cfg, epoch), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter, cfg.colour_jitter,
+                   cfg.gamma)
 
 
 def _schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -181,7 +182,7 @@ def train(cfg: TrainConfig, resume: bool = False,
         raise TrainingError(f"class balance must be one of {', '.join(BALANCING)}, got {cfg.class_balance!r}")
 
     # --- data --------------------------------------------------------------------------------
-    for name, value in (("--jitter", cfg.jitter), ("--colour-jitter", cfg.colour_jitter)):
+    for name, value in (("--jitter", cfg.jitter), ("--colour-jitter", cfg.colour_jitter), ("--gamma", cfg.gamma)):
         if not 0 <= value < 1:
             raise TrainingError(f"{name} must be at least 0 and below 1, got {value}")
     if not cfg.val_scales or any(not 0.1 <= s <= 4 for s in cfg.val_scales):

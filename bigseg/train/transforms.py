@@ -1,5 +1,5 @@
 """Training augmentation as in the ladder/SwiftNet papers: random scale (0.5 to 2), random crop
-with ignore padding, horizontal flip, optional photometric jitter and colour cast.
+with ignore padding, horizontal flip, optional photometric jitter, colour cast and tone curve (gamma).
 
 Each sample draws from its own generator seeded by (seed, epoch, index), so the augmented batch
 is the same whatever the number of worker processes and after a resume.
@@ -21,6 +21,7 @@ class Augment:
     flip: bool = True
     jitter: float = 0.0  # max relative change of brightness, contrast and saturation
     colour: float = 0.0  # max relative change of each channel's gain (white balance, colour cast)
+    gamma: float = 0.0  # tone curve: intensities raised to a power in [1 / (1 + gamma), 1 + gamma]
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -31,7 +32,8 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 class Draw:
     """One sample's augmentation: its scale and scaled size (w, h), the crop's top-left corner in
     the scaled image (padded with ignore to at least the crop), a flip, the jitter factors
-    (brightness, contrast, saturation) or None, and the R, G, B gains or None."""
+    (brightness, contrast, saturation) or None, the R, G, B gains or None, and the tone curve's
+    exponent or None."""
     scale: float
     size: tuple[int, int]
     y: int
@@ -39,6 +41,7 @@ class Draw:
     flip: bool
     jitter: tuple[float, float, float] | None
     gains: tuple[float, float, float] | None = None
+    gamma: float | None = None
 
 
 def draw(aug: Augment, rng: np.random.Generator, height: int, width: int) -> Draw:
@@ -49,9 +52,11 @@ def draw(aug: Augment, rng: np.random.Generator, height: int, width: int) -> Dra
     x = int(rng.integers(0, max(size[0], aug.crop) - aug.crop + 1))
     flip = bool(aug.flip and rng.random() < 0.5)
     jitter = tuple(float(v) for v in rng.uniform(1 - aug.jitter, 1 + aug.jitter, 3)) if aug.jitter > 0 else None
-    # drawn last: runs without a colour jitter draw exactly what they drew before it existed
+    # drawn last, each only when asked for: a run without them draws exactly what it drew before they existed
     gains = tuple(float(v) for v in rng.uniform(1 - aug.colour, 1 + aug.colour, 3)) if aug.colour > 0 else None
-    return Draw(float(s), size, y, x, flip, jitter, gains)
+    # log-uniform: darkening and brightening as likely (x ** g and x ** (1 / g) equally probable)
+    gamma = float(np.exp(rng.uniform(-np.log1p(aug.gamma), np.log1p(aug.gamma)))) if aug.gamma > 0 else None
+    return Draw(float(s), size, y, x, flip, jitter, gains, gamma)
 
 
 def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.Generator
@@ -78,6 +83,8 @@ def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.G
         image = _jitter(image, d.jitter)
     if d.gains is not None:
         image = np.clip(image * np.array(d.gains, np.float32), 0, 255)
+    if d.gamma is not None:
+        image = (255 * (image / np.float32(255)) ** np.float32(d.gamma)).astype(np.float32)
     return np.ascontiguousarray(image.transpose(2, 0, 1)), np.ascontiguousarray(label).astype(np.int64)
 
 

@@ -84,7 +84,7 @@ def augment_on_device(image: torch.Tensor, label: torch.Tensor, aug: Augment, d:
     if d.gains is not None:
         x = (x * x.new_tensor(d.gains).view(3, 1, 1)).clamp_(0, 255)
     if d.gamma is not None:
-        x = 255 * (x / 255).pow(d.gamma)
+        x = 255 * (x.clamp(0, 255) / 255).pow(d.gamma)  # no negative base, whatever the resampling
     return x.contiguous(), label.long()
 
 

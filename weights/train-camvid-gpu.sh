@@ -39,7 +39,7 @@ init=()
 [[ "$INIT" != none ]] && init=(--init "$INIT")
 # shellcheck disable=SC2206  # EXTRA is a list of options
 common=(--data "$data" --model ladder-dn121 --batch-size "$BATCH" --crop "$CROP" --scale-min 0.5 --scale-max 2.0
-        --jitter 0.3 --colour-jitter 0.2 --lr "$LR" --device "$DEVICE" --precision "$PRECISION" --data-on-device --no-grad-checkpoint
+        --jitter 0.3 --colour-jitter 0.2 --gamma 0.5 --lr "$LR" --device "$DEVICE" --precision "$PRECISION" --data-on-device --no-grad-checkpoint
         --seed 0 "${init[@]}" $EXTRA)
 
 # 1. calibration: two epochs without validation; the second epoch's time (the first one autotunes)

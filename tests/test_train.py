@@ -16,7 +16,7 @@ from bigseg.datasets import IGNORE, open_dataset
 from bigseg.errors import DatasetError, TrainingError
 from bigseg.models.blocks import set_grad_checkpointing
 from bigseg.train.loop import TrainConfig, train
-from bigseg.train.losses import ladder_loss, soft_targets
+from bigseg.train.losses import ladder_loss, lovasz_softmax, model_loss, soft_targets
 from tests.cli_helpers import run_cli
 from tests.conftest import CLASSES, TINY, make_generic_dataset, tiny_model
 
@@ -78,6 +78,44 @@ def test_ladder_loss_weights_final_and_auxiliary_terms():
     loss, parts = ladder_loss(logits, aux, labels, 0.4)
     assert loss.item() == pytest.approx(0.6 * parts["main"] + 0.4 * parts["aux"], rel=1e-6)
     assert parts["main"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+
+def test_lovasz_softmax_is_the_mean_jaccard_loss_on_hard_predictions_and_its_extension_on_soft_ones():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (2, 6, 7))
+    labels[0, :2] = IGNORE
+    pred = torch.randint(0, 4, (2, 6, 7))  # class 3 is predicted but never labelled: not averaged
+    hard = 50.0 * F.one_hot(pred, 4).permute(0, 3, 1, 2).float()
+    kept = labels != IGNORE
+    ious = [((pred == c) & (labels == c) & kept).sum() / (((pred == c) | (labels == c)) & kept).sum() for c in range(3)]
+    assert lovasz_softmax(hard, labels).item() == pytest.approx(1 - torch.stack(ious).mean().item(), abs=1e-6)
+    changed = hard.clone()
+    changed[0, :, :2] = torch.randn(4, 2, 7)  # void pixels do not count
+    assert lovasz_softmax(changed, labels).item() == pytest.approx(lovasz_softmax(hard, labels).item(), abs=1e-7)
+
+    # soft probabilities: the Lovász extension, class by class as in the paper's reference algorithm
+    logits = torch.randn(2, 4, 6, 7, requires_grad=True)
+    probs = F.softmax(logits, 1).permute(0, 2, 3, 1)[kept]
+    per_class = []
+    for c in range(3):
+        fg = (labels[kept] == c).float()
+        errors, order = (fg - probs[:, c]).abs().sort(descending=True)
+        fg = fg[order]
+        jaccard = [1 - (fg.sum() - fg[:k].sum()) / (fg.sum() + (1 - fg[:k]).sum()) for k in range(1, len(fg) + 1)]
+        steps = [jaccard[0]] + [jaccard[k] - jaccard[k - 1] for k in range(1, len(fg))]
+        per_class.append(sum(e * g for e, g in zip(errors, steps)))
+    loss = lovasz_softmax(logits, labels)
+    assert loss.item() == pytest.approx(torch.stack(per_class).mean().item(), abs=1e-5)
+    loss.backward()
+    assert logits.grad[1].abs().sum() > 0 and logits.grad[0, :, :2].abs().sum() == 0
+    assert lovasz_softmax(logits, torch.full_like(labels, IGNORE)).item() == 0.0
+
+    # added to the model's loss with its weight
+    aux = [torch.randn(2, 4, 3, 4)]
+    base, _ = model_loss(tiny_model(), logits, aux, labels, 0.5, 0.4)
+    both, parts = model_loss(tiny_model(), logits, aux, labels, 0.5, 0.4, lovasz=0.5)
+    assert both.item() == pytest.approx(base.item() + 0.5 * loss.item(), rel=1e-6) and "lovasz" in parts
 
 
 def tiny_config(data, run_dir, **kw) -> TrainConfig:
@@ -277,6 +315,17 @@ def test_colour_jitter_and_gamma_train_and_out_of_range_jitter_is_refused_before
     for flag in ("--jitter", "--colour-jitter", "--gamma"):
         code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "s", flag, "1.2", "--device", "cpu")
         assert code == 1 and f"{flag} must be at least 0 and below 1, got 1.2" in err
+    assert not (tmp_path / "s" / "last.pt").exists()
+
+
+def test_lovasz_trains_and_an_out_of_range_weight_is_refused_before_training(tmp_path, capsys):
+    data = make_generic_dataset(tmp_path / "data", n=4)
+    plain = train(tiny_config(data, tmp_path / "a", epochs=1, eval_every=0))
+    with_lovasz = train(tiny_config(data, tmp_path / "b", epochs=1, eval_every=0, lovasz=1.0))
+    assert np.isfinite(with_lovasz.losses).all() and with_lovasz.losses[0] > plain.losses[0]
+    assert load_checkpoint(tmp_path / "b" / "final.pt").training["config"]["lovasz"] == 1.0
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "s", "--lovasz", "20", "--device", "cpu")
+    assert code == 1 and "--lovasz is a loss weight from 0 to 10, got 20" in err
     assert not (tmp_path / "s" / "last.pt").exists()
 
 

@@ -36,6 +36,8 @@ def train(
     weight_decay: float = typer.Option(1e-4, metavar="F", help="Weight decay."),
     schedule: str = typer.Option("cosine", metavar="NAME", help="cosine or poly."),
     class_balance: str = typer.Option("none", metavar="NAME", help="Class-balanced loss: none, median-frequency or enet."),
+    lovasz: float = typer.Option(0.0, metavar="F", help="Add F x the Lovász-softmax loss (a direct mIoU surrogate) "
+                                 "to the cross-entropy, e.g. 1 to fine-tune."),
     aux_weight: float = typer.Option(0.4, metavar="F", help="Weight of the auxiliary losses (ladder models)."),
     init: Path | None = typer.Option(None, metavar="FILE", help="Start from this checkpoint's weights "
                                         "(same architecture and classes; new optimiser and schedule)."),
@@ -93,7 +95,7 @@ def train(
                           batch_size=batch_size, crop=crop, crop_schedule=parse_crop_schedule(crop_schedule or ""),
                           scale_min=scale_min, scale_max=scale_max, jitter=jitter, colour_jitter=colour_jitter,
                           gamma=gamma, optimizer=optimizer, lr=lr,
-                          weight_decay=weight_decay, schedule=schedule, class_balance=class_balance,
+                          weight_decay=weight_decay, schedule=schedule, class_balance=class_balance, lovasz=lovasz,
                           aux_weight=aux_weight, init=str(init) if init else None,
                           backbone_weights=str(backbone_weights) if backbone_weights else None,
                           grad_checkpoint=grad_checkpoint, channels_last=channels_last, compile=compile_model,

@@ -32,6 +32,7 @@ class TrainConfig:
     grad_checkpoint: bool | None = None  # None: on with a GPU (memory), off on the CPU (20% time)
     aux_weight: float = 0.4
     class_balance: str = "none"    # none | median-frequency | enet (train/losses.py)
+    lovasz: float = 0.0            # weight of the Lovász-softmax (mIoU) loss added to the CE
     crop_schedule: tuple[tuple[int, float], ...] = ()  # (crop, until this fraction of the epochs), then `crop`
     channels_last: bool = True
     compile: bool = False

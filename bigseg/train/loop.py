@@ -180,6 +180,8 @@ def train(cfg: TrainConfig, resume: bool = False,
 
     if cfg.class_balance not in BALANCING:
         raise TrainingError(f"class balance must be one of {', '.join(BALANCING)}, got {cfg.class_balance!r}")
+    if not 0 <= cfg.lovasz <= 10:
+        raise TrainingError(f"--lovasz is a loss weight from 0 to 10, got {cfg.lovasz}")
 
     # --- data --------------------------------------------------------------------------------
     for name, value in (("--jitter", cfg.jitter), ("--colour-jitter", cfg.colour_jitter), ("--gamma", cfg.gamma)):
@@ -293,7 +295,8 @@ def train(cfg: TrainConfig, resume: bool = False,
                 y = labels.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not torch.float32):
                     logits, aux = model(x, return_aux=True)
-                loss, parts = model_loss(net, logits, aux, y, global_step / total_steps, cfg.aux_weight, weight)
+                loss, parts = model_loss(net, logits, aux, y, global_step / total_steps, cfg.aux_weight, weight,
+                                         cfg.lovasz)
                 if D.any_rank(d, not torch.isfinite(loss).item(), device):
                     raise TrainingError(f"the loss is not finite at epoch {epoch + 1}, step {step_in_epoch + 1} "
                                         f"({loss.item()}); the last good run checkpoint is {last_path}; "

@@ -10,6 +10,13 @@ Class balancing (optional) weights every pixel's loss by its class: median-frequ
 pixel share in the images where it appears) or ENet's w_c = 1 / ln(1.02 + p_c) (p_c its share of
 all labelled pixels). Thin classes (pole, sign, bicyclist) then count as much as their rarity
 costs them.
+
+Lovász-softmax (Berman, Rannen Triki & Blaschko, CVPR 2018), optional and added to the loss with a
+weight: the convex (Lovász) extension of each class's Jaccard loss 1 - IoU, evaluated on the
+softmax probabilities of the batch's labelled pixels and averaged over the classes present in the
+labels. On hard (0/1) predictions it equals the batch's mean 1 - IoU exactly; its gradient pushes
+on the pixels that cost a class most IoU, so it optimises the mIoU that CE only approximates
+(thin classes count as much as large ones).
 """
 from __future__ import annotations
 
@@ -82,6 +89,28 @@ def ladder_loss(logits: torch.Tensor, aux: list[torch.Tensor], labels: torch.Ten
     return (1 - aux_weight) * main + aux_weight * aux_mean, {"main": main.item(), "aux": aux_mean.item()}
 
 
+def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Lovász-softmax over the labelled pixels of logits (N, C, H, W) and labels (N, H, W): the mean
+    over the classes present in `labels` of the Lovász extension of 1 - IoU (0 when none are)."""
+    c = logits.shape[1]
+    probs = F.softmax(logits.float(), 1).transpose(0, 1).reshape(c, -1)   # (C, P): rows sort fastest
+    labels = labels.reshape(-1)
+    keep = labels != IGNORE
+    probs, labels = probs[:, keep], labels[keep]
+    present = torch.bincount(labels, minlength=c) > 0
+    if not present.any():
+        return logits.sum() * 0.0
+    classes = present.nonzero()[:, 0]
+    fg = (labels.unsqueeze(0) == classes.unsqueeze(1)).float()           # (K, P) for the K present classes
+    errors, order = (fg - probs[classes]).abs().sort(1, descending=True)
+    fg = fg.gather(1, order)
+    total = fg.sum(1, keepdim=True)
+    # Jaccard loss with the first k errors taken as the mispredicted set, and its increments
+    jaccard = 1.0 - (total - fg.cumsum(1)) / (total + (1.0 - fg).cumsum(1))
+    grad = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], 1)
+    return (errors * grad).sum(1).mean()
+
+
 def budget_loss(cost: torch.Tensor, lam: float, mu: float, progress: float, start: float = 0.4,
                 warmup: float = 0.02) -> torch.Tensor:
     """Dynamic Routing's budget constraint lam * (C_exp / C_all - mu)^2 on the batch's mean
@@ -91,9 +120,18 @@ def budget_loss(cost: torch.Tensor, lam: float, mu: float, progress: float, star
 
 
 def model_loss(model, logits: torch.Tensor, aux, labels: torch.Tensor, progress: float,
-               aux_weight: float, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+               aux_weight: float, weight: torch.Tensor | None = None,
+               lovasz: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The training loss of `model` (by its `loss_kind`) at `progress` (0..1) of the schedule,
-    with optional per-class `weight`s."""
+    with optional per-class `weight`s, plus `lovasz` x the Lovász-softmax of the final logits."""
+    loss, parts = _kind_loss(model, logits, aux, labels, progress, aux_weight, weight)
+    if lovasz:
+        term = lovasz_softmax(logits, labels)
+        loss, parts = loss + lovasz * term, {**parts, "lovasz": term.item()}
+    return loss, parts
+
+
+def _kind_loss(model, logits, aux, labels, progress, aux_weight, weight):
     kind = getattr(model, "loss_kind", "ce")
     if kind == "ladder":
         return ladder_loss(logits, aux, labels, aux_weight, weight)

@@ -65,7 +65,7 @@ def run_variant(settings: dict, batch: int, crop: int, warmup: int, steps: int) 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits, aux = model(x, return_aux=True)
-        loss, _ = model_loss(net, logits, aux, y, 0.5, 0.4, lovasz=settings.get("lovasz", 0.0))
+        loss, _ = model_loss(net, logits, aux, y, 0.5, 0.4, lovasz=settings["lovasz"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -16,6 +16,10 @@ large blocks for reuse. Library code never calls these; they are passed in as va
   prediction its last journal entry. `stop_on_terminate` makes the first SIGTERM stop a job the
   way Ctrl-C does (the job saves what it has and says how to go on); a second one ends the process
   at once, as before.
+- Python drops an exception raised while it runs a finaliser or an at-fork callback ("Exception
+  ignored in ..."): a stop that lands while a DataLoader forks its next epoch's workers (logging's
+  fork hook) or shuts the last ones down would be lost, and the job would run on. The handlers
+  also record the stop, and long loops call `check_stop` at each step to raise one that was lost.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ _M_MMAP_THRESHOLD = -3
 _INT_MAX = 2**31 - 1
 _kept = False
 _stop_signal: int | None = None
+_pending = False
 
 
 def prefer_passive_waiting() -> bool:
@@ -87,11 +92,16 @@ def _glibc(function: str):
 def stop_on_terminate() -> bool:
     """Turn the first SIGTERM into a KeyboardInterrupt in the main thread (what Ctrl-C raises), so
     every job's Ctrl-C path runs: training saves `last.pt`, prediction keeps its journal. A second
-    SIGTERM kills the process at once. Returns False where handlers cannot be set (not the main
-    thread, or a platform without SIGTERM)."""
+    SIGTERM kills the process at once. Ctrl-C keeps Python's behaviour, and both are recorded for
+    `check_stop`. Returns False where handlers cannot be set (not the main thread, or a platform
+    without SIGTERM)."""
+    global _stop_signal, _pending
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
         return False
+    _stop_signal, _pending = None, False
     signal.signal(signal.SIGTERM, _on_terminate)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (`nohup`, `&`)
+        signal.signal(signal.SIGINT, _on_interrupt)
     return True
 
 
@@ -101,10 +111,26 @@ def stop_signal() -> int:
     return _stop_signal if _stop_signal is not None else signal.SIGINT
 
 
+def check_stop() -> None:
+    """Raise the KeyboardInterrupt of a stop the handlers caught but Python dropped (it landed in a
+    finaliser or an at-fork callback); nothing when no stop is pending. A job's loop calls this once
+    per step, so such a stop ends the job at the next step instead of never."""
+    global _pending
+    if _pending:
+        _pending = False
+        raise KeyboardInterrupt
+
+
 def _on_terminate(signum: int, frame) -> None:
-    global _stop_signal
-    _stop_signal = signum
+    global _stop_signal, _pending
+    _stop_signal, _pending = signum, True
     signal.signal(signum, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
+def _on_interrupt(signum: int, frame) -> None:
+    global _pending
+    _pending = True
     raise KeyboardInterrupt
 
 

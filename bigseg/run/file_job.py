@@ -18,6 +18,7 @@ from bigseg.io.outputs import OutputSet, WriteOptions, writes_png
 from bigseg.io.readers import Reader, ReadOptions, open_input
 from bigseg.predictor import PREFETCH_BATCHES, Predictor
 from bigseg.run import journal
+from bigseg.runtime import check_stop
 
 JOURNAL_SECONDS = 5.0  # how often a journaled output is synced (resume granularity vs. a close/reopen)
 
@@ -168,6 +169,7 @@ def _run_tiles(predictor: Predictor, reader: Reader, outputs: OutputSet, grid, r
     finish = predictor.labels_and_probabilities("probs" in outputs.writers)
     for window, copy, valid in predictor.stream(grid, read, finish, PREFETCH_BATCHES, rows=(rows_done, grid.height),
                                                 on_tile=tile_done, seams=seams):
+        check_stop()
         if copy is None:
             outputs.write_nodata(window)
         else:

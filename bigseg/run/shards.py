@@ -32,6 +32,7 @@ from bigseg.run.file_job import (
     fingerprint,
     predict_file,
 )
+from bigseg.runtime import check_stop
 
 ROWS_PER_COPY = 512
 
@@ -79,6 +80,7 @@ def predict_part(predictor: Predictor, src: Path, dst: Path, options: JobOptions
         with OutputSet.part(dst, part, parts, reader.width, rows, ckpt.num_classes, probs, fp) as outputs:
             read = lambda window: None if reader.empty(window) else reader.read(window)
             for window, copy, valid in predictor.stream(grid, read, finish, PREFETCH_BATCHES, rows=rows):
+                check_stop()
                 if copy is None:
                     outputs.write_nodata(window)
                 else:

@@ -35,7 +35,7 @@ from bigseg.evaluation import evaluate
 from bigseg.models import create_model
 from bigseg.models.blocks import set_grad_checkpointing
 from bigseg.predictor import Predictor
-from bigseg.runtime import ignore_terminate, set_threads
+from bigseg.runtime import check_stop, ignore_terminate, set_threads
 from bigseg.train.config import DEFAULTS, RESUMABLE, TrainConfig, check_crops, crop_at
 from bigseg.train.device_data import DeviceData
 from bigseg.train.losses import BALANCING, class_weights, model_loss
@@ -288,6 +288,7 @@ def train(cfg: TrainConfig, resume: bool = False,
             net.train()
             t0, epoch_losses = time.perf_counter(), []
             for images, labels in _batches(view, cfg, step_in_epoch * cfg.batch_size, device_data):
+                check_stop()
                 if cfg.max_steps is not None and global_step >= cfg.max_steps:
                     stopped = "max_steps"
                     break
@@ -316,6 +317,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                                   / (time.perf_counter() - t0)})
             if stopped == "max_steps":
                 break
+            check_stop()
             epoch += 1
             step_in_epoch = 0
             record = {"epoch": epoch, "steps": global_step, "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None,

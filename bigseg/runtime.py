@@ -121,6 +121,13 @@ def check_stop() -> None:
         raise KeyboardInterrupt
 
 
+def stop_handled() -> None:
+    """A job caught the stop's KeyboardInterrupt and ends: nothing is pending for a later job of
+    the same process (a notebook, the test suite)."""
+    global _pending
+    _pending = False
+
+
 def _on_terminate(signum: int, frame) -> None:
     global _stop_signal, _pending
     _stop_signal, _pending = signum, True

@@ -459,7 +459,8 @@ def stop_handlers():
 def test_a_sigterm_that_python_drops_in_a_finaliser_still_stops_training_at_the_next_step(tmp_path, stop_handlers):
     """CI's flake: the SIGTERM landed while the DataLoader forked the next epoch's worker, logging's
     at-fork hook swallowed the KeyboardInterrupt ("Exception ignored in ... _releaseLock") and a
-    500-epoch run went on. Here a finaliser at the end of epoch 1 receives the signal the same way."""
+    500-epoch run went on. Here a finaliser at the end of epoch 1 receives the signal the same way.
+    A stop the job caught as usual leaves nothing pending for the next job of the process."""
     import signal
 
     from bigseg import runtime
@@ -484,6 +485,18 @@ def test_a_sigterm_that_python_drops_in_a_finaliser_still_stops_training_at_the_
     assert f"({one_epoch} steps)" in str(stopped.value)
     assert runtime.stop_signal() == signal.SIGTERM
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["global_step"] == one_epoch
+
+    def ctrl_c_at_step_2(kind, info):
+        if kind == "step" and info["global_step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered as usual: caught by the job, nothing left pending
+
+    with pytest.raises(Interrupted, match=r"\(2 steps\)"):
+        train(tiny_config(data, tmp_path / "c", eval_every=0), on_event=ctrl_c_at_step_2)
+    try:
+        after = train(tiny_config(data, tmp_path / "next", max_steps=3, eval_every=0))
+    except KeyboardInterrupt as e:  # pytest would take it for the user's Ctrl-C and end the session
+        pytest.fail(f"the stop the previous job handled stopped the next one too: {e}")
+    assert after.steps_done == 3
 
 
 def test_data_on_device_trains_like_the_workers_and_resumes_exactly(tmp_path, capsys):

@@ -18,7 +18,7 @@ from bigseg.io.outputs import OutputSet, WriteOptions, writes_png
 from bigseg.io.readers import Reader, ReadOptions, open_input
 from bigseg.predictor import PREFETCH_BATCHES, Predictor
 from bigseg.run import journal
-from bigseg.runtime import check_stop
+from bigseg.runtime import check_stop, stop_handled
 
 JOURNAL_SECONDS = 5.0  # how often a journaled output is synced (resume granularity vs. a close/reopen)
 
@@ -99,6 +99,7 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
                            advance)
                 _finish_seams(outputs, seams, rows_done)
         except KeyboardInterrupt:
+            stop_handled()
             kept = (f"{advance.rows} of {reader.height} rows of {dst.name} kept; run the same command to resume"
                     if advance.rows else f"nothing of {dst.name} was kept (no block row was finished)")
             raise Interrupted(f"interrupted: {kept}") from None

@@ -35,7 +35,7 @@ from bigseg.evaluation import evaluate
 from bigseg.models import create_model
 from bigseg.models.blocks import set_grad_checkpointing
 from bigseg.predictor import Predictor
-from bigseg.runtime import check_stop, ignore_terminate, set_threads
+from bigseg.runtime import check_stop, ignore_terminate, set_threads, stop_handled
 from bigseg.train.config import DEFAULTS, RESUMABLE, TrainConfig, check_crops, crop_at
 from bigseg.train.device_data import DeviceData
 from bigseg.train.losses import BALANCING, class_weights, model_loss
@@ -337,6 +337,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                 _write_logs(run_dir, history)
             on_event("epoch", record)
     except KeyboardInterrupt:
+        stop_handled()
         stopped = "interrupted"
     if stopped != "finished":
         save_run()

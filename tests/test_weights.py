@@ -22,7 +22,7 @@ def test_default_model_is_shipped_and_verified():
 
 
 @needs_weights
-@pytest.mark.parametrize("seed", [0, 1])  # 0 is examples/street.jpg; see weights/README.md for seed 5
+@pytest.mark.parametrize("seed", [0, 1])  # 0 is examples/street.jpg; weights/README.md gives sky recall on ten scenes
 def test_rendered_street_scene_is_segmented_sensibly(seed):
     """Where the rendered scene is sky (road), sky (road) is predicted more than anything else."""
     image, truth = render_street(480, 360, seed=seed)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU schedule of ladder-dn121-camvid in one command that ends within a time budget (issue #16):
 # CamVid from the 41 MB JPEG pack, decoded once onto the GPU and augmented there
-# (`--data-on-device`), bf16, batch 16 of 512x512 crops, scale 0.5..2, photometric jitter and a
-# colour cast, continuing from the shipped weights (themselves trained from scratch). The number of epochs is
+# (`--data-on-device`), bf16, batch 16 of 512x512 crops, scale 0.5..1.5 (averaging the frames' own size, as
+# the shipped model's last stage), photometric jitter, a colour cast and a tone curve, continuing from the
+# shipped weights (themselves trained from scratch). The number of epochs is
 # fitted to the budget: a short calibration run times one epoch first. The best model comes back
 # in fp16, split in pieces under 16 MiB, with the run's logs and curves.
 #
@@ -10,7 +11,7 @@
 #
 # Settings (environment): PACK (the tar, default .gpu/camvid-gpu-pack.tar), BUDGET (seconds of
 # training and validation, default 420), MAX_EPOCHS (400), DEVICE (cuda), PRECISION (bf16),
-# BATCH (16), CROP (512), LR (5e-4), INIT (weights/ladder-dn121-camvid.pt; "none" starts from
+# BATCH (16), CROP (512), SCALE_MIN (0.5), SCALE_MAX (1.5), LR (5e-4), INIT (weights/ladder-dn121-camvid.pt; "none" starts from
 # scratch), EXTRA (more `bigseg train` options), PYTHON (python3), RUN (the run folder). Scores to report are measured
 # afterwards on the original PNGs with `bigseg eval`; the validation here runs on the JPEGs.
 set -euo pipefail
@@ -23,6 +24,8 @@ DEVICE=${DEVICE:-cuda}
 PRECISION=${PRECISION:-bf16}
 BATCH=${BATCH:-16}
 CROP=${CROP:-512}
+SCALE_MIN=${SCALE_MIN:-0.5}
+SCALE_MAX=${SCALE_MAX:-1.5}
 LR=${LR:-5e-4}
 INIT=${INIT:-weights/ladder-dn121-camvid.pt}
 EXTRA=${EXTRA:-}
@@ -38,7 +41,7 @@ data=$(dirname "$(find "$work" -type d -name trainannot | head -n 1)")
 init=()
 [[ "$INIT" != none ]] && init=(--init "$INIT")
 # shellcheck disable=SC2206  # EXTRA is a list of options
-common=(--data "$data" --model ladder-dn121 --batch-size "$BATCH" --crop "$CROP" --scale-min 0.5 --scale-max 2.0
+common=(--data "$data" --model ladder-dn121 --batch-size "$BATCH" --crop "$CROP" --scale-min "$SCALE_MIN" --scale-max "$SCALE_MAX"
         --jitter 0.3 --colour-jitter 0.2 --gamma 0.5 --lr "$LR" --device "$DEVICE" --precision "$PRECISION" --data-on-device --no-grad-checkpoint
         --seed 0 "${init[@]}" $EXTRA)
 

@@ -11,6 +11,7 @@ from bigseg.datasets import SegmentationDataset
 from bigseg.errors import DatasetError
 from bigseg.metrics import confusion, scores
 from bigseg.predictor import Predictor
+from bigseg.runtime import check_stop
 
 
 @dataclass
@@ -36,6 +37,7 @@ def evaluate(predictor: Predictor, dataset: SegmentationDataset, split: str = "v
     start = time.perf_counter()
     conf = np.zeros((len(classes), len(classes)), np.int64)
     for i in range(len(dataset)):
+        check_stop()
         image, label = dataset[i]
         pred = predictor.scores(np.moveaxis(image, -1, 0).astype(np.float32)).argmax(0)
         conf += confusion(pred, label, len(classes))

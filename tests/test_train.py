@@ -499,6 +499,55 @@ def test_a_sigterm_that_python_drops_in_a_finaliser_still_stops_training_at_the_
     assert after.steps_done == 3
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_eval_stops_at_the_next_image_and_a_stopped_command_leaves_nothing_pending(tmp_path, tiny_checkpoint,
+                                                                                  stop_handlers, monkeypatch, capsys):
+    """`bigseg eval` checks for a dropped stop per image; any command the CLI sees stopped (eval, or a
+    `--parts` prediction, which has no handler of its own) leaves nothing pending for the next one."""
+    import signal
+
+    from bigseg import evaluation, runtime
+    from bigseg.checkpoint import load_checkpoint as load
+    from bigseg.predictor import Predictor
+
+    class SignalledWhileFinalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs inside the finaliser: its exception is dropped
+                pass
+
+    data = make_generic_dataset(tmp_path / "data", n=6)
+    seen = []
+
+    def on_image(done, total):
+        seen.append(done)
+        if done == 2:
+            SignalledWhileFinalised()
+
+    seg = Predictor(load(tiny_checkpoint), "cpu", "fp32", tile=64)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate(seg, open_dataset(data, "train"), on_image=on_image)
+    assert seen == [1, 2] and not runtime._pending
+
+    real, calls = evaluation.confusion, []
+
+    def ctrl_c_on_the_second_image(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered as usual: the handler raises, the CLI catches
+        return real(*args)
+
+    monkeypatch.setattr(evaluation, "confusion", ctrl_c_on_the_second_image)
+    args = ("eval", "--data", data, "--model", tiny_checkpoint, "--split", "train", "--device", "cpu", "--tile", "64",
+            "--engine", "torch", "-o", tmp_path / "e.json")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 130 and "interrupted" in err, err
+    assert not runtime._pending
+    monkeypatch.setattr(evaluation, "confusion", real)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+
+
 def test_data_on_device_trains_like_the_workers_and_resumes_exactly(tmp_path, capsys):
     data = make_generic_dataset(tmp_path / "data", n=10)
     same = {"eval_every": 0, "scale_min": 1.0, "scale_max": 1.0}  # no resampling: the very same crops

@@ -9,7 +9,12 @@ from __future__ import annotations
 import functools
 import sys
 
-from bigseg.runtime import prefer_passive_waiting, stop_on_terminate, stop_signal
+from bigseg.runtime import (
+    prefer_passive_waiting,
+    stop_handled,
+    stop_on_terminate,
+    stop_signal,
+)
 
 prefer_passive_waiting()  # before torch loads: OpenMP threads sleep instead of spinning when idle
 
@@ -50,6 +55,7 @@ def _guarded(command):
             error_line(e)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:
+            stop_handled()  # whichever job it stopped, nothing stays pending for the next command
             note(str(e) or "interrupted")
             raise typer.Exit(128 + stop_signal()) from None
     return run

@@ -440,6 +440,18 @@ def test_sigterm_to_the_process_group_saves_last_pt_like_ctrl_c(tmp_path):
     assert (state["epoch"] + 1, state["step_in_epoch"]) == (int(kept[1]), int(kept[2]))
 
 
+class SigtermInAFinaliser:
+    """Created and dropped at once: SIGTERM reaches this process while Python runs the finaliser,
+    so the stop handler's KeyboardInterrupt is dropped (as in logging's at-fork hook)."""
+
+    def __del__(self):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000):  # the handler runs here, inside the finaliser: its exception is dropped
+            pass
+
+
 @pytest.fixture
 def stop_handlers():
     """The CLI's stop handlers in this process for one test; the previous ones back afterwards."""
@@ -465,18 +477,12 @@ def test_a_sigterm_that_python_drops_in_a_finaliser_still_stops_training_at_the_
 
     from bigseg import runtime
 
-    class SignalledWhileFinalised:
-        def __del__(self):
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(10_000):  # the handler runs here, inside the finaliser: its exception is dropped
-                pass
-
     seen = {}
 
     def on_event(kind, info):
         seen.setdefault(kind, info)
         if kind == "epoch" and info["epoch"] == 1:
-            SignalledWhileFinalised()
+            SigtermInAFinaliser()
 
     data = make_generic_dataset(tmp_path / "data", n=10)
     with pytest.raises(Interrupted, match=r"kept epoch 2 step 0 \((\d+) steps\)") as stopped:
@@ -507,14 +513,7 @@ def test_eval_stops_at_the_next_image_and_a_stopped_command_leaves_nothing_pendi
     import signal
 
     from bigseg import evaluation, runtime
-    from bigseg.checkpoint import load_checkpoint as load
     from bigseg.predictor import Predictor
-
-    class SignalledWhileFinalised:
-        def __del__(self):
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(10_000):  # the handler runs inside the finaliser: its exception is dropped
-                pass
 
     data = make_generic_dataset(tmp_path / "data", n=6)
     seen = []
@@ -522,9 +521,9 @@ def test_eval_stops_at_the_next_image_and_a_stopped_command_leaves_nothing_pendi
     def on_image(done, total):
         seen.append(done)
         if done == 2:
-            SignalledWhileFinalised()
+            SigtermInAFinaliser()
 
-    seg = Predictor(load(tiny_checkpoint), "cpu", "fp32", tile=64)
+    seg = Predictor(load_checkpoint(tiny_checkpoint), "cpu", "fp32", tile=64)
     with pytest.raises(KeyboardInterrupt):
         evaluation.evaluate(seg, open_dataset(data, "train"), on_image=on_image)
     assert seen == [1, 2] and not runtime._pending

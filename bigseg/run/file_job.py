@@ -168,18 +168,29 @@ def _run_tiles(predictor: Predictor, reader: Reader, outputs: OutputSet, grid, r
     if on_tile is not None:
         on_tile(0, len(grid))
     finish = predictor.labels_and_probabilities("probs" in outputs.writers)
-    for window, copy, valid in predictor.stream(grid, read, finish, PREFETCH_BATCHES, rows=(rows_done, grid.height),
-                                                on_tile=tile_done, seams=seams):
+
+    def journal_rows() -> None:
+        if advance.due(outputs.rows_on_disk):
+            outputs.sync()
+            advance.to(outputs.rows_on_disk)
+            outputs.keep_partial = True
+
+    write_tiles(predictor.stream(grid, read, finish, PREFETCH_BATCHES, rows=(rows_done, grid.height),
+                                 on_tile=tile_done, seams=seams), outputs, journal_rows)
+
+
+def write_tiles(stream, outputs: OutputSet, after_tile: Callable[[], None] | None = None) -> None:
+    """Write what `Predictor.stream` yields into `outputs` (nodata for an empty tile), checking for
+    a stop between tiles; `after_tile` runs after each one is written."""
+    for window, copy, valid in stream:
         check_stop()
         if copy is None:
             outputs.write_nodata(window)
         else:
             arrays = copy.numpy()
             outputs.write(window, arrays["labels"], arrays.get("probs"), valid)
-        if advance.due(outputs.rows_on_disk):
-            outputs.sync()
-            advance.to(outputs.rows_on_disk)
-            outputs.keep_partial = True
+        if after_tile is not None:
+            after_tile()
 
 
 def replay_overlay(reader: Reader, outputs: OutputSet, rows: int) -> None:

@@ -31,8 +31,8 @@ from bigseg.run.file_job import (
     PredictResult,
     fingerprint,
     predict_file,
+    write_tiles,
 )
-from bigseg.runtime import check_stop
 
 ROWS_PER_COPY = 512
 
@@ -79,13 +79,7 @@ def predict_part(predictor: Predictor, src: Path, dst: Path, options: JobOptions
         finish = predictor.labels_and_probabilities(probs)
         with OutputSet.part(dst, part, parts, reader.width, rows, ckpt.num_classes, probs, fp) as outputs:
             read = lambda window: None if reader.empty(window) else reader.read(window)
-            for window, copy, valid in predictor.stream(grid, read, finish, PREFETCH_BATCHES, rows=rows):
-                check_stop()
-                if copy is None:
-                    outputs.write_nodata(window)
-                else:
-                    arrays = copy.numpy()
-                    outputs.write(window, arrays["labels"], arrays.get("probs"), valid)
+            write_tiles(predictor.stream(grid, read, finish, PREFETCH_BATCHES, rows=rows), outputs)
     return True
 
 

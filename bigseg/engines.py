@@ -20,7 +20,8 @@
   `auto` first runs a shape with no cached export in torch and exports it only once torch has
   spent `AUTO_EXPORT_AFTER_S` on it (the ski-rental rule: never more than about twice the better
   choice's time): a single photo takes seconds, not a minute; a large raster or a folder of
-  photos is exported after its first tiles and runs in the faster engine from then on.
+  photos is exported after its first tiles and runs in the faster engine from then on. The torch
+  time is kept in the cache per shape, so separate runs (a shell loop over rasters) add up too.
 """
 from __future__ import annotations
 
@@ -121,6 +122,7 @@ class OnnxEngine:
             start = time.perf_counter()
             y = self.model(x)
             self.torch_seconds[shape] += time.perf_counter() - start
+            self._save_rent(shape, int(x.shape[1]))
             return y
         if shape not in self.sessions:
             self.sessions[shape] = self._choose(shape, int(x.shape[1])) if self.exportable else None
@@ -176,8 +178,24 @@ class OnnxEngine:
             cached = (self.folder / f"{self.key(shape, bands)}.onnx").is_file()
             if cached or self.export_after <= 0:
                 return False
-            self.torch_seconds[shape] = 0.0
+            self.torch_seconds[shape] = self._rent(shape, bands)
         return self.torch_seconds[shape] < self.export_after
+
+    def _rent_path(self, shape: tuple[int, int], bands: int) -> Path:
+        return self.folder / f"{self.key(shape, bands)}.torch-seconds"
+
+    def _rent(self, shape: tuple[int, int], bands: int) -> float:
+        """Torch seconds that earlier runs spent on `shape` without exporting it: a shell loop of
+        one raster per run adds up to an export like one run over a folder does."""
+        try:
+            return max(0.0, float(self._rent_path(shape, bands).read_text()))
+        except (OSError, ValueError):
+            return 0.0
+
+    def _save_rent(self, shape: tuple[int, int], bands: int) -> None:
+        with contextlib.suppress(OSError):  # a read-only cache only forgets the time spent
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_text(self._rent_path(shape, bands), f"{self.torch_seconds[shape]:.3f}")
 
     def expects_onnx(self, shape: tuple[int, int], bands: int) -> bool:
         """Whether `shape` will run in ONNX Runtime, as far as is known before running it: False
@@ -255,6 +273,7 @@ class OnnxEngine:
             remove(tmp)
         write_text(meta, json.dumps({**self.identity, "shape": shape, "bands": bands, "opset": OPSET,
                                      "torch": torch.__version__, "sha256": sha256(path)}, default=str))
+        remove(self._rent_path(shape, bands))  # exported: the time spent in torch no longer matters
 
     def _check(self, path: Path, example: torch.Tensor) -> None:
         with torch.inference_mode():

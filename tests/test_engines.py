@@ -124,6 +124,8 @@ def test_auto_runs_a_small_job_in_torch_and_exports_once_torch_has_spent_an_expo
     assert np.array_equal(small.scores(image), in_torch)
     assert not exports() and not small.notes  # a photo: no export, no timing, nothing to say
 
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path / "other"))  # the small job's torch time would count
+    exports = lambda: list(tmp_path.glob("other/onnx/*.onnx"))
     monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 1e-9)
     large = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
     assert np.array_equal(large.scores(image), in_torch) and not exports()  # nothing spent in torch yet
@@ -134,6 +136,22 @@ def test_auto_runs_a_small_job_in_torch_and_exports_once_torch_has_spent_an_expo
     cached = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
     cached.scores(image)
     assert cached.engine.sessions  # a cached export is used at once, however small the job
+
+
+def test_auto_adds_up_the_torch_time_of_separate_runs_before_exporting(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
+    ckpt = load_checkpoint(tiny_checkpoint)
+    image = np.random.default_rng(4).uniform(0, 255, (3, 128, 128)).astype(np.float32)
+    Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto").scores(image)  # one small run: torch only
+    rent = list(tmp_path.glob("onnx/*.torch-seconds"))
+    assert len(rent) == 1 and not list(tmp_path.glob("onnx/*.onnx"))
+    spent = float(rent[0].read_text())
+    assert spent > 0
+    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", spent)  # the next run starts where that one stopped
+    second = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
+    second.scores(image)
+    assert len(list(tmp_path.glob("onnx/*.onnx"))) == 1 and any("exporting the model" in n for n in second.notes)
+    assert not rent[0].exists()  # exported: nothing left to add up
 
 
 def test_a_model_that_cannot_be_exported_runs_in_torch_with_a_note(tmp_path):

@@ -223,7 +223,7 @@ def test_distributed_training_with_two_cpu_processes(tmp_path):
         f"r = train(TrainConfig(data={str(data)!r}, run_dir={str(tmp_path / 'run')!r}, "
         f"arch_config=json.loads({json.dumps(TINY)!r}), epochs=2, batch_size=2, crop=64, workers=0, "
         "device='cpu', precision='fp32', val_tile=128))\n"
-        "print('RESULT', r.steps_done)\n")
+        "import sys; sys.stdout.write(f'RESULT {r.steps_done}\\n')  # one write: the two ranks share the pipe\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", "29513", str(job)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)

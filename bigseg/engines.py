@@ -56,6 +56,7 @@ MAX_BATCH = 4096
 STALE_SECONDS = 3600  # a temporary export file this old belongs to no running export
 CHECK_TOLERANCE = 1e-3  # relative to the logits' range: a fresh export must match torch this well
 AUTO_EXPORT_AFTER_S = 30.0  # auto: torch seconds on a shape before exporting it (about one export's cost)
+UNEXPORTABLE = "unexportable"  # kept instead of the torch seconds once an export of the shape failed
 
 
 def default_engine() -> str:
@@ -155,6 +156,9 @@ class OnnxEngine:
             self.exportable = False
             reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split(". ")[0].splitlines()[0][:100]
             self.note(f"the model cannot run in ONNX Runtime ({type(e).__name__}: {reason}): using torch")
+            if self.choose:  # later runs of auto do not try again
+                with contextlib.suppress(OSError):
+                    write_text(self._rent_path(shape, bands), UNEXPORTABLE)
             return None
 
     def _open_cached(self, path: Path, meta: Path):
@@ -178,18 +182,30 @@ class OnnxEngine:
             cached = (self.folder / f"{self.key(shape, bands)}.onnx").is_file()
             if cached or self.export_after <= 0:
                 return False
-            self.torch_seconds[shape] = self._rent(shape, bands)
+            spent = self._rent(shape, bands)
+            if spent is None:
+                self.exportable = False
+                self.note("the model cannot run in ONNX Runtime (an earlier run's export failed): using torch")
+                return False
+            self.torch_seconds[shape] = spent
         return self.torch_seconds[shape] < self.export_after
 
     def _rent_path(self, shape: tuple[int, int], bands: int) -> Path:
         return self.folder / f"{self.key(shape, bands)}.torch-seconds"
 
-    def _rent(self, shape: tuple[int, int], bands: int) -> float:
-        """Torch seconds that earlier runs spent on `shape` without exporting it: a shell loop of
-        one raster per run adds up to an export like one run over a folder does."""
+    def _rent(self, shape: tuple[int, int], bands: int) -> float | None:
+        """Torch seconds that earlier runs spent on `shape` without exporting it (a shell loop of
+        one raster per run adds up to an export like one run over a folder does); None where an
+        earlier run found that the model cannot be exported."""
         try:
-            return max(0.0, float(self._rent_path(shape, bands).read_text()))
-        except (OSError, ValueError):
+            text = self._rent_path(shape, bands).read_text()
+        except OSError:
+            return 0.0
+        if text == UNEXPORTABLE:
+            return None
+        try:
+            return max(0.0, float(text))
+        except ValueError:
             return 0.0
 
     def _save_rent(self, shape: tuple[int, int], bands: int) -> None:

@@ -165,6 +165,24 @@ def test_a_model_that_cannot_be_exported_runs_in_torch_with_a_note(tmp_path):
     assert len([n for n in notes if "cannot run in ONNX Runtime" in n and "using torch" in n]) == 1
 
 
+def test_auto_remembers_a_failed_export_so_later_runs_do_not_try_again(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("dynamic-routing-l16", 3, **TINY_BY_ARCH["dynamic-routing-l16"]).eval()
+    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 1e-9)
+    x = torch.randn(2, 3, 64, 64)
+    runs = []
+    for _ in range(2):  # two runs, each with its own engine as separate processes would have
+        notes = []
+        engine = make_engine("auto", model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, notes.append)
+        engine.folder = tmp_path / "onnx"
+        with torch.inference_mode():
+            for _ in range(2):
+                assert torch.equal(engine(x), model(x))
+        runs.append(notes)
+    assert any("cannot run in ONNX Runtime" in n for n in runs[0])  # torch first, then the export failed
+    assert runs[1] == ["the model cannot run in ONNX Runtime (an earlier run's export failed): using torch"]
+
+
 def test_tiled_equals_whole_through_the_engine_for_a_small_receptive_field(tmp_path):
     net = small_receptive_field_net()  # receptive radius 4 = the dead zone overlap/4 of 96-px tiles
     engine = OnnxEngine(net, {"net": "conv2"}, 1, lambda m: None, folder=tmp_path)

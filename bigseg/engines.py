@@ -215,11 +215,14 @@ class OnnxEngine:
 
     def expects_onnx(self, shape: tuple[int, int], bands: int) -> bool:
         """Whether `shape` will run in ONNX Runtime, as far as is known before running it: False
-        for a model that failed to export or (auto) a shape recorded as faster in torch here."""
+        for a model that failed to export (here or, with auto, in an earlier run) or (auto) a shape
+        recorded as faster in torch here."""
         if not self.exportable or self.sessions.get(shape, True) is None:
             return False
         if not self.choose:
             return True
+        if self._rent(shape, bands) is None:  # an earlier run's export failed: torch
+            return False
         timing = _recorded_timing(self.folder / f"{self.key(shape, bands)}.json", self._machine())
         return timing is None or timing["onnx"] <= timing["torch"]
 

@@ -171,10 +171,11 @@ def test_auto_remembers_a_failed_export_so_later_runs_do_not_try_again(tmp_path,
     monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 1e-9)
     x = torch.randn(2, 3, 64, 64)
     runs = []
-    for _ in range(2):  # two runs, each with its own engine as separate processes would have
+    for run in range(2):  # two runs, each with its own engine as separate processes would have
         notes = []
         engine = make_engine("auto", model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, notes.append)
         engine.folder = tmp_path / "onnx"
+        assert engine.expects_onnx((64, 64), 3) == (run == 0)  # what --dry-run's memory formula asks
         with torch.inference_mode():
             for _ in range(2):
                 assert torch.equal(engine(x), model(x))

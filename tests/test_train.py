@@ -607,3 +607,80 @@ def test_the_gpu_schedule_script_runs_a_tiny_schedule_on_the_cpu(tmp_path):
         v.dtype == torch.float16 for v in ckpt.state_dict.values() if v.is_floating_point())
     assert len(json.loads((out / "log.json").read_text())) == 2
     assert (out / "command.txt").read_text().startswith("bigseg train --data")
+
+
+def test_a_teachers_targets_move_with_the_image_and_the_distillation_loss_pulls_the_student_to_them():
+    from bigseg.train.losses import distil_loss
+    from bigseg.train.transforms import Augment, augment, sample_rng
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 4, (40, 56)).astype(np.uint8)
+    label[:6, :9] = IGNORE
+    image = rng.integers(0, 256, (40, 56, 3)).astype(np.uint8)
+    target = np.eye(4, dtype=np.float16)[np.where(label == IGNORE, 0, label)]  # the teacher labels void too
+    for seed in range(8):  # 64 px crops of a 56x40 image: padded, and flipped in about half of them
+        _, lab, t = augment(image, label, Augment(crop=64, scale_min=1, scale_max=1), sample_rng(seed, 0, 0), target)
+        padded = t.sum(0) == 0
+        assert t.shape == (4, 64, 64) and padded.sum() == 64 * 64 - 40 * 56 and (lab[padded] == IGNORE).all()
+        labelled = lab != IGNORE
+        assert (t.argmax(0)[labelled] == lab[labelled]).all()
+    # enlarged: the probabilities are resized smoothly, the labels by nearest neighbour; they still agree
+    _, lab, t = augment(image, label, Augment(crop=64, scale_min=2, scale_max=2), sample_rng(1, 0, 0), target)
+    labelled = lab != IGNORE
+    assert (t.argmax(0)[labelled] == lab[labelled]).mean() > 0.9 and np.allclose(t.sum(0), 1, atol=1e-3)
+
+    # the soft cross-entropy's minimum is the teacher's distribution, on the pixels it saw
+    teacher = torch.softmax(3 * torch.randn(1, 4, 5, 6), 1)
+    teacher[..., -1] = 0  # padding: no target there
+    logits = torch.zeros(1, 4, 5, 6, requires_grad=True)
+    optimiser = torch.optim.Adam([logits], lr=0.1)
+    for _ in range(400):
+        loss, parts = distil_loss(torch.zeros(()), {"main": 0.0}, logits, teacher, 2.0)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert set(parts) == {"main", "distil"}
+    assert torch.allclose(logits.softmax(1)[..., :-1], teacher[..., :-1], atol=0.01)
+    assert logits.grad[..., -1].abs().max() == 0
+
+
+def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactly(tmp_path, tiny_checkpoint, capsys):
+    data = make_generic_dataset(tmp_path / "data", n=6)
+    events = []
+    settings = dict(teacher=str(tiny_checkpoint), teacher_scales=(1.0, 1.5), eval_every=0)
+    full = train(tiny_config(data, tmp_path / "a", max_steps=4, **settings),
+                 on_event=lambda kind, info: events.append((kind, info)))
+    assert [i for k, i in events if k == "teacher"] == [{"images": 6, "of": 6, "scales": [1.0, 1.5], "flip": True}]
+    steps = [i for k, i in events if k == "step"]
+    assert len(steps) == 4 and all(i["distil"] > 0 for i in steps)
+    files = sorted((tmp_path / "a" / "teacher").glob("*.npy"))
+    assert len(files) == 6
+    first = np.load(files[0])
+    assert first.shape == (80, 96, 3) and first.dtype == np.float16 and np.allclose(first.sum(-1), 1, atol=2e-3)
+
+    # interrupted and resumed: the targets are read back, not made again, and the steps are the same
+    events.clear()
+    part = train(tiny_config(data, tmp_path / "b", max_steps=2, **settings))
+    rest = train(tiny_config(data, tmp_path / "b", max_steps=4, **settings), resume=True,
+                 on_event=lambda kind, info: events.append((kind, info)))
+    assert part.losses + rest.losses == full.losses and not [k for k, _ in events if k == "teacher"]
+
+    # the teacher changes the loss; targets made at other scales are made again
+    plain = train(tiny_config(data, tmp_path / "c", max_steps=4, eval_every=0))
+    assert plain.losses[0] != full.losses[0]
+    events.clear()
+    train(tiny_config(data, tmp_path / "a", max_steps=1, **{**settings, "teacher_scales": (1.0,)}),
+          on_event=lambda kind, info: events.append((kind, info)))
+    assert [i["images"] for k, i in events if k == "teacher"] == [6]
+
+    # from the CLI, into a student of another size (full LDN121); a teacher file that is not there is one line
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "d", "--teacher", tiny_checkpoint,
+                           "--teacher-scales", "1", "--no-teacher-flip", "--distil", "0.5", "--max-steps", "1",
+                           "--batch-size", "2", "--crop", "64", "--workers", "0", "--device", "cpu", "--eval-every", "0")
+    assert code == 0, err
+    assert "computing the teacher's targets for 6 of 6 images (scales 1)" in err
+    spec = json.loads((tmp_path / "d" / "teacher" / "spec.json").read_text())
+    assert spec["scales"] == [1.0] and spec["flip"] is False and len(spec["images"]) == 6
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "e", "--teacher", tmp_path / "no.pt",
+                           "--max-steps", "1", "--batch-size", "2", "--device", "cpu", "--workers", "0", "--eval-every", "0")
+    assert code != 0 and "--teacher" in err and "not found" in err and "Traceback" not in err

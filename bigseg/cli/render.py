@@ -172,6 +172,13 @@ class TrainProgress(_Display):
             loss = "n/a" if info["train_loss"] is None else f"{info['train_loss']:.4f}"
             self.line(f"epoch {info['epoch']}/{self.epochs}: loss {loss}{val} ({info['seconds']:.0f} s)"
                       f"{' *best*' if info.get('best') else ''}")
+        elif kind == "teacher":
+            self.line(f"computing the teacher's targets for {info['images']} of {info['of']} images "
+                      f"(scales {', '.join(f'{s:g}' for s in info['scales'])}{', flipped too' if info['flip'] else ''}); "
+                      f"kept in the run folder")
+        elif kind == "teacher_image":
+            if info["done"] == info["images"] or info["done"] % 25 == 0:
+                self.line(f"teacher: {info['done']}/{info['images']} images")
         elif kind == "stopped":
             self.line(f"{info['why']}: kept epoch {info['epoch'] + 1} step {info['step']} "
                       f"({info['global_step']} steps) in {info['path']}; continue with --resume")

@@ -37,6 +37,10 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     init: str | None = None        # start from this checkpoint's weights (new optimiser and schedule)
+    teacher: str | None = None     # distil this model's averaged predictions (train/teacher.py)
+    teacher_scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5)
+    teacher_flip: bool = True
+    distil: float = 1.0            # weight of the soft cross-entropy against the teacher's probabilities
     threads: int | None = None     # intra-op threads (None: one per core)
     device: str = "auto"
     precision: str = "auto"

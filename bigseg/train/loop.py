@@ -38,8 +38,9 @@ from bigseg.predictor import Predictor
 from bigseg.runtime import check_stop, ignore_terminate, set_threads, stop_handled
 from bigseg.train.config import DEFAULTS, RESUMABLE, TrainConfig, check_crops, crop_at
 from bigseg.train.device_data import DeviceData
-from bigseg.train.losses import BALANCING, class_weights, model_loss
+from bigseg.train.losses import BALANCING, class_weights, distil_loss, model_loss
 from bigseg.train.plot import plot_curves
+from bigseg.train.teacher import prepare_teacher
 from bigseg.train.transforms import Augment, AugmentedView
 
 RUN_FORMAT = "bigseg-run"
@@ -182,6 +183,13 @@ def train(cfg: TrainConfig, resume: bool = False,
         raise TrainingError(f"class balance must be one of {', '.join(BALANCING)}, got {cfg.class_balance!r}")
     if not 0 <= cfg.lovasz <= 10:
         raise TrainingError(f"--lovasz is a loss weight from 0 to 10, got {cfg.lovasz}")
+    if cfg.teacher and not 0 < cfg.distil <= 10:
+        raise TrainingError(f"--distil is a loss weight above 0 and at most 10, got {cfg.distil}")
+    if cfg.teacher and cfg.data_on_device:
+        raise TrainingError("--teacher reads the teacher's targets from the run folder in the data workers; "
+                            "it does not combine with --data-on-device")
+    if cfg.teacher and any(not 0.1 <= s <= 4 for s in cfg.teacher_scales):
+        raise TrainingError(f"teacher scales must be factors between 0.1 and 4, got {cfg.teacher_scales}")
 
     # --- data --------------------------------------------------------------------------------
     for name, value in (("--jitter", cfg.jitter), ("--colour-jitter", cfg.colour_jitter), ("--gamma", cfg.gamma)):
@@ -202,6 +210,19 @@ def train(cfg: TrainConfig, resume: bool = False,
                             f"{cfg.batch_size} x {d.world} process(es); lower --batch-size")
     total_steps = steps_per_epoch * cfg.epochs
     device_data = DeviceData(train_set, device) if cfg.data_on_device else None
+    targets = None
+    if cfg.teacher:
+        try:
+            targets = prepare_teacher(cfg.teacher, train_set, run_dir, device, cfg.teacher_scales, cfg.teacher_flip,
+                                      cfg.val_tile, lambda todo: todo[d.rank::d.world], on_event)
+        except KeyboardInterrupt:
+            stop_handled()
+            raise Interrupted(f"interrupted while computing the teacher's targets: those done are kept in "
+                              f"{run_dir / 'teacher'}; run the same command again to continue") from None
+        D.barrier(d)
+        if targets.missing():
+            raise TrainingError(f"the teacher's targets for {len(targets.missing())} images are missing from "
+                                f"{targets.folder} (another process failed?)")
 
     # --- model and optimisation ----------------------------------------------------------------
     net = create_model(cfg.arch, len(classes), 3, **cfg.arch_config)
@@ -284,10 +305,10 @@ def train(cfg: TrainConfig, resume: bool = False,
         while epoch < cfg.epochs:
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_set)).tolist()
             aug = _augmentation(cfg, epoch)
-            view = AugmentedView(train_set, D.shard(order, d, cfg.batch_size), aug, cfg.seed, epoch)
+            view = AugmentedView(train_set, D.shard(order, d, cfg.batch_size), aug, cfg.seed, epoch, targets)
             net.train()
             t0, epoch_losses = time.perf_counter(), []
-            for images, labels in _batches(view, cfg, step_in_epoch * cfg.batch_size, device_data):
+            for images, labels, *teacher in _batches(view, cfg, step_in_epoch * cfg.batch_size, device_data):
                 check_stop()
                 if cfg.max_steps is not None and global_step >= cfg.max_steps:
                     stopped = "max_steps"
@@ -298,6 +319,8 @@ def train(cfg: TrainConfig, resume: bool = False,
                     logits, aux = model(x, return_aux=True)
                 loss, parts = model_loss(net, logits, aux, y, global_step / total_steps, cfg.aux_weight, weight,
                                          cfg.lovasz)
+                if teacher:
+                    loss, parts = distil_loss(loss, parts, logits, teacher[0].to(device, non_blocking=True), cfg.distil)
                 if D.any_rank(d, not torch.isfinite(loss).item(), device):
                     raise TrainingError(f"the loss is not finite at epoch {epoch + 1}, step {step_in_epoch + 1} "
                                         f"({loss.item()}); the last good run checkpoint is {last_path}; "

@@ -131,6 +131,15 @@ def model_loss(model, logits: torch.Tensor, aux, labels: torch.Tensor, progress:
     return loss, parts
 
 
+def distil_loss(loss: torch.Tensor, parts: dict[str, float], logits: torch.Tensor, target: torch.Tensor,
+                weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """`loss` plus `weight` x the soft cross-entropy of the final logits against a teacher's
+    probabilities `target` (N, C, H, W), over the pixels the teacher saw (the crop's padding has
+    all-zero targets). Void pixels count: the teacher labels them too."""
+    term = soft_cross_entropy(logits, target, target.sum(1) > 0.5)
+    return loss + weight * term, {**parts, "distil": term.item()}
+
+
 def _kind_loss(model, logits, aux, labels, progress, aux_weight, weight):
     kind = getattr(model, "loss_kind", "ce")
     if kind == "ladder":

@@ -59,9 +59,11 @@ def draw(aug: Augment, rng: np.random.Generator, height: int, width: int) -> Dra
     return Draw(float(s), size, y, x, flip, jitter, gains, gamma)
 
 
-def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.Generator
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) uint8 + (H, W) uint8 -> (3, crop, crop) float32 in 0..255 + (crop, crop) int64."""
+def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.Generator,
+            target: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """(H, W, 3) uint8 + (H, W) uint8 -> (3, crop, crop) float32 in 0..255 + (crop, crop) int64;
+    with a teacher's (H, W, C) probabilities `target`, also those (C, crop, crop) float32, moved
+    with the image (resized, cropped, flipped; all zero where the crop is padding)."""
     import cv2
 
     h, w = label.shape
@@ -69,6 +71,8 @@ def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.G
     if d.size != (w, h):
         image = cv2.resize(image, d.size, interpolation=cv2.INTER_LINEAR if d.scale > 1 else cv2.INTER_AREA)
         label = cv2.resize(label, d.size, interpolation=cv2.INTER_NEAREST)
+    if target is not None:
+        target = _geometry(target.astype(np.float32), d, aug.crop)
     image = image.astype(np.float32)
     h, w = label.shape
     c = aug.crop
@@ -85,7 +89,23 @@ def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.G
         image = np.clip(image * np.array(d.gains, np.float32), 0, 255)
     if d.gamma is not None:
         image = (255 * (image / np.float32(255)) ** np.float32(d.gamma)).astype(np.float32)
-    return np.ascontiguousarray(image.transpose(2, 0, 1)), np.ascontiguousarray(label).astype(np.int64)
+    out = np.ascontiguousarray(image.transpose(2, 0, 1)), np.ascontiguousarray(label).astype(np.int64)
+    return out if target is None else (*out, target)
+
+
+def _geometry(target: np.ndarray, d: Draw, crop: int) -> np.ndarray:
+    """The draw's resize, crop (zero padding) and flip of (H, W, C) probabilities -> (C, crop, crop)."""
+    import cv2
+
+    h, w = target.shape[:2]
+    if d.size != (w, h):
+        target = cv2.resize(target, d.size, interpolation=cv2.INTER_LINEAR if d.scale > 1 else cv2.INTER_AREA)
+    h, w = target.shape[:2]
+    target = np.pad(target, ((0, max(0, crop - h)), (0, max(0, crop - w)), (0, 0)))
+    target = target[d.y:d.y + crop, d.x:d.x + crop]
+    if d.flip:
+        target = target[:, ::-1]
+    return np.ascontiguousarray(target.transpose(2, 0, 1))
 
 
 def _jitter(image: np.ndarray, factors: tuple[float, float, float]) -> np.ndarray:
@@ -100,8 +120,9 @@ def _jitter(image: np.ndarray, factors: tuple[float, float, float]) -> np.ndarra
 class AugmentedView:
     """A torch-style dataset over `indices` of `dataset` for one epoch (picklable for workers)."""
 
-    def __init__(self, dataset, indices: list[int], aug: Augment, seed: int, epoch: int):
+    def __init__(self, dataset, indices: list[int], aug: Augment, seed: int, epoch: int, targets=None):
         self.dataset, self.indices, self.aug, self.seed, self.epoch = dataset, indices, aug, seed, epoch
+        self.targets = targets  # a teacher's probabilities per image (train/teacher.py), or None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -109,4 +130,5 @@ class AugmentedView:
     def __getitem__(self, i: int):
         index = self.indices[i]
         image, label = self.dataset[index]
-        return augment(image, label, self.aug, sample_rng(self.seed, self.epoch, index))
+        target = None if self.targets is None else self.targets[index]
+        return augment(image, label, self.aug, sample_rng(self.seed, self.epoch, index), target)

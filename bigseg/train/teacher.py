@@ -1,0 +1,90 @@
+"""Distillation targets: a teacher model's class probabilities for every training image, averaged
+over scales and flips as `predict --scales ... --flip` averages them, so that one pass of the
+student learns what several passes of the teacher see (knowledge distillation, Hinton et al. 2015;
+pixel-wise for segmentation, Liu et al. CVPR 2019).
+
+The targets are computed once, before the first step, and kept in the run folder (`teacher/`):
+one float16 (H, W, classes) file per training image, each written atomically, so an interrupted
+computation resumes where it stopped and a resumed run reads them back. `teacher/spec.json` names
+the teacher's weights, its scales and flips and the images; targets made for another spec are
+thrown away and made again. Under torchrun every process computes its share.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bigseg.atomic import atomic_path, write_text
+from bigseg.errors import TrainingError
+from bigseg.runtime import check_stop
+
+FOLDER = "teacher"
+
+
+class TeacherTargets:
+    """The targets in `folder`, one per training image index (`[i]` -> float16 (H, W, classes))."""
+
+    def __init__(self, folder: Path, count: int):
+        self.folder, self.count = Path(folder), count
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"{i:06d}.npy"
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.load(self.path(i))
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.count) if not self.path(i).is_file()]
+
+
+def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[float, ...], flip: bool,
+                    tile: int, share: Callable[[list[int]], list[int]] = lambda indices: indices,
+                    on_event: Callable[[str, dict], None] = lambda kind, info: None) -> TeacherTargets:
+    """Make (or find) the teacher's targets for every image of `train_set` in `run_dir/teacher`;
+    this process computes the images `share` gives it of the missing ones."""
+    from bigseg.checkpoint import resolve_model
+    from bigseg.errors import BigsegError
+    from bigseg.predictor import Predictor
+
+    try:
+        ckpt = resolve_model(spec)
+    except BigsegError as e:
+        raise TrainingError(f"--teacher: {e}") from None
+    if list(ckpt.classes) != list(train_set.classes):
+        raise TrainingError(f"--teacher {spec} predicts {len(ckpt.classes)} classes ({', '.join(ckpt.classes[:3])}, "
+                            f"...); the training data has {len(train_set.classes)} "
+                            f"({', '.join(train_set.classes[:3])}, ...)")
+    predictor = Predictor(ckpt, str(device), "fp32" if device.type == "cpu" else "auto", tile=tile,
+                          scales=tuple(scales), flip=flip, engine="torch")
+    wanted = {"weights": predictor.weights_digest, "scales": list(scales), "flip": flip, "tile": tile,
+              "images": [str(Path(s.image).resolve()) for s in train_set.samples]}
+    folder = Path(run_dir) / FOLDER
+    spec_file = folder / "spec.json"
+    if folder.is_dir() and (not spec_file.is_file() or json.loads(spec_file.read_text()) != wanted):
+        shutil.rmtree(folder)  # made by another teacher, at other scales or for other images
+    folder.mkdir(parents=True, exist_ok=True)
+    if not spec_file.is_file():
+        write_text(spec_file, json.dumps(wanted, indent=1))
+    targets = TeacherTargets(folder, len(train_set))
+    todo = share(targets.missing())
+    if todo:
+        on_event("teacher", {"images": len(todo), "of": len(train_set), "scales": list(scales), "flip": flip})
+    for n, i in enumerate(todo):
+        check_stop()
+        image, _ = train_set[i]
+        probs = predictor.scores(np.moveaxis(image, -1, 0).astype(np.float32))
+        if not predictor.averages_probabilities:  # one scale, no flip: the model's logits
+            probs = _softmax(probs)
+        with atomic_path(targets.path(i)) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(np.moveaxis(probs, 0, -1)).astype(np.float16))
+        on_event("teacher_image", {"done": n + 1, "images": len(todo)})
+    return targets
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(0, keepdims=True))
+    return e / e.sum(0, keepdims=True)

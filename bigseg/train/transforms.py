@@ -99,7 +99,10 @@ def _geometry(target: np.ndarray, d: Draw, crop: int) -> np.ndarray:
 
     h, w = target.shape[:2]
     if d.size != (w, h):
-        target = cv2.resize(target, d.size, interpolation=cv2.INTER_LINEAR if d.scale > 1 else cv2.INTER_AREA)
+        # as the image is resized; OpenCV's area resampling takes at most 4 channels at a time
+        how = cv2.INTER_LINEAR if d.scale > 1 else cv2.INTER_AREA
+        target = np.dstack([cv2.resize(target[..., i:i + 4], d.size, interpolation=how).reshape(d.size[1], d.size[0], -1)
+                            for i in range(0, target.shape[-1], 4)])
     h, w = target.shape[:2]
     target = np.pad(target, ((0, max(0, crop - h)), (0, max(0, crop - w)), (0, 0)))
     target = target[d.y:d.y + crop, d.x:d.x + crop]

@@ -214,7 +214,8 @@ def test_real_cityscapes_sample_decodes(shared_data):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun test runs on Linux CI")
-def test_distributed_training_with_two_cpu_processes(tmp_path):
+def test_distributed_training_with_two_cpu_processes(tmp_path, tiny_checkpoint):
+    """Two ranks, each making half of a teacher's targets first."""
     data = make_generic_dataset(tmp_path / "data", n=10)  # 9 train, 1 val
     job = tmp_path / "job.py"
     job.write_text(
@@ -222,7 +223,7 @@ def test_distributed_training_with_two_cpu_processes(tmp_path):
         "from bigseg.train.loop import TrainConfig, train\n"
         f"r = train(TrainConfig(data={str(data)!r}, run_dir={str(tmp_path / 'run')!r}, "
         f"arch_config=json.loads({json.dumps(TINY)!r}), epochs=2, batch_size=2, crop=64, workers=0, "
-        "device='cpu', precision='fp32', val_tile=128))\n"
+        f"device='cpu', precision='fp32', val_tile=128, teacher={str(tiny_checkpoint)!r}, teacher_scales=(1.0,)))\n"
         "import sys; sys.stdout.write(f'RESULT {r.steps_done}\\n')  # one write: the two ranks share the pipe\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", "29513", str(job)], capture_output=True, text=True, timeout=300,
@@ -230,7 +231,9 @@ def test_distributed_training_with_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("RESULT 4") == 2  # 9 images // (2 ranks x 2) = 2 steps per epoch, 2 epochs
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "best.pt", "curves.png", "final.pt", "last.pt", "log.csv", "log.json"]
+        "best.pt", "curves.png", "final.pt", "last.pt", "log.csv", "log.json", "teacher"]
+    assert sorted(p.name for p in (tmp_path / "run" / "teacher").iterdir()) == [f"{i:06d}.npy" for i in range(9)] + [
+        "spec.json"]
 
 
 def test_train_cli_loads_torchvision_backbone_weights(tmp_path, capsys):

@@ -214,15 +214,11 @@ def train(cfg: TrainConfig, resume: bool = False,
     if cfg.teacher:
         try:
             targets = prepare_teacher(cfg.teacher, train_set, run_dir, device, cfg.teacher_scales, cfg.teacher_flip,
-                                      cfg.val_tile, lambda todo: todo[d.rank::d.world], on_event)
+                                      cfg.val_tile, d, on_event)
         except KeyboardInterrupt:
             stop_handled()
             raise Interrupted(f"interrupted while computing the teacher's targets: those done are kept in "
                               f"{run_dir / 'teacher'}; run the same command again to continue") from None
-        D.barrier(d)
-        if targets.missing():
-            raise TrainingError(f"the teacher's targets for {len(targets.missing())} images are missing from "
-                                f"{targets.folder} (another process failed?)")
 
     # --- model and optimisation ----------------------------------------------------------------
     net = create_model(cfg.arch, len(classes), 3, **cfg.arch_config)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from bigseg import distributed as D
 from bigseg.atomic import atomic_path, write_text
 from bigseg.errors import TrainingError
 from bigseg.runtime import check_stop
@@ -42,10 +43,11 @@ class TeacherTargets:
 
 
 def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[float, ...], flip: bool,
-                    tile: int, share: Callable[[list[int]], list[int]] = lambda indices: indices,
+                    tile: int, d: D.Rank = D.Rank(),
                     on_event: Callable[[str, dict], None] = lambda kind, info: None) -> TeacherTargets:
     """Make (or find) the teacher's targets for every image of `train_set` in `run_dir/teacher`;
-    this process computes the images `share` gives it of the missing ones."""
+    under torchrun (`d`) the main process checks the folder's spec, then each process computes
+    every world-th missing image, and all wait for the rest."""
     from bigseg.checkpoint import resolve_model
     from bigseg.errors import BigsegError
     from bigseg.predictor import Predictor
@@ -64,13 +66,15 @@ def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[f
               "images": [str(Path(s.image).resolve()) for s in train_set.samples]}
     folder = Path(run_dir) / FOLDER
     spec_file = folder / "spec.json"
-    if folder.is_dir() and (not spec_file.is_file() or json.loads(spec_file.read_text()) != wanted):
-        shutil.rmtree(folder)  # made by another teacher, at other scales or for other images
-    folder.mkdir(parents=True, exist_ok=True)
-    if not spec_file.is_file():
-        write_text(spec_file, json.dumps(wanted, indent=1))
+    if d.main:
+        if folder.is_dir() and (not spec_file.is_file() or json.loads(spec_file.read_text()) != wanted):
+            shutil.rmtree(folder)  # made by another teacher, at other scales or for other images
+        folder.mkdir(parents=True, exist_ok=True)
+        if not spec_file.is_file():
+            write_text(spec_file, json.dumps(wanted, indent=1))
+    D.barrier(d)
     targets = TeacherTargets(folder, len(train_set))
-    todo = share(targets.missing())
+    todo = targets.missing()[d.rank::d.world]
     if todo:
         on_event("teacher", {"images": len(todo), "of": len(train_set), "scales": list(scales), "flip": flip})
     for n, i in enumerate(todo):
@@ -82,6 +86,11 @@ def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[f
         with atomic_path(targets.path(i)) as tmp, open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(np.moveaxis(probs, 0, -1)).astype(np.float16))
         on_event("teacher_image", {"done": n + 1, "images": len(todo)})
+    D.barrier(d)
+    missing = targets.missing()
+    if missing:
+        raise TrainingError(f"the teacher's targets for {len(missing)} images are missing from {folder} "
+                            f"(did another process fail?)")
     return targets
 
 

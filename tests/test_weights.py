@@ -43,3 +43,29 @@ def test_shipped_score_on_camvid_test_is_reproduced(shared_data):
     seg = Predictor(resolve_model(entry["name"]), "cpu", "fp32", tile=1024)
     result = evaluate(seg, open_dataset(shared_data / "camvid", "test"), "test")
     assert result.scores["miou"] == pytest.approx(entry["metrics"]["test"]["miou"], abs=0.002)
+
+
+@needs_weights
+def test_the_model_cards_learning_curve_ends_at_the_shipped_scores_and_draws(tmp_path, monkeypatch):
+    """weights/curve.json (the figures curves.png draws) ends where the manifest's scores are."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import cv2
+
+    folder = Path(__file__).resolve().parents[1] / "weights"
+    curve = json.loads((folder / "curve.json").read_text())
+    entry = next(e for e in SHIPPED if e["name"] == "ladder-dn121-camvid")
+    _, val, test = curve["stages"][-1]["points"][-1]
+    assert (val, test) == (round(100 * entry["metrics"]["val"]["miou"], 2), round(100 * entry["metrics"]["test"]["miou"], 2))
+    starts = [s["start"] for s in curve["stages"]]
+    assert starts == sorted(starts) and len(entry["training_commands"]) == len(curve["stages"])
+    spec = importlib.util.spec_from_file_location("plot_curve", folder / "plot_curve.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    (tmp_path / "curve.json").write_text(json.dumps(curve))
+    monkeypatch.setattr(plot, "HERE", tmp_path)
+    plot.main()
+    image = cv2.imread(str(tmp_path / "curves.png"))
+    assert image.shape == (plot.H, plot.W, 3) and (image == plot.VAL[::-1]).all(-1).any()

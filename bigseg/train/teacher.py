@@ -20,7 +20,9 @@ import numpy as np
 
 from bigseg import distributed as D
 from bigseg.atomic import atomic_path, write_text
-from bigseg.errors import TrainingError
+from bigseg.checkpoint import resolve_model
+from bigseg.errors import BigsegError, TrainingError
+from bigseg.predictor import Predictor
 from bigseg.runtime import check_stop
 
 FOLDER = "teacher"
@@ -48,10 +50,6 @@ def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[f
     """Make (or find) the teacher's targets for every image of `train_set` in `run_dir/teacher`;
     under torchrun (`d`) the main process checks the folder's spec, then each process computes
     every world-th missing image, and all wait for the rest."""
-    from bigseg.checkpoint import resolve_model
-    from bigseg.errors import BigsegError
-    from bigseg.predictor import Predictor
-
     try:
         ckpt = resolve_model(spec)
     except BigsegError as e:

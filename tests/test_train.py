@@ -687,6 +687,8 @@ def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactl
     assert "computing the teacher's targets for 6 of 6 images (scales 1)" in err
     spec = json.loads((tmp_path / "d" / "teacher" / "spec.json").read_text())
     assert spec["scales"] == [1.0] and spec["flip"] is False and len(spec["images"]) == 6
+    one_pass = np.load(tmp_path / "d" / "teacher" / "000000.npy").astype(np.float32)  # logits made probabilities
+    assert one_pass.min() >= 0 and np.allclose(one_pass.sum(-1), 1, atol=2e-3)
     code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "e", "--teacher", tmp_path / "no.pt",
                            "--max-steps", "1", "--batch-size", "2", "--device", "cpu", "--workers", "0", "--eval-every", "0")
     assert code != 0 and "--teacher" in err and "not found" in err and "Traceback" not in err

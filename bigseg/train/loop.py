@@ -188,15 +188,14 @@ def train(cfg: TrainConfig, resume: bool = False,
     if cfg.teacher and cfg.data_on_device:
         raise TrainingError("--teacher reads the teacher's targets from the run folder in the data workers; "
                             "it does not combine with --data-on-device")
-    if cfg.teacher and any(not 0.1 <= s <= 4 for s in cfg.teacher_scales):
-        raise TrainingError(f"teacher scales must be factors between 0.1 and 4, got {cfg.teacher_scales}")
 
     # --- data --------------------------------------------------------------------------------
     for name, value in (("--jitter", cfg.jitter), ("--colour-jitter", cfg.colour_jitter), ("--gamma", cfg.gamma)):
         if not 0 <= value < 1:
             raise TrainingError(f"{name} must be at least 0 and below 1, got {value}")
-    if not cfg.val_scales or any(not 0.1 <= s <= 4 for s in cfg.val_scales):
-        raise TrainingError(f"validation scales must be factors between 0.1 and 4, got {cfg.val_scales}")
+    for name, scales in (("validation", cfg.val_scales), ("teacher", cfg.teacher_scales if cfg.teacher else (1.0,))):
+        if not scales or any(not 0.1 <= s <= 4 for s in scales):
+            raise TrainingError(f"{name} scales must be factors between 0.1 and 4, got {scales}")
     train_set = open_dataset(cfg.data, cfg.train_split)
     val_set = open_dataset(cfg.data, cfg.val_split) if cfg.eval_every > 0 else None
     if val_set is not None and {s.image for s in train_set.samples} & {s.image for s in val_set.samples}:

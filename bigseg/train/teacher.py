@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from bigseg import distributed as D
 from bigseg.atomic import atomic_path, write_text
@@ -80,7 +81,7 @@ def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[f
         image, _ = train_set[i]
         probs = predictor.scores(np.moveaxis(image, -1, 0).astype(np.float32))
         if not predictor.averages_probabilities:  # one scale, no flip: the model's logits
-            probs = _softmax(probs)
+            probs = torch.from_numpy(probs).softmax(0).numpy()
         with atomic_path(targets.path(i)) as tmp, open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(np.moveaxis(probs, 0, -1)).astype(np.float16))
         on_event("teacher_image", {"done": n + 1, "images": len(todo)})
@@ -90,8 +91,3 @@ def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[f
         raise TrainingError(f"the teacher's targets for {len(missing)} images are missing from {folder} "
                             f"(did another process fail?)")
     return targets
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(0, keepdims=True))
-    return e / e.sum(0, keepdims=True)

@@ -32,10 +32,17 @@ def rank_from_env() -> Rank:
                 int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init(rank: Rank, backend: str = "gloo", timeout: timedelta | None = None) -> None:
+# Ranks wait at barriers while one of them works alone (validation and the batchnorm recompute on
+# the main rank, the slowest part of a raster, the teacher's targets): on the CPU that can pass
+# torch's default of 30 minutes (10 for NCCL) and would end the job. A process that dies does not
+# leave the others waiting: torchrun's agent ends the whole group.
+LONG_WAIT = timedelta(hours=72)
+
+
+def init(rank: Rank, backend: str = "gloo", timeout: timedelta = LONG_WAIT) -> None:
     """Join torchrun's process group (no-op for a single process)."""
     if rank.active and not dist.is_initialized():
-        dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+        dist.init_process_group(backend, timeout=timeout)
 
 
 def shutdown(rank: Rank) -> None:

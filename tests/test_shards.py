@@ -105,3 +105,17 @@ def test_many_files_are_shared_round_robin(tmp_path, tiny_checkpoint):
     assert len(json.loads(proc.stdout)["done"]) == 3
     for i in range(3):
         same_raster(tmp_path / "one" / f"f{i}.mask.tif", tmp_path / "two" / f"f{i}.mask.tif")
+
+
+def test_process_groups_wait_longer_than_torch_default(monkeypatch):
+    """Ranks wait at barriers while one works alone (main-rank validation, a slow part): the group
+    must not time out after torch's 30 (gloo) or 10 (NCCL) minutes."""
+    from datetime import timedelta
+
+    from bigseg import distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    distributed.init(distributed.Rank(0, 2), "nccl")
+    assert seen["backend"] == "nccl" and seen["timeout"] >= timedelta(days=1)

@@ -4,7 +4,6 @@ past bad files, report each in a summary. Under torchrun the jobs are shared bet
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -80,9 +79,8 @@ def run_predict(predictor: Predictor, jobs: list[Job], failed: list[Failure] = (
     if not rank.active:
         summary.add(run_jobs(jobs, one_file, overwrite, on_event))
         return summary
-    # under torchrun: this rank's share, then everyone's outcome (gloo carries only small objects;
-    # a long timeout, since ranks wait for the slowest part)
-    distributed.init(rank, "gloo", timedelta(hours=72))
+    # under torchrun: this rank's share, then everyone's outcome (gloo carries only small objects)
+    distributed.init(rank, "gloo")
     if len(jobs) >= rank.world:
         mine = run_jobs(jobs[rank.rank::rank.world], one_file, overwrite, on_event)
     else:

@@ -443,6 +443,46 @@ def test_sigterm_to_the_process_group_saves_last_pt_like_ctrl_c(tmp_path):
     assert (state["epoch"] + 1, state["step_in_epoch"]) == (int(kept[1]), int(kept[2]))
 
 
+def test_an_unreadable_image_read_by_a_worker_is_one_line_and_the_process_ends(tmp_path):
+    """A worker's error comes back wrapped in its traceback, and the loader it belongs to (kept
+    alive by that traceback) used to leave the process waiting for its worker at exit for ever."""
+    data = make_generic_dataset(tmp_path / "data", n=10)
+    for name in ("im03.png", "im04.png", "im05.png"):  # training images; drop_last leaves out at most one
+        (data / "images" / name).write_bytes(b"\x89PNG not really")
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "bigseg", "train", "--data", str(data), "--run", str(run), "--batch-size", "2",
+           "--crop", "64", "--workers", "1", "--device", "cpu", "--eval-every", "0", "--epochs", "2",
+           "--model-config", "spp_bottleneck=8,spp_level=4,spp_width=8,up_widths=8/8/8/8,squeeze=8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "cannot decode" in error[0] and "data/images/im0" in error[0], proc.stderr
+    assert "kept epoch 1 step" in error[0] and (run / "last.pt").is_file()
+
+
+def test_a_killed_data_worker_keeps_the_run_checkpoint_and_leaves_no_process(tmp_path, monkeypatch):
+    import multiprocessing
+    import signal
+
+    from bigseg.train.transforms import AugmentedView
+
+    data = make_generic_dataset(tmp_path / "data", n=10)
+    fetch = AugmentedView.__getitem__
+
+    def killed_in_epoch_two(self, i):
+        if self.epoch == 1 and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer does
+        return fetch(self, i)
+
+    monkeypatch.setattr(AugmentedView, "__getitem__", killed_in_epoch_two)
+    with pytest.raises(TrainingError, match=r"a data worker stopped: .*\(pid(\(s\))? \d+\).*; kept epoch 2 step 0 \(4 steps\)"):
+        train(tiny_config(data, tmp_path / "r", workers=1, epochs=3, eval_every=0))
+    state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 4)
+    assert not multiprocessing.active_children()
+
+
 class SigtermInAFinaliser:
     """Created and dropped at once: SIGTERM reaches this process while Python runs the finaliser,
     so the stop handler's KeyboardInterrupt is dropped (as in logging's at-fork hook)."""

@@ -30,7 +30,7 @@ from bigseg.checkpoint import (
 )
 from bigseg.datasets import label_statistics, open_dataset
 from bigseg.device import resolve_device, resolve_precision
-from bigseg.errors import Interrupted, TrainingError
+from bigseg.errors import BigsegError, Interrupted, TrainingError
 from bigseg.evaluation import evaluate
 from bigseg.models import create_model
 from bigseg.models.blocks import set_grad_checkpointing
@@ -155,12 +155,49 @@ def _loader(view: AugmentedView, cfg: TrainConfig, start: int) -> torch.utils.da
                                        persistent_workers=False, worker_init_fn=ignore_terminate)
 
 
+class DataFailed(TrainingError):
+    """A training batch could not be made (an image that cannot be read or decoded)."""
+
+
 def _batches(view: AugmentedView, cfg: TrainConfig, start: int, data: DeviceData | None):
     """The batches of `view` from sample `start`: decoded and augmented by workers, or on the
     device from the frames already there (`--data-on-device`), with the same random choices."""
     if data is None:
-        return _loader(view, cfg, start)
+        return _loaded(_loader(view, cfg, start))
     return data.batches(view.indices[start:], view.aug, view.seed, view.epoch, cfg.batch_size)
+
+
+def _loaded(loader: torch.utils.data.DataLoader):
+    """`loader`'s batches; its failures as one-line `DataFailed`, and its workers ended whatever
+    happens: they ignore SIGTERM (`ignore_terminate`), so a loader kept alive by an exception's
+    traceback would leave Python's exit waiting for them for ever."""
+    batches = iter(loader)
+    try:
+        yield from batches
+    except BigsegError as e:  # from a worker it comes back as "Caught ... Original Traceback ..."
+        raise DataFailed(_worker_message(e)) from None
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # absent without workers
+        if shutdown is not None:
+            shutdown()
+
+
+def _data_failure(e: Exception) -> str | None:
+    """What stopped the batches, in one line; None for any other error. A worker's death is raised
+    by torch's SIGCHLD handler wherever the main process is, not only where it waits for a batch."""
+    if isinstance(e, DataFailed):
+        return str(e)
+    if isinstance(e, RuntimeError) and not isinstance(e, BigsegError) and "DataLoader worker (pid" in str(e):
+        return f"a data worker stopped: {str(e).strip().rstrip('.')} (out of memory? fewer --workers use less)"
+    return None
+
+
+def _worker_message(e: BigsegError) -> str:
+    """The error's own message, without the traceback a DataLoader worker wraps it in."""
+    text = str(e).strip()
+    if "Original Traceback" not in text:
+        return text
+    return text.splitlines()[-1].split(": ", 1)[-1]
 
 
 def train(cfg: TrainConfig, resume: bool = False,
@@ -357,6 +394,13 @@ def train(cfg: TrainConfig, resume: bool = False,
     except KeyboardInterrupt:
         stop_handled()
         stopped = "interrupted"
+    except Exception as e:
+        failure = _data_failure(e)
+        if failure is None:
+            raise
+        save_run()  # kept as a stop keeps it (Ctrl-C, SIGTERM)
+        raise TrainingError(f"{failure}; kept epoch {epoch + 1} step {step_in_epoch} ({global_step} steps) in {last_path}; "
+                            f"continue with `bigseg train --run {run_dir} --resume`") from None
     if stopped != "finished":
         save_run()
         if stopped != "interrupted":

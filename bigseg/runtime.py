@@ -20,9 +20,12 @@ large blocks for reuse. Library code never calls these; they are passed in as va
   ignored in ..."): a stop that lands while a DataLoader forks its next epoch's workers (logging's
   fork hook) or shuts the last ones down would be lost, and the job would run on. The handlers
   also record the stop, and long loops call `check_stop` at each step to raise one that was lost.
+- A stop that cuts a training step in two would make the resumed run differ from an uninterrupted
+  one; inside `whole_step` the first stop waits for the step's end (a second Ctrl-C does not).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -37,6 +40,7 @@ _INT_MAX = 2**31 - 1
 _kept = False
 _stop_signal: int | None = None
 _pending = False
+_deferred = False  # inside `whole_step`: a stop waits for its end
 
 
 def prefer_passive_waiting() -> bool:
@@ -128,17 +132,46 @@ def stop_handled() -> None:
     _pending = False
 
 
+@contextlib.contextmanager
+def whole_step():
+    """Work a stop must not cut in two (a training step: a stop raised in its forward pass would
+    leave batchnorm statistics updated for a step the resumed run does again, one raised in the
+    optimiser's update half the parameters moved). Under the handlers of `stop_on_terminate`, a
+    Ctrl-C or SIGTERM inside it is raised when it ends; a second Ctrl-C stops at once."""
+    global _deferred
+    check_stop()
+    _deferred = True
+    try:
+        yield
+    finally:
+        _deferred = False
+    check_stop()
+
+
 def _on_terminate(signum: int, frame) -> None:
     global _stop_signal, _pending
     _stop_signal, _pending = signum, True
     signal.signal(signum, signal.SIG_DFL)
+    if _deferred:
+        _say_deferred("")
+        return
     raise KeyboardInterrupt
 
 
 def _on_interrupt(signum: int, frame) -> None:
     global _pending
+    if _deferred and not _pending:
+        _pending = True
+        _say_deferred(" (Ctrl-C again to stop at once)")
+        return
     _pending = True
     raise KeyboardInterrupt
+
+
+def _say_deferred(more: str) -> None:
+    # os.write: a signal handler may run inside a print to stderr, whose buffer is not reentrant
+    with contextlib.suppress(OSError):
+        os.write(2, f"\nstopping at the end of this step{more}\n".encode())
 
 
 def ignore_terminate(worker_id: int = 0) -> None:

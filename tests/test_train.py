@@ -548,6 +548,46 @@ def test_a_sigterm_that_python_drops_in_a_finaliser_still_stops_training_at_the_
     assert after.steps_done == 3
 
 
+def test_a_stop_inside_a_step_lands_after_it_and_the_resumed_run_equals_an_uninterrupted_one(
+        tmp_path, stop_handlers, monkeypatch, capfd):
+    """SIGTERM or Ctrl-C during the forward pass used to raise there: the batchnorm statistics had
+    moved for a step that the resumed run did again. A second Ctrl-C still stops at once."""
+    import signal
+
+    from bigseg.train import loop
+
+    data = make_generic_dataset(tmp_path / "data", n=10)
+    full = train(tiny_config(data, tmp_path / "a", max_steps=5, eval_every=0))
+    calls = {"n": 0}
+    signals: list[int] = []
+
+    def loss_then_signals(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after step 3's forward pass, before its update
+            for s in signals:
+                os.kill(os.getpid(), s)
+        return model_loss(*args, **kw)
+
+    monkeypatch.setattr(loop, "model_loss", loss_then_signals)
+    signals[:] = [signal.SIGTERM]
+    with pytest.raises(Interrupted, match=r"kept epoch 1 step 3 \(3 steps\)"):
+        train(tiny_config(data, tmp_path / "b", max_steps=5, eval_every=0))
+    assert "stopping at the end of this step" in capfd.readouterr().err
+    monkeypatch.setattr(loop, "model_loss", model_loss)
+    second = train(tiny_config(data, tmp_path / "b", max_steps=5, eval_every=0), resume=True)
+    assert second.losses == full.losses[3:]
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    for key in a["model"]:  # running means and variances included
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+    calls["n"], signals[:] = 0, [signal.SIGINT, signal.SIGINT]
+    monkeypatch.setattr(loop, "model_loss", loss_then_signals)
+    with pytest.raises(Interrupted, match=r"kept epoch 1 step 2 \(2 steps\)"):
+        train(tiny_config(data, tmp_path / "c", max_steps=5, eval_every=0))
+    assert "Ctrl-C again to stop at once" in capfd.readouterr().err
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_eval_stops_at_the_next_image_and_a_stopped_command_leaves_nothing_pending(tmp_path, tiny_checkpoint,
                                                                                   stop_handlers, monkeypatch, capsys):

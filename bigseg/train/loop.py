@@ -35,7 +35,13 @@ from bigseg.evaluation import evaluate
 from bigseg.models import create_model
 from bigseg.models.blocks import set_grad_checkpointing
 from bigseg.predictor import Predictor
-from bigseg.runtime import check_stop, ignore_terminate, set_threads, stop_handled
+from bigseg.runtime import (
+    check_stop,
+    ignore_terminate,
+    set_threads,
+    stop_handled,
+    whole_step,
+)
 from bigseg.train.config import DEFAULTS, RESUMABLE, TrainConfig, check_crops, crop_at
 from bigseg.train.device_data import DeviceData
 from bigseg.train.losses import BALANCING, class_weights, distil_loss, model_loss
@@ -345,27 +351,29 @@ def train(cfg: TrainConfig, resume: bool = False,
                 if cfg.max_steps is not None and global_step >= cfg.max_steps:
                     stopped = "max_steps"
                     break
-                x = ((images.to(device, non_blocking=True) - mean) / std).contiguous(memory_format=layout)
-                y = labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not torch.float32):
-                    logits, aux = model(x, return_aux=True)
-                loss, parts = model_loss(net, logits, aux, y, global_step / total_steps, cfg.aux_weight, weight,
-                                         cfg.lovasz)
-                if teacher:
-                    loss, parts = distil_loss(loss, parts, logits, teacher[0].to(device, non_blocking=True), cfg.distil)
-                if D.any_rank(d, not torch.isfinite(loss).item(), device):
-                    raise TrainingError(f"the loss is not finite at epoch {epoch + 1}, step {step_in_epoch + 1} "
-                                        f"({loss.item()}); the last good run checkpoint is {last_path}; "
-                                        f"lower --lr or use --precision fp32")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                global_step += 1
-                step_in_epoch += 1
-                losses.append(loss.item())
-                epoch_losses.append(loss.item())
+                with whole_step():  # a stop lands between steps: the resumed run is the same run
+                    x = ((images.to(device, non_blocking=True) - mean) / std).contiguous(memory_format=layout)
+                    y = labels.to(device, non_blocking=True)
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not torch.float32):
+                        logits, aux = model(x, return_aux=True)
+                    loss, parts = model_loss(net, logits, aux, y, global_step / total_steps, cfg.aux_weight, weight,
+                                             cfg.lovasz)
+                    if teacher:
+                        soft = teacher[0].to(device, non_blocking=True)
+                        loss, parts = distil_loss(loss, parts, logits, soft, cfg.distil)
+                    if D.any_rank(d, not torch.isfinite(loss).item(), device):
+                        raise TrainingError(f"the loss is not finite at epoch {epoch + 1}, step {step_in_epoch + 1} "
+                                            f"({loss.item()}); the last good run checkpoint is {last_path}; "
+                                            f"lower --lr or use --precision fp32")
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    global_step += 1
+                    step_in_epoch += 1
+                    losses.append(loss.item())
+                    epoch_losses.append(loss.item())
                 on_event("step", {"epoch": epoch, "step": step_in_epoch, "global_step": global_step,
                                   "loss": loss.item(), **parts, "lr": scheduler.get_last_lr()[0],
                                   "images_per_s": len(epoch_losses) * cfg.batch_size * d.world
@@ -399,8 +407,8 @@ def train(cfg: TrainConfig, resume: bool = False,
         if failure is None:
             raise
         save_run()  # kept as a stop keeps it (Ctrl-C, SIGTERM)
-        raise TrainingError(f"{failure}; kept epoch {epoch + 1} step {step_in_epoch} ({global_step} steps) in {last_path}; "
-                            f"continue with `bigseg train --run {run_dir} --resume`") from None
+        raise TrainingError(f"{failure}; kept epoch {epoch + 1} step {step_in_epoch} ({global_step} steps) in "
+                            f"{last_path}; continue with `bigseg train --run {run_dir} --resume`") from None
     if stopped != "finished":
         save_run()
         if stopped != "interrupted":

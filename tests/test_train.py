@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -730,17 +731,19 @@ def test_a_teachers_targets_move_with_the_image_and_the_distillation_loss_pulls_
     assert logits.grad[..., -1].abs().max() == 0
 
 
-def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactly(tmp_path, tiny_checkpoint, capsys):
+def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactly(tmp_path, tiny_checkpoint, capsys,
+                                                                                   monkeypatch):
     data = make_generic_dataset(tmp_path / "data", n=6)
     events = []
     settings = dict(teacher=str(tiny_checkpoint), teacher_scales=(1.0, 1.5), eval_every=0)
     full = train(tiny_config(data, tmp_path / "a", max_steps=4, **settings),
                  on_event=lambda kind, info: events.append((kind, info)))
-    assert [i for k, i in events if k == "teacher"] == [{"images": 6, "of": 6, "scales": [1.0, 1.5], "flip": True}]
+    announced = [i for k, i in events if k == "teacher"]
+    assert announced == [{"images": 6, "of": 6, "scales": [1.0, 1.5], "flip": True, "bytes": announced[0]["bytes"]}]
     steps = [i for k, i in events if k == "step"]
     assert len(steps) == 4 and all(i["distil"] > 0 for i in steps)
     files = sorted((tmp_path / "a" / "teacher").glob("*.npy"))
-    assert len(files) == 6
+    assert len(files) == 6 and sum(f.stat().st_size for f in files) == announced[0]["bytes"]
     first = np.load(files[0])
     assert first.shape == (80, 96, 3) and first.dtype == np.float16 and np.allclose(first.sum(-1), 1, atol=2e-3)
 
@@ -772,3 +775,15 @@ def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactl
     code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "e", "--teacher", tmp_path / "no.pt",
                            "--max-steps", "1", "--batch-size", "2", "--device", "cpu", "--workers", "0", "--eval-every", "0")
     assert code != 0 and "--teacher" in err and "not found" in err and "Traceback" not in err
+
+    # targets that would not fit on the run folder's disk are refused before any is made
+    from bigseg.train import teacher
+
+    free = teacher.MARGIN + announced[0]["bytes"] - 1  # one byte short
+    monkeypatch.setattr(teacher.shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+    with pytest.raises(TrainingError, match=r"--teacher: the targets of 6 images take about 0\.00 GB .* 1\.07 GB free"):
+        train(tiny_config(data, tmp_path / "f", max_steps=1, **settings))
+    assert not list((tmp_path / "f" / "teacher").glob("*.npy"))
+    free += 1
+    train(tiny_config(data, tmp_path / "f", max_steps=1, **settings))
+    assert len(list((tmp_path / "f" / "teacher").glob("*.npy"))) == 6

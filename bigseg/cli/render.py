@@ -175,7 +175,7 @@ class TrainProgress(_Display):
         elif kind == "teacher":
             self.line(f"computing the teacher's targets for {info['images']} of {info['of']} images "
                       f"(scales {', '.join(f'{s:g}' for s in info['scales'])}{', flipped too' if info['flip'] else ''}); "
-                      f"kept in the run folder")
+                      f"about {info['bytes'] / 1e9:.2f} GB, kept in the run folder")
         elif kind == "teacher_image":
             if info["done"] == info["images"] or info["done"] % 25 == 0:
                 self.line(f"teacher: {info['done']}/{info['images']} images")

@@ -27,6 +27,7 @@ from bigseg.predictor import Predictor
 from bigseg.runtime import check_stop
 
 FOLDER = "teacher"
+MARGIN = 1 << 30  # free space the targets leave for the run's checkpoints and logs
 
 
 class TeacherTargets:
@@ -43,6 +44,20 @@ class TeacherTargets:
 
     def missing(self) -> list[int]:
         return [i for i in range(self.count) if not self.path(i).is_file()]
+
+
+def _check_space(folder: Path, missing: list[int], train_set, classes: int) -> int:
+    """The bytes the `missing` targets will take (float16, 2 x classes bytes a pixel: about 80 MB a
+    2048x1024 frame of 19 classes), estimated from the first of them; refused where the disk holding
+    `folder` has not that much free, with a margin, before hours of computing fill it."""
+    image, _ = train_set[missing[0]]
+    need = len(missing) * (image.shape[0] * image.shape[1] * classes * 2 + 128)
+    free = shutil.disk_usage(folder).free
+    if need + MARGIN > free:
+        raise TrainingError(f"--teacher: the targets of {len(missing)} images take about {need / 1e9:.2f} GB "
+                            f"(float16, {classes} classes a pixel) and {folder} has {free / 1e9:.2f} GB free; "
+                            f"make room, or use a run folder (--run) on a larger disk")
+    return need
 
 
 def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[float, ...], flip: bool,
@@ -73,9 +88,12 @@ def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[f
             write_text(spec_file, json.dumps(wanted, indent=1))
     D.barrier(d)
     targets = TeacherTargets(folder, len(train_set))
-    todo = targets.missing()[d.rank::d.world]
+    missing = targets.missing()
+    todo = missing[d.rank::d.world]
     if todo:
-        on_event("teacher", {"images": len(todo), "of": len(train_set), "scales": list(scales), "flip": flip})
+        need = _check_space(folder, missing, train_set, ckpt.num_classes)
+        on_event("teacher", {"images": len(todo), "of": len(train_set), "scales": list(scales), "flip": flip,
+                             "bytes": need})
     for n, i in enumerate(todo):
         check_stop()
         image, _ = train_set[i]

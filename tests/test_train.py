@@ -483,6 +483,24 @@ def test_a_killed_data_worker_keeps_the_run_checkpoint_and_leaves_no_process(tmp
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 4)
     assert not multiprocessing.active_children()
 
+    # torch raises a death wherever this process is: inside a step, half of it is not kept
+    from bigseg.train import loop
+
+    calls = {"n": 0}
+
+    def dies_in_step_6(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("DataLoader worker (pid 12345) is killed by signal: Killed. ")
+        return model_loss(*args, **kw)
+
+    monkeypatch.setattr(AugmentedView, "__getitem__", fetch)
+    monkeypatch.setattr(loop, "model_loss", dies_in_step_6)
+    with pytest.raises(TrainingError, match=r"pid 12345.*inside a step, so .*last.pt keeps the run as it was saved"):
+        train(tiny_config(data, tmp_path / "s", workers=1, epochs=3, eval_every=0))
+    state = torch.load(tmp_path / "s" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 4)  # the epoch's end
+
 
 class SigtermInAFinaliser:
     """Created and dropped at once: SIGTERM reaches this process while Python runs the finaliser,

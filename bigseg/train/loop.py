@@ -339,6 +339,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                        "class_weights": prepared.get("class_weights")})
     losses: list[float] = []
     stopped = "finished"
+    in_step = False
     try:
         while epoch < cfg.epochs:
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_set)).tolist()
@@ -351,6 +352,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                 if cfg.max_steps is not None and global_step >= cfg.max_steps:
                     stopped = "max_steps"
                     break
+                in_step = True
                 with whole_step():  # a stop lands between steps: the resumed run is the same run
                     x = ((images.to(device, non_blocking=True) - mean) / std).contiguous(memory_format=layout)
                     y = labels.to(device, non_blocking=True)
@@ -374,6 +376,7 @@ def train(cfg: TrainConfig, resume: bool = False,
                     step_in_epoch += 1
                     losses.append(loss.item())
                     epoch_losses.append(loss.item())
+                in_step = False
                 on_event("step", {"epoch": epoch, "step": step_in_epoch, "global_step": global_step,
                                   "loss": loss.item(), **parts, "lr": scheduler.get_last_lr()[0],
                                   "images_per_s": len(epoch_losses) * cfg.batch_size * d.world
@@ -406,9 +409,15 @@ def train(cfg: TrainConfig, resume: bool = False,
         failure = _data_failure(e)
         if failure is None:
             raise
-        save_run()  # kept as a stop keeps it (Ctrl-C, SIGTERM)
-        raise TrainingError(f"{failure}; kept epoch {epoch + 1} step {step_in_epoch} ({global_step} steps) in "
-                            f"{last_path}; continue with `bigseg train --run {run_dir} --resume`") from None
+        if not in_step:  # between two steps, as a stop keeps it
+            save_run()
+            kept = f"kept epoch {epoch + 1} step {step_in_epoch} ({global_step} steps) in {last_path}"
+        elif last_path.is_file():  # a worker's death is raised wherever this process is: half a step is not kept
+            kept = f"it came inside a step, so {last_path} keeps the run as it was saved before"
+        else:
+            raise TrainingError(f"{failure}; it came inside a step before the run was first saved: start it "
+                                f"again") from None
+        raise TrainingError(f"{failure}; {kept}; continue with `bigseg train --run {run_dir} --resume`") from None
     if stopped != "finished":
         save_run()
         if stopped != "interrupted":

@@ -734,6 +734,24 @@ def test_a_teachers_targets_move_with_the_image_and_the_distillation_loss_pulls_
         assert (t.argmax(0)[labelled] == lab[labelled]).mean() > 0.8, scale  # misplaced: about 1 in 11
         assert np.allclose(t.sum(0)[t.sum(0) > 0.5], 1, atol=2e-3)
 
+    # targets kept at half the size each way (`--teacher-reduction 2`) grow back with each crop
+    from bigseg.train.teacher import kept_size
+    from bigseg.train.transforms import resize_channels
+
+    yy, xx = np.mgrid[0:40, 0:56] / 9.0
+    smooth = torch.softmax(torch.from_numpy(np.stack([np.sin(xx + k) + np.cos(yy * (k + 1) / 3) for k in range(11)])
+                                            ).float() * 3, 0).permute(1, 2, 0).numpy()
+    half = resize_channels(smooth, kept_size(40, 56, 2))
+    assert half.shape == (20, 28, 11)
+    for seed, (scale, crop) in enumerate(((1.0, 64), (2.0, 64), (0.7, 32), (1.3, 32))):
+        aug = Augment(crop=crop, scale_min=scale, scale_max=scale)
+        _, _, full = augment(image, label, aug, sample_rng(seed, 0, 0), smooth)
+        _, _, grown = augment(image, label, aug, sample_rng(seed, 0, 0), half)
+        seen = full.sum(0) > 0.5
+        assert ((grown.sum(0) > 0.5) == seen).all(), scale  # the same pixels: the image's, not the padding
+        assert np.abs(grown - full).max(0)[seen].mean() < 0.05, scale
+        assert (grown.argmax(0) == full.argmax(0))[seen].mean() > 0.9, scale
+
     # the soft cross-entropy's minimum is the teacher's distribution, on the pixels it saw
     teacher = torch.softmax(3 * torch.randn(1, 4, 5, 6), 1)
     teacher[..., -1] = 0  # padding: no target there
@@ -788,6 +806,7 @@ def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactl
     assert "computing the teacher's targets for 6 of 6 images (scales 1)" in err
     spec = json.loads((tmp_path / "d" / "teacher" / "spec.json").read_text())
     assert spec["scales"] == [1.0] and spec["flip"] is False and len(spec["images"]) == 6
+    assert "reduction" not in spec  # full size: the spec of runs made before the option, which resume as they were
     one_pass = np.load(tmp_path / "d" / "teacher" / "000000.npy").astype(np.float32)  # logits made probabilities
     assert one_pass.min() >= 0 and np.allclose(one_pass.sum(-1), 1, atol=2e-3)
     code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "e", "--teacher", tmp_path / "no.pt",
@@ -805,3 +824,13 @@ def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactl
     free += 1
     train(tiny_config(data, tmp_path / "f", max_steps=1, **settings))
     assert len(list((tmp_path / "f" / "teacher").glob("*.npy"))) == 6
+
+    # kept at a quarter of the size each way: 16x less disk, made again for the new spec, and trained on
+    events.clear()
+    reduced = train(tiny_config(data, tmp_path / "f", max_steps=2, teacher_reduction=4, **settings),
+                    on_event=lambda kind, info: events.append((kind, info)))
+    files = sorted((tmp_path / "f" / "teacher").glob("*.npy"))
+    assert len(files) == 6 and np.load(files[0]).shape == (20, 24, 3)
+    assert sum(f.stat().st_size for f in files) == [i for k, i in events if k == "teacher"][0]["bytes"]
+    assert json.loads((tmp_path / "f" / "teacher" / "spec.json").read_text())["reduction"] == 4
+    assert len(reduced.losses) == 2 and all(i["distil"] > 0 for k, i in events if k == "step")

@@ -46,6 +46,9 @@ def train(
         "probabilities, averaged over --teacher-scales and flips, beside the labels."),
     teacher_scales: str = typer.Option("0.75,1,1.25,1.5", metavar="S,...", help="The teacher's scales (averaged)."),
     teacher_flip: bool = typer.Option(True, "--teacher-flip/--no-teacher-flip", help="Average the teacher's mirrored passes too."),
+    teacher_reduction: int = typer.Option(
+        1, min=1, metavar="F", help="Keep the teacher's targets at 1/F of the image's width and height (F^2 times "
+        "less disk; each crop resizes them back)."),
     distil: float = typer.Option(1.0, metavar="F", help="Weight of the distillation loss (with --teacher)."),
     backbone_weights: Path | None = typer.Option(None, metavar="FILE",
                                                     help="torchvision ImageNet state dict (.pth) for the backbone."),
@@ -104,7 +107,7 @@ def train(
                           weight_decay=weight_decay, schedule=schedule, class_balance=class_balance, lovasz=lovasz,
                           aux_weight=aux_weight, init=str(init) if init else None, teacher=teacher,
                           teacher_scales=O.parse_scales(teacher_scales, "teacher_scales"), teacher_flip=teacher_flip,
-                          distil=distil,
+                          teacher_reduction=teacher_reduction, distil=distil,
                           backbone_weights=str(backbone_weights) if backbone_weights else None,
                           grad_checkpoint=grad_checkpoint, channels_last=channels_last, compile=compile_model,
                           device=device, precision=precision, threads=threads, workers=workers,

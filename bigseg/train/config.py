@@ -40,6 +40,7 @@ class TrainConfig:
     teacher: str | None = None     # distil this model's averaged predictions (train/teacher.py)
     teacher_scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5)
     teacher_flip: bool = True
+    teacher_reduction: int = 1     # keep the targets at 1/F of each side (F^2 less disk; resized back per crop)
     distil: float = 1.0            # weight of the soft cross-entropy against the teacher's probabilities
     threads: int | None = None     # intra-op threads (None: one per core)
     device: str = "auto"

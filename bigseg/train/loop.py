@@ -256,7 +256,7 @@ def train(cfg: TrainConfig, resume: bool = False,
     if cfg.teacher:
         try:
             targets = prepare_teacher(cfg.teacher, train_set, run_dir, device, cfg.teacher_scales, cfg.teacher_flip,
-                                      cfg.val_tile, d, on_event)
+                                      cfg.val_tile, d, on_event, reduction=cfg.teacher_reduction)
         except KeyboardInterrupt:
             stop_handled()
             raise Interrupted(f"interrupted while computing the teacher's targets: those done are kept in "

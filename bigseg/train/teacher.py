@@ -4,10 +4,11 @@ student learns what several passes of the teacher see (knowledge distillation, H
 pixel-wise for segmentation, Liu et al. CVPR 2019).
 
 The targets are computed once, before the first step, and kept in the run folder (`teacher/`):
-one float16 (H, W, classes) file per training image, each written atomically, so an interrupted
-computation resumes where it stopped and a resumed run reads them back. `teacher/spec.json` names
-the teacher's weights, its scales and flips and the images; targets made for another spec are
-thrown away and made again. Under torchrun every process computes its share.
+one float16 (H, W, classes) file per training image (H and W divided by `--teacher-reduction`),
+each written atomically, so an interrupted computation resumes where it stopped and a resumed run
+reads them back. `teacher/spec.json` names the teacher's weights, its scales and flips, the
+reduction and the images; targets made for another spec are thrown away and made again. Under
+torchrun every process computes its share.
 """
 from __future__ import annotations
 
@@ -25,13 +26,15 @@ from bigseg.checkpoint import resolve_model
 from bigseg.errors import BigsegError, TrainingError
 from bigseg.predictor import Predictor
 from bigseg.runtime import check_stop
+from bigseg.train.transforms import resize_channels
 
 FOLDER = "teacher"
 MARGIN = 1 << 30  # free space the targets leave for the run's checkpoints and logs
 
 
 class TeacherTargets:
-    """The targets in `folder`, one per training image index (`[i]` -> float16 (H, W, classes))."""
+    """The targets in `folder`, one per training image index (`[i]` -> float16 (H, W, classes), at
+    the kept size; the augmentation resizes them with the image)."""
 
     def __init__(self, folder: Path, count: int):
         self.folder, self.count = Path(folder), count
@@ -46,26 +49,36 @@ class TeacherTargets:
         return [i for i in range(self.count) if not self.path(i).is_file()]
 
 
-def _check_space(folder: Path, missing: list[int], train_set, classes: int) -> int:
-    """The bytes the `missing` targets will take (float16, 2 x classes bytes a pixel: about 80 MB a
-    2048x1024 frame of 19 classes), estimated from the first of them; refused where the disk holding
-    `folder` has not that much free, with a margin, before hours of computing fill it."""
+def kept_size(height: int, width: int, reduction: int) -> tuple[int, int]:
+    """The (width, height) a target is kept at: 1/`reduction` of each side, rounded up."""
+    return -(-width // reduction), -(-height // reduction)
+
+
+def _check_space(folder: Path, missing: list[int], train_set, classes: int, reduction: int) -> int:
+    """The bytes the `missing` targets will take (float16, 2 x classes bytes a kept pixel: about 80 MB
+    a 2048x1024 frame of 19 classes at full size), estimated from the first of them; refused where
+    the disk holding `folder` has not that much free, with a margin, before hours of computing fill it."""
     image, _ = train_set[missing[0]]
-    need = len(missing) * (image.shape[0] * image.shape[1] * classes * 2 + 128)
+    w, h = kept_size(*image.shape[:2], reduction)
+    need = len(missing) * (h * w * classes * 2 + 128)
     free = shutil.disk_usage(folder).free
     if need + MARGIN > free:
         raise TrainingError(f"--teacher: the targets of {len(missing)} images take about {need / 1e9:.2f} GB "
                             f"(float16, {classes} classes a pixel) and {folder} has {free / 1e9:.2f} GB free; "
-                            f"make room, or use a run folder (--run) on a larger disk")
+                            f"make room, use a run folder (--run) on a larger disk, or keep them smaller "
+                            f"(--teacher-reduction {2 * reduction}: 4x less)")
     return need
 
 
 def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[float, ...], flip: bool,
                     tile: int, d: D.Rank = D.Rank(),
-                    on_event: Callable[[str, dict], None] = lambda kind, info: None) -> TeacherTargets:
-    """Make (or find) the teacher's targets for every image of `train_set` in `run_dir/teacher`;
-    under torchrun (`d`) the main process checks the folder's spec, then each process computes
-    every world-th missing image, and all wait for the rest."""
+                    on_event: Callable[[str, dict], None] = lambda kind, info: None,
+                    reduction: int = 1) -> TeacherTargets:
+    """Make (or find) the teacher's targets for every image of `train_set` in `run_dir/teacher`,
+    kept at 1/`reduction` of each side (the teacher's averaged probabilities are smooth: a model
+    of output stride 4 predicts at a quarter of the size); under torchrun (`d`) the main process
+    checks the folder's spec, then each process computes every world-th missing image, and all
+    wait for the rest."""
     try:
         ckpt = resolve_model(spec)
     except BigsegError as e:
@@ -77,7 +90,8 @@ def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[f
     predictor = Predictor(ckpt, str(device), "fp32" if device.type == "cpu" else "auto", tile=tile,
                           scales=tuple(scales), flip=flip, engine="torch")
     wanted = {"weights": predictor.weights_digest, "scales": list(scales), "flip": flip, "tile": tile,
-              "images": [str(Path(s.image).resolve()) for s in train_set.samples]}
+              "images": [str(Path(s.image).resolve()) for s in train_set.samples],
+              **({"reduction": reduction} if reduction != 1 else {})}  # full size: as specs were before it
     folder = Path(run_dir) / FOLDER
     spec_file = folder / "spec.json"
     if d.main:
@@ -91,7 +105,7 @@ def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[f
     missing = targets.missing()
     todo = missing[d.rank::d.world]
     if todo:
-        need = _check_space(folder, missing, train_set, ckpt.num_classes)
+        need = _check_space(folder, missing, train_set, ckpt.num_classes, reduction)
         on_event("teacher", {"images": len(todo), "of": len(train_set), "scales": list(scales), "flip": flip,
                              "bytes": need})
     for n, i in enumerate(todo):
@@ -100,8 +114,11 @@ def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[f
         probs = predictor.scores(np.moveaxis(image, -1, 0).astype(np.float32))
         if not predictor.averages_probabilities:  # one scale, no flip: the model's logits
             probs = torch.from_numpy(probs).softmax(0).numpy()
+        probs = np.moveaxis(probs, 0, -1)
+        if reduction != 1:
+            probs = resize_channels(probs, kept_size(*probs.shape[:2], reduction))
         with atomic_path(targets.path(i)) as tmp, open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(np.moveaxis(probs, 0, -1)).astype(np.float16))
+            np.save(f, np.ascontiguousarray(probs).astype(np.float16))
         on_event("teacher_image", {"done": n + 1, "images": len(todo)})
     D.barrier(d)
     missing = targets.missing()

@@ -95,20 +95,25 @@ def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.G
 
 def _geometry(target: np.ndarray, d: Draw, crop: int) -> np.ndarray:
     """The draw's resize, crop (zero padding) and flip of (H, W, C) probabilities -> (C, crop, crop)."""
-    import cv2
-
     h, w = target.shape[:2]
-    if d.size != (w, h):
-        # as the image is resized; OpenCV's area resampling takes at most 4 channels at a time
-        how = cv2.INTER_LINEAR if d.scale > 1 else cv2.INTER_AREA
-        target = np.dstack([cv2.resize(target[..., i:i + 4], d.size, interpolation=how).reshape(d.size[1], d.size[0], -1)
-                            for i in range(0, target.shape[-1], 4)])
+    if d.size != (w, h):  # as the image is resized (targets kept smaller, `--teacher-reduction`, grow back here)
+        target = resize_channels(target, d.size)
     h, w = target.shape[:2]
     target = np.pad(target, ((0, max(0, crop - h)), (0, max(0, crop - w)), (0, 0)))
     target = target[d.y:d.y + crop, d.x:d.x + crop]
     if d.flip:
         target = target[:, ::-1]
     return np.ascontiguousarray(target.transpose(2, 0, 1))
+
+
+def resize_channels(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, C) float -> (h, w, C) for `size` (w, h): bilinear to enlarge, area to shrink, as an image
+    is resized; OpenCV's area resampling takes at most 4 channels at a time."""
+    import cv2
+
+    how = cv2.INTER_LINEAR if size[0] > array.shape[1] else cv2.INTER_AREA
+    return np.dstack([cv2.resize(array[..., i:i + 4], size, interpolation=how).reshape(size[1], size[0], -1)
+                      for i in range(0, array.shape[-1], 4)])
 
 
 def _jitter(image: np.ndarray, factors: tuple[float, float, float]) -> np.ndarray:

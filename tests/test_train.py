@@ -775,7 +775,8 @@ def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactl
     full = train(tiny_config(data, tmp_path / "a", max_steps=4, **settings),
                  on_event=lambda kind, info: events.append((kind, info)))
     announced = [i for k, i in events if k == "teacher"]
-    assert announced == [{"images": 6, "of": 6, "scales": [1.0, 1.5], "flip": True, "bytes": announced[0]["bytes"]}]
+    assert announced == [{"images": 6, "of": 6, "teachers": 1, "scales": [1.0, 1.5], "flip": True,
+                          "bytes": announced[0]["bytes"]}]
     steps = [i for k, i in events if k == "step"]
     assert len(steps) == 4 and all(i["distil"] > 0 for i in steps)
     files = sorted((tmp_path / "a" / "teacher").glob("*.npy"))
@@ -834,3 +835,35 @@ def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactl
     assert sum(f.stat().st_size for f in files) == [i for k, i in events if k == "teacher"][0]["bytes"]
     assert json.loads((tmp_path / "f" / "teacher" / "spec.json").read_text())["reduction"] == 4
     assert len(reduced.losses) == 2 and all(i["distil"] > 0 for k, i in events if k == "step")
+
+
+def test_several_teachers_give_the_mean_of_their_targets(tmp_path, tiny_checkpoint, capsys):
+    from bigseg.checkpoint import from_model, save_checkpoint
+
+    data = make_generic_dataset(tmp_path / "data", n=4)
+    other = save_checkpoint(from_model(tiny_model(seed=1), "ladder-dn121", CLASSES), tmp_path / "other.pt")
+    settings = dict(teacher_scales=(1.0,), teacher_flip=False, max_steps=1, eval_every=0)
+    for name, teacher in (("a", str(tiny_checkpoint)), ("b", str(other))):
+        train(tiny_config(data, tmp_path / name, teacher=teacher, **settings))
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "ab", "--teacher", tiny_checkpoint,
+                           "--teacher", other, "--teacher-scales", "1", "--no-teacher-flip", "--max-steps", "1",
+                           "--batch-size", "2", "--crop", "64", "--workers", "0", "--device", "cpu",
+                           "--eval-every", "0", "--model-config",
+                           "spp_bottleneck=8,spp_level=4,spp_width=8,up_widths=8/8/8/8,squeeze=8")
+    assert code == 0, err
+    assert "computing the mean of 2 teachers' targets for 4 of 4 images" in err
+    for i in range(4):
+        a, b, ab = (np.load(tmp_path / name / "teacher" / f"{i:06d}.npy").astype(np.float32) for name in ("a", "b", "ab"))
+        assert np.abs(a - b).max() > 0.05  # two different teachers
+        assert np.allclose(ab, (a + b) / 2, atol=2e-3)
+    spec = json.loads((tmp_path / "ab" / "teacher" / "spec.json").read_text())
+    assert len(spec["weights"]) == 2 and spec["weights"][0] == json.loads(
+        (tmp_path / "a" / "teacher" / "spec.json").read_text())["weights"]
+    stored = torch.load(tmp_path / "ab" / "last.pt", weights_only=True)["config"]["teacher"]
+    assert stored == (str(tiny_checkpoint), str(other))
+    # one teacher is stored by its name, as before ensembles (so older runs resume); one named twice is refused
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["config"]["teacher"] == str(tiny_checkpoint)
+    assert TrainConfig(data="d", run_dir="r", teacher=[str(other)]).teacher == str(other)
+    with pytest.raises(TrainingError, match="has the weights of --teacher"):
+        train(tiny_config(data, tmp_path / "c", teacher=(str(tiny_checkpoint), str(other), str(tiny_checkpoint)),
+                          **settings))

@@ -173,7 +173,8 @@ class TrainProgress(_Display):
             self.line(f"epoch {info['epoch']}/{self.epochs}: loss {loss}{val} ({info['seconds']:.0f} s)"
                       f"{' *best*' if info.get('best') else ''}")
         elif kind == "teacher":
-            self.line(f"computing the teacher's targets for {info['images']} of {info['of']} images "
+            who = "the teacher's" if info["teachers"] == 1 else f"the mean of {info['teachers']} teachers'"
+            self.line(f"computing {who} targets for {info['images']} of {info['of']} images "
                       f"(scales {', '.join(f'{s:g}' for s in info['scales'])}{', flipped too' if info['flip'] else ''}); "
                       f"about {info['bytes'] / 1e9:.2f} GB, kept in the run folder")
         elif kind == "teacher_image":

@@ -41,9 +41,10 @@ def train(
     aux_weight: float = typer.Option(0.4, metavar="F", help="Weight of the auxiliary losses (ladder models)."),
     init: Path | None = typer.Option(None, metavar="FILE", help="Start from this checkpoint's weights "
                                         "(same architecture and classes; new optimiser and schedule)."),
-    teacher: str | None = typer.Option(
+    teacher: list[str] | None = typer.Option(
         None, metavar="MODEL", help="Distil this model (a shipped name or a .pt file): the student learns its "
-        "probabilities, averaged over --teacher-scales and flips, beside the labels."),
+        "probabilities, averaged over --teacher-scales and flips, beside the labels. Repeat it to distil the "
+        "mean of several models (an ensemble)."),
     teacher_scales: str = typer.Option("0.75,1,1.25,1.5", metavar="S,...", help="The teacher's scales (averaged)."),
     teacher_flip: bool = typer.Option(True, "--teacher-flip/--no-teacher-flip", help="Average the teacher's mirrored passes too."),
     teacher_reduction: int = typer.Option(
@@ -105,7 +106,7 @@ def train(
                           scale_min=scale_min, scale_max=scale_max, jitter=jitter, colour_jitter=colour_jitter,
                           gamma=gamma, optimizer=optimizer, lr=lr,
                           weight_decay=weight_decay, schedule=schedule, class_balance=class_balance, lovasz=lovasz,
-                          aux_weight=aux_weight, init=str(init) if init else None, teacher=teacher,
+                          aux_weight=aux_weight, init=str(init) if init else None, teacher=tuple(teacher or ()),
                           teacher_scales=O.parse_scales(teacher_scales, "teacher_scales"), teacher_flip=teacher_flip,
                           teacher_reduction=teacher_reduction, distil=distil,
                           backbone_weights=str(backbone_weights) if backbone_weights else None,

@@ -37,7 +37,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     init: str | None = None        # start from this checkpoint's weights (new optimiser and schedule)
-    teacher: str | None = None     # distil this model's averaged predictions (train/teacher.py)
+    teacher: str | tuple[str, ...] | None = None  # distil this model's (or these models' mean) averaged predictions
     teacher_scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5)
     teacher_flip: bool = True
     teacher_reduction: int = 1     # keep the targets at 1/F of each side (F^2 less disk; resized back per crop)
@@ -56,6 +56,12 @@ class TrainConfig:
     sync_bn: bool = False
     recompute_bn: int = 0          # batches for exact BN statistics after training (0: off)
     max_steps: int | None = None   # stop (with a run checkpoint) after this many steps in all
+
+    def __post_init__(self):
+        # one teacher is kept as its name, as runs stored it before several could be averaged
+        if isinstance(self.teacher, (tuple, list)):
+            names = tuple(map(str, self.teacher))
+            object.__setattr__(self, "teacher", names[0] if len(names) == 1 else names or None)
 
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}

@@ -1,12 +1,13 @@
 """Distillation targets: a teacher model's class probabilities for every training image, averaged
 over scales and flips as `predict --scales ... --flip` averages them, so that one pass of the
 student learns what several passes of the teacher see (knowledge distillation, Hinton et al. 2015;
-pixel-wise for segmentation, Liu et al. CVPR 2019).
+pixel-wise for segmentation, Liu et al. CVPR 2019). Several teachers (an ensemble) give the mean
+of their averaged probabilities, as Hinton et al. distil an ensemble into one model.
 
 The targets are computed once, before the first step, and kept in the run folder (`teacher/`):
 one float16 (H, W, classes) file per training image (H and W divided by `--teacher-reduction`),
 each written atomically, so an interrupted computation resumes where it stopped and a resumed run
-reads them back. `teacher/spec.json` names the teacher's weights, its scales and flips, the
+reads them back. `teacher/spec.json` names the teachers' weights, its scales and flips, the
 reduction and the images; targets made for another spec are thrown away and made again. Under
 torchrun every process computes its share.
 """
@@ -70,15 +71,8 @@ def _check_space(folder: Path, missing: list[int], train_set, classes: int, redu
     return need
 
 
-def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[float, ...], flip: bool,
-                    tile: int, d: D.Rank = D.Rank(),
-                    on_event: Callable[[str, dict], None] = lambda kind, info: None,
-                    reduction: int = 1) -> TeacherTargets:
-    """Make (or find) the teacher's targets for every image of `train_set` in `run_dir/teacher`,
-    kept at 1/`reduction` of each side (the teacher's averaged probabilities are smooth: a model
-    of output stride 4 predicts at a quarter of the size); under torchrun (`d`) the main process
-    checks the folder's spec, then each process computes every world-th missing image, and all
-    wait for the rest."""
+def _predictor(spec: str, train_set, device, scales: tuple[float, ...], flip: bool, tile: int) -> Predictor:
+    """The predictor of one teacher, refused unless it predicts the training data's classes."""
     try:
         ckpt = resolve_model(spec)
     except BigsegError as e:
@@ -87,9 +81,36 @@ def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[f
         raise TrainingError(f"--teacher {spec} predicts {len(ckpt.classes)} classes ({', '.join(ckpt.classes[:3])}, "
                             f"...); the training data has {len(train_set.classes)} "
                             f"({', '.join(train_set.classes[:3])}, ...)")
-    predictor = Predictor(ckpt, str(device), "fp32" if device.type == "cpu" else "auto", tile=tile,
-                          scales=tuple(scales), flip=flip, engine="torch")
-    wanted = {"weights": predictor.weights_digest, "scales": list(scales), "flip": flip, "tile": tile,
+    return Predictor(ckpt, str(device), "fp32" if device.type == "cpu" else "auto", tile=tile,
+                     scales=tuple(scales), flip=flip, engine="torch")
+
+
+def _probabilities(predictor: Predictor, image: np.ndarray) -> np.ndarray:
+    """One teacher's (C, H, W) probabilities for an (H, W, 3) image, averaged over its scales and flips."""
+    probs = predictor.scores(np.moveaxis(image, -1, 0).astype(np.float32))
+    if not predictor.averages_probabilities:  # one scale, no flip: the model's logits
+        probs = torch.from_numpy(probs).softmax(0).numpy()
+    return probs
+
+
+def prepare_teacher(spec: str | tuple[str, ...], train_set, run_dir: Path, device, scales: tuple[float, ...],
+                    flip: bool, tile: int, d: D.Rank = D.Rank(),
+                    on_event: Callable[[str, dict], None] = lambda kind, info: None,
+                    reduction: int = 1) -> TeacherTargets:
+    """Make (or find) the targets of the teacher `spec` (or the mean of several) for every image of
+    `train_set` in `run_dir/teacher`, kept at 1/`reduction` of each side (the teacher's averaged
+    probabilities are smooth: a model of output stride 4 predicts at a quarter of the size); under
+    torchrun (`d`) the main process checks the folder's spec, then each process computes every
+    world-th missing image, and all wait for the rest."""
+    specs = (spec,) if isinstance(spec, str) else tuple(spec)
+    predictors = [_predictor(s, train_set, device, scales, flip, tile) for s in specs]
+    digests = [p.weights_digest for p in predictors]
+    for i, digest in enumerate(digests):
+        if digest in digests[:i]:
+            raise TrainingError(f"--teacher {specs[i]} has the weights of --teacher {specs[digests.index(digest)]}; "
+                                f"name each teacher once")
+    wanted = {"weights": digests[0] if len(digests) == 1 else digests,  # one: as specs were before ensembles
+              "scales": list(scales), "flip": flip, "tile": tile,
               "images": [str(Path(s.image).resolve()) for s in train_set.samples],
               **({"reduction": reduction} if reduction != 1 else {})}  # full size: as specs were before it
     folder = Path(run_dir) / FOLDER
@@ -105,16 +126,16 @@ def prepare_teacher(spec: str, train_set, run_dir: Path, device, scales: tuple[f
     missing = targets.missing()
     todo = missing[d.rank::d.world]
     if todo:
-        need = _check_space(folder, missing, train_set, ckpt.num_classes, reduction)
-        on_event("teacher", {"images": len(todo), "of": len(train_set), "scales": list(scales), "flip": flip,
-                             "bytes": need})
+        need = _check_space(folder, missing, train_set, len(train_set.classes), reduction)
+        on_event("teacher", {"images": len(todo), "of": len(train_set), "teachers": len(specs),
+                             "scales": list(scales), "flip": flip, "bytes": need})
     for n, i in enumerate(todo):
         check_stop()
         image, _ = train_set[i]
-        probs = predictor.scores(np.moveaxis(image, -1, 0).astype(np.float32))
-        if not predictor.averages_probabilities:  # one scale, no flip: the model's logits
-            probs = torch.from_numpy(probs).softmax(0).numpy()
-        probs = np.moveaxis(probs, 0, -1)
+        probs = _probabilities(predictors[0], image)
+        for predictor in predictors[1:]:
+            probs += _probabilities(predictor, image)
+        probs = np.moveaxis(probs / len(predictors), 0, -1)
         if reduction != 1:
             probs = resize_channels(probs, kept_size(*probs.shape[:2], reduction))
         with atomic_path(targets.path(i)) as tmp, open(tmp, "wb") as f:

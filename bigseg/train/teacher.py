@@ -7,7 +7,7 @@ of their averaged probabilities, as Hinton et al. distil an ensemble into one mo
 The targets are computed once, before the first step, and kept in the run folder (`teacher/`):
 one float16 (H, W, classes) file per training image (H and W divided by `--teacher-reduction`),
 each written atomically, so an interrupted computation resumes where it stopped and a resumed run
-reads them back. `teacher/spec.json` names the teachers' weights, its scales and flips, the
+reads them back. `teacher/spec.json` names the teachers' weights, their scales and flips, the
 reduction and the images; targets made for another spec are thrown away and made again. Under
 torchrun every process computes its share.
 """
@@ -86,8 +86,8 @@ def _predictor(spec: str, train_set, device, scales: tuple[float, ...], flip: bo
 
 
 def _probabilities(predictor: Predictor, image: np.ndarray) -> np.ndarray:
-    """One teacher's (C, H, W) probabilities for an (H, W, 3) image, averaged over its scales and flips."""
-    probs = predictor.scores(np.moveaxis(image, -1, 0).astype(np.float32))
+    """One teacher's (C, H, W) probabilities for a (3, H, W) image, averaged over its scales and flips."""
+    probs = predictor.scores(image)
     if not predictor.averages_probabilities:  # one scale, no flip: the model's logits
         probs = torch.from_numpy(probs).softmax(0).numpy()
     return probs
@@ -132,6 +132,7 @@ def prepare_teacher(spec: str | tuple[str, ...], train_set, run_dir: Path, devic
     for n, i in enumerate(todo):
         check_stop()
         image, _ = train_set[i]
+        image = np.moveaxis(image, -1, 0).astype(np.float32)  # once for every teacher
         probs = _probabilities(predictors[0], image)
         for predictor in predictors[1:]:
             probs += _probabilities(predictor, image)

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-W, H, PAD, LO, HI = 960, 420, 60, 35.0, 70.0
+W, H, PAD, LO, HI = 960, 420, 60, 30.0, 70.0
 VAL, TEST, AFTER, GREY = (40, 140, 40), (30, 60, 200), (150, 150, 150), (200, 200, 200)
 
 
@@ -42,6 +42,9 @@ def main() -> None:
                     cv2.line(img, a, b, colour, 1 if dim else 2, cv2.LINE_AA)
                 for p in pts:
                     cv2.circle(img, p, 3, colour, 1 if dim else -1, cv2.LINE_AA)
+            if dim and part["start"] < spec["stages"][-1]["start"]:  # a run across the stages: named
+                first = part["points"][0]
+                text(part["name"], (x(part["start"] + first[0]) + 6, y(first[1]) + 4), AFTER)
     cv2.rectangle(img, (PAD, PAD // 2), (W - PAD, H - PAD), (0, 0, 0), 1)
     text("epoch (over the stages)", (W // 2 - 80, H - PAD + 22))
     text("val mIoU", (PAD, H - 12), VAL)

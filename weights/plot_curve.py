@@ -43,8 +43,8 @@ def main() -> None:
                 for p in pts:
                     cv2.circle(img, p, 3, colour, 1 if dim else -1, cv2.LINE_AA)
             if dim and part["start"] < spec["stages"][-1]["start"]:  # a run across the stages: named
-                first = part["points"][0]
-                text(part["name"], (x(part["start"] + first[0]) + 6, y(first[1]) + 4), AFTER)
+                epoch, miou = next((p[0], p[1] if p[1] is not None else p[2]) for p in part["points"])
+                text(part["name"], (x(part["start"] + epoch) + 6, y(miou) + 4), AFTER)
     cv2.rectangle(img, (PAD, PAD // 2), (W - PAD, H - PAD), (0, 0, 0), 1)
     text("epoch (over the stages)", (W // 2 - 80, H - PAD + 22))
     text("val mIoU", (PAD, H - 12), VAL)

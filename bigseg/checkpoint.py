@@ -45,6 +45,9 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     in_channels: int = 3
     training: dict[str, Any] = field(default_factory=dict)
+    # what the model was trained on, for predict (models trained on raster scenes): 1-based `bands`,
+    # `value_range`, ground `pixel_size` [x, y] in `units`, the classes' `label_values`
+    input: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -68,6 +71,7 @@ class Checkpoint:
             "classes": list(self.classes), "palette": [list(map(int, c)) for c in self.palette],
             "normalization": {"mean": list(self.normalization.mean), "std": list(self.normalization.std)},
             "in_channels": self.in_channels, "training": self.training, "state_dict": self.state_dict,
+            **({"input": self.input} if self.input else {}),
         }
 
 
@@ -82,13 +86,13 @@ def weights_digest(ckpt: Checkpoint) -> str:
 
 def from_model(model: nn.Module, arch: str, classes: list[str], palette: list[list[int]] | None = None,
                normalization: Normalization | None = None, training: dict[str, Any] | None = None,
-               half: bool = False) -> Checkpoint:
+               half: bool = False, input: dict[str, Any] | None = None) -> Checkpoint:
     """Describe a trained `model` as a checkpoint (`half` stores floating weights as fp16)."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     ckpt = Checkpoint(arch=arch, config=model_config(model), classes=list(classes),
                       palette=palette or default_palette(len(classes)),
                       normalization=normalization or Normalization(), state_dict=state,
-                      in_channels=getattr(model, "in_channels", 3), training=training or {})
+                      in_channels=getattr(model, "in_channels", 3), training=training or {}, input=input or {})
     return half_precision(ckpt) if half else ckpt
 
 
@@ -159,7 +163,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                           palette=[list(c) for c in raw["palette"]],
                           normalization=Normalization(list(norm["mean"]), list(norm["std"])),
                           state_dict=dict(raw["state_dict"]), in_channels=int(raw.get("in_channels", 3)),
-                          training=dict(raw.get("training", {})))
+                          training=dict(raw.get("training", {})), input=dict(raw.get("input") or {}))
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is an incomplete bigseg checkpoint (missing {e})") from None
     except InputError as e:  # unknown architecture

@@ -123,6 +123,23 @@ def make_generic_dataset(root: Path, n: int = 6, size: tuple[int, int] = (80, 96
     return root
 
 
+def make_camvid_dataset(root: Path, n: int = 6, val: int = 2, size: tuple[int, int] = (80, 96), seed: int = 0) -> Path:
+    """A CamVid-layout folder (train/ + trainannot/, val/ + valannot/) of small images with the
+    same learnable content as `make_generic_dataset`: an image folder, read whole."""
+    import cv2
+
+    generic = make_generic_dataset(root / "generic", n + val, size, seed)
+    for split, names in (("train", range(n)), ("val", range(n, n + val))):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for i in names:
+            image = cv2.imread(str(generic / "images" / f"im{i:02d}.png"))
+            label = cv2.imread(str(generic / "masks" / f"im{i:02d}.png"), cv2.IMREAD_UNCHANGED)
+            cv2.imwrite(str(root / split / f"im{i:02d}.png"), image)
+            cv2.imwrite(str(root / f"{split}annot" / f"im{i:02d}.png"), np.where(label == 255, 11, label).astype(np.uint8))
+    return root
+
+
 def small_receptive_field_net() -> torch.nn.Module:
     """Two 5x5 convolutions: a receptive radius of 4 pixels (tiles with overlap 16 stitch exactly)."""
     torch.manual_seed(0)

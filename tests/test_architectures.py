@@ -33,19 +33,6 @@ def test_logits_have_the_input_size_in_train_and_eval(name, size):
         assert model.eval()(x).shape == (2, 3, *size)
 
 
-class _Labels:
-    """A dataset stand-in that only serves label maps (what prepare_training reads)."""
-
-    def __init__(self, labels):
-        self.labels = labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def label(self, i):
-        return self.labels[i]
-
-
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(name):
     model = tiny(name).train()
@@ -57,7 +44,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(name):
     x[:, 0] += 2 * (y == 1)
     x[:, 1] += 2 * (y == 2)
     if name.startswith("dupsampling"):
-        model.prepare_training(_Labels([y[0].numpy().astype(np.uint8)]))
+        model.prepare_training([y[0].numpy().astype(np.uint8)])
     # DUpsampling's orthonormal W decodes unit-scale logits: its code and temperature need
     # larger steps to become confident in 8 steps
     # VGG without batchnorm (DeepLab v1) diverges at Adam's 1e-3 from scratch: a tenth of it
@@ -153,7 +140,7 @@ def test_dupsampling_pca_reconstructs_piecewise_labels_and_travels_in_checkpoint
         lab[:3, :3] = 255
         labels.append(lab)
     model = tiny("dupsampling-rn50", compressed=24)
-    facts = model.prepare_training(_Labels(labels))
+    facts = model.prepare_training(labels)
     w = model.dupsample.weight
     assert torch.allclose(w.t() @ w, torch.eye(24), atol=1e-5)
     assert facts["dupsampling_reconstruction_acc"] > 0.99 and bool(model.dupsample.fitted)

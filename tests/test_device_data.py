@@ -3,14 +3,16 @@ import numpy as np
 import pytest
 import torch
 
-from bigseg.datasets import IGNORE
 from bigseg.errors import TrainingError
+from bigseg.train.data import IGNORE, DataSplit, Patch, Region, Source
 from bigseg.train.device_data import DeviceData
 from bigseg.train.transforms import Augment, augment, sample_rng
 
 
-class Frames:
-    """A dataset of textured synthetic frames with thin structures (the cases resampling changes)."""
+class Frames(Source):
+    """Images of textured synthetic frames with thin structures (the cases resampling changes)."""
+
+    whole_images, channels, name = True, 3, "frames"
 
     def __init__(self, n=6, size=(90, 130)):
         rng = np.random.default_rng(0)
@@ -30,11 +32,18 @@ class Frames:
     def __getitem__(self, i):
         return self.items[i]
 
+    def read(self, i, window=None):
+        image, label = self.items[i]
+        return Patch(np.ascontiguousarray(image.transpose(2, 0, 1)), label.copy(), np.ones(label.shape, bool))
+
+    def split(self) -> DataSplit:
+        return DataSplit(self, [Region(i) for i in range(len(self))], "train")
+
 
 @pytest.mark.parametrize("scales", [(1.0, 1.0), (1.0, 2.0), (0.5, 1.0)], ids=["same", "enlarged", "shrunk"])
 def test_device_augmentation_makes_the_worker_paths_crops(scales):
     frames = Frames()
-    data = DeviceData(frames, torch.device("cpu"))
+    data = DeviceData(frames.split(), torch.device("cpu"))
     assert data.nbytes == sum(i.nbytes + lab.nbytes for i, lab in frames.items)
     for jitter, colour, gamma in ((0.0, 0.0, 0.0), (0.3, 0.0, 0.0), (0.3, 0.2, 0.0), (0.3, 0.2, 0.5)):
         aug = Augment(96, *scales, True, jitter, colour, gamma)
@@ -54,7 +63,7 @@ def test_device_augmentation_makes_the_worker_paths_crops(scales):
 
 
 def test_batches_follow_the_indices_and_drop_the_incomplete_last_batch():
-    data = DeviceData(Frames(n=5), torch.device("cpu"))
+    data = DeviceData(Frames(n=5).split(), torch.device("cpu"))
     aug = Augment(64, 0.75, 1.25, True, 0.0)
     batches = list(data.batches([4, 2, 0, 1, 3], aug, seed=1, epoch=0, batch_size=2))
     assert len(batches) == 2 and batches[0][0].shape == (2, 3, 64, 64)
@@ -65,7 +74,7 @@ def test_batches_follow_the_indices_and_drop_the_incomplete_last_batch():
 def test_a_data_set_too_large_for_the_gpu_is_refused_before_it_is_copied(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20_000, 80_000))
     with pytest.raises(TrainingError, match="without --data-on-device"):
-        DeviceData(Frames(n=2), torch.device("cuda"))
+        DeviceData(Frames(n=2).split(), torch.device("cuda"))
 
 
 def test_colour_jitter_casts_each_channel_and_leaves_the_other_choices_as_they_were():
@@ -105,5 +114,7 @@ def test_gamma_bends_the_tone_curve_both_ways_and_leaves_the_other_choices_as_th
     x, _ = augment(image, label, aug, sample_rng(0, 0, 7))
     assert x[:, :, 5].max() == 0 and np.allclose(x[:, :, 35], 255) and not np.isclose(g, 1, atol=0.05)
     assert np.allclose(x[:, :, 20], 255 * (128 / 255) ** g, atol=1e-3)
-    y, _ = DeviceData([(image, label)], torch.device("cpu")).sample(0, aug, sample_rng(0, 0, 7))
+    one = Frames(n=1)
+    one.items = [(image, label)]
+    y, _ = DeviceData(one.split(), torch.device("cpu")).sample(0, aug, sample_rng(0, 0, 7))
     assert np.abs(y.numpy() - x).max() < 1e-3

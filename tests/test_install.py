@@ -41,7 +41,7 @@ def test_a_wheel_carries_the_default_weights_and_predicts_without_the_source_tre
     (["predict", "no-such-file.tif"], "input not found"),
     (["predict", "--scales", "big", "x.tif"], "--scales takes factors"),
     (["predict", "--crf", "fancy", "x.tif"], "--crf takes lattice or window"),
-    (["eval", "--data", "no-such-folder"], "data folder not found"),
+    (["eval", "--data", "no-such-folder"], "data not found"),
     (["models"], None),
     (["--help"], None),
 ])

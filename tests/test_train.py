@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from bigseg.checkpoint import load_checkpoint
-from bigseg.datasets import IGNORE, open_dataset
+from bigseg.train.data import IGNORE, open_split
 from bigseg.errors import DatasetError, Interrupted, TrainingError
 from bigseg.models.blocks import set_grad_checkpointing
 from bigseg.train.loop import TrainConfig, train
 from bigseg.train.losses import ladder_loss, lovasz_softmax, model_loss, soft_targets
 from tests.cli_helpers import run_cli
-from tests.conftest import CLASSES, TINY, make_generic_dataset, tiny_model
+from tests.conftest import CLASSES, TINY, make_camvid_dataset, make_generic_dataset, tiny_model
 
 
 def test_checkpointed_step_equals_plain_step_including_bn_statistics():
@@ -178,10 +179,10 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeyp
 
 
 def test_backbone_weights_get_a_quarter_of_the_learning_rate(tmp_path):
-    from bigseg.train.loop import _optimizer
+    from bigseg.train.setup import optimizer
     model = tiny_model()
     names = {f"backbone.{n}" for n, _ in model.backbone.named_parameters()}
-    opt = _optimizer(tiny_config("x", "y", lr=1e-3), model, names)
+    opt = optimizer(tiny_config("x", "y", lr=1e-3), model, names)
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 2.5e-4]
     assert len(opt.param_groups[1]["params"]) == len(names)
 
@@ -194,45 +195,47 @@ def test_layouts_are_recognised_and_unknown_ones_named(tmp_path):
     cv2.imwrite(str(cs / "leftImg8bit" / "val" / "aachen" / "a_000001_000019_leftImg8bit.png"), np.zeros((4, 4, 3), np.uint8))
     ids = np.array([[7, 8, 26, 0], [24, 33, 1, 23]] * 2, np.uint8)
     cv2.imwrite(str(cs / "gtFine" / "val" / "aachen" / "a_000001_000019_gtFine_labelIds.png"), ids)
-    _, label = open_dataset(cs, "val")[0]
+    label = open_split(cs, "val").source.read(0).label
     assert label[:2].tolist() == [[0, 1, 13, 255], [11, 18, 255, 10]]
     cam = tmp_path / "camvid"
     for d in ("train", "trainannot"):
         (cam / d).mkdir(parents=True)
     cv2.imwrite(str(cam / "train" / "x.png"), np.zeros((2, 2, 3), np.uint8))
     cv2.imwrite(str(cam / "trainannot" / "x.png"), np.array([[0, 11], [10, 3]], np.uint8))
-    ds = open_dataset(cam, "train")
-    assert ds[0][1].tolist() == [[0, 255], [10, 3]] and len(ds.classes) == 11
+    ds = open_split(cam, "train")
+    assert ds.source.read(0).label.tolist() == [[0, 255], [10, 3]] and len(ds.classes) == 11
     with pytest.raises(DatasetError, match="unknown data layout; expected one of: Cityscapes"):
-        open_dataset(tmp_path, "train")
+        open_split(tmp_path, "train")
 
 
 def test_real_cityscapes_sample_decodes(shared_data):
-    ds = open_dataset(shared_data / "cityscapes-sample", "val")
-    image, label = ds[0]
-    assert image.shape[:2] == label.shape and len(ds.classes) == 19
+    ds = open_split(shared_data / "cityscapes-sample", "val")
+    patch = ds.source.read(0)
+    image, label = patch.image, patch.label
+    assert image.shape[1:] == label.shape and image.dtype == np.uint8 and len(ds.classes) == 19
     assert set(np.unique(label)) <= set(range(19)) | {255}
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun test runs on Linux CI")
 def test_distributed_training_with_two_cpu_processes(tmp_path, tiny_checkpoint):
     """Two ranks, each making half of a teacher's targets first."""
-    data = make_generic_dataset(tmp_path / "data", n=10)  # 9 train, 1 val
+    data = make_generic_dataset(tmp_path / "data", n=10)  # 9 training scenes, 1 for validation
     job = tmp_path / "job.py"
     job.write_text(
         "import json\n"
         "from bigseg.train.loop import TrainConfig, train\n"
         f"r = train(TrainConfig(data={str(data)!r}, run_dir={str(tmp_path / 'run')!r}, "
         f"arch_config=json.loads({json.dumps(TINY)!r}), epochs=2, batch_size=2, crop=64, workers=0, "
-        f"device='cpu', precision='fp32', val_tile=128, teacher={str(tiny_checkpoint)!r}, teacher_scales=(1.0,)))\n"
+        f"device='cpu', precision='fp32', val_tile=128, teacher={str(tiny_checkpoint)!r}, teacher_scales=(1.0,), "
+        f"windows_per_epoch=9))\n"
         "import sys; sys.stdout.write(f'RESULT {r.steps_done}\\n')  # one write: the two ranks share the pipe\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", "29513", str(job)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("RESULT 4") == 2  # 9 images // (2 ranks x 2) = 2 steps per epoch, 2 epochs
+    assert proc.stdout.count("RESULT 4") == 2  # 9 windows // (2 ranks x 2) = 2 steps per epoch, 2 epochs
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "best.pt", "curves.png", "final.pt", "last.pt", "log.csv", "log.json", "teacher"]
+        "best.pt", "curves.png", "data.json", "final.pt", "last.pt", "log.csv", "log.json", "teacher"]
     assert sorted(p.name for p in (tmp_path / "run" / "teacher").iterdir()) == [f"{i:06d}.npy" for i in range(9)] + [
         "spec.json"]
 
@@ -253,11 +256,12 @@ def test_train_cli_loads_torchvision_backbone_weights(tmp_path, capsys):
 
 
 def test_median_frequency_weights_follow_segnet_and_weight_the_loss(tmp_path):
-    from bigseg.datasets import label_statistics
+    from bigseg.train.data import label_statistics
     from bigseg.train.losses import class_weights, segmentation_loss
 
     data = make_generic_dataset(tmp_path / "data", n=4)
-    pixels, image_pixels = label_statistics(open_dataset(data, "train"))
+    train_split = open_split(data, "train")
+    pixels, image_pixels = label_statistics(train_split.source, train_split.regions, 3)
     freq = pixels / image_pixels
     weights = class_weights(pixels, image_pixels, "median-frequency")
     assert weights == pytest.approx(list(np.median(freq) / freq))
@@ -273,18 +277,19 @@ def test_median_frequency_weights_follow_segnet_and_weight_the_loss(tmp_path):
 
 
 def test_train_plus_val_fits_both_splits_and_never_selects_on_its_own_images(tmp_path, capsys):
-    data = make_generic_dataset(tmp_path / "data", n=20)  # no split folders: every 10th image is val
-    train_names = [s.image.name for s in open_dataset(data, "train").samples]
-    val_names = [s.image.name for s in open_dataset(data, "val").samples]
-    assert [s.image.name for s in open_dataset(data, "train+val").samples] == train_names + val_names
+    data = make_generic_dataset(tmp_path / "data", n=20)  # no split folders: every 10th scene is val
+    names = lambda split: [Path(split.source.item_id(r.item)).name for r in split.regions]
+    train_names, val_names = names(open_split(data, "train")), names(open_split(data, "val"))
+    assert val_names == ["im09.png", "im19.png"] and len(train_names) == 18
+    assert names(open_split(data, "train+val")) == train_names + val_names
     with pytest.raises(DatasetError, match="joined by '\\+'"):
-        open_dataset(data, "train+train")
-    with pytest.raises(DatasetError, match="share images"):
-        open_dataset(data, "val+test")  # without split folders both are every 10th image
-    with pytest.raises(TrainingError, match="--val-split test overlaps --train-split train\\+val"):
-        train(tiny_config(data, tmp_path / "t", epochs=1, train_split="train+val", val_split="test"))
+        open_split(data, "train+train")
+    with pytest.raises(DatasetError, match="no 'test' split"):
+        open_split(data, "val+test")
+    with pytest.raises(TrainingError, match="--val-split val overlaps --train-split train\\+val"):
+        train(tiny_config(data, tmp_path / "t", epochs=1, train_split="train+val", val_split="val"))
     events = []
-    train(tiny_config(data, tmp_path / "r", epochs=1, train_split="train+val", eval_every=0),
+    train(tiny_config(data, tmp_path / "r", epochs=1, train_split="train+val", eval_every=0, windows_per_epoch=20),
           on_event=lambda kind, info: events.append((kind, info)))
     assert [info["train_images"] for kind, info in events if kind == "start"] == [20]
     assert load_checkpoint(tmp_path / "r" / "final.pt").training["config"]["train_split"] == "train+val"
@@ -294,20 +299,20 @@ def test_train_plus_val_fits_both_splits_and_never_selects_on_its_own_images(tmp
 
 
 def test_validation_runs_at_the_scales_the_model_will_be_used_at(tmp_path, capsys):
-    from bigseg.evaluation import evaluate
     from bigseg.predictor import Predictor
+    from bigseg.train.evaluation import evaluate
 
     data = make_generic_dataset(tmp_path / "data", n=10)
     result = train(tiny_config(data, tmp_path / "r", epochs=1, val_scales=(0.5, 1.0)))
     ckpt = load_checkpoint(tmp_path / "r" / "best.pt")
     scored = {scales: evaluate(Predictor(ckpt, "cpu", "fp32", tile=128, scales=scales, engine="torch"),
-                               open_dataset(data, "val")).scores["miou"] for scales in ((0.5, 1.0), (1.0,))}
+                               open_split(data, "val")).scores["miou"] for scales in ((0.5, 1.0), (1.0,))}
     assert scored[(0.5, 1.0)] != scored[(1.0,)]  # the scales matter on this data
     assert result.best_miou == pytest.approx(scored[(0.5, 1.0)], abs=1e-6)
     assert list(ckpt.training["config"]["val_scales"]) == [0.5, 1.0]
     code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "s", "--val-scales", "9",
                            "--device", "cpu")
-    assert code == 1 and "validation scales must be factors between 0.1 and 4" in err
+    assert code == 1 and "--val-scales must be factors between 0.1 and 4" in err
     assert not (tmp_path / "s" / "last.pt").exists()
 
 
@@ -411,9 +416,9 @@ def test_eval_takes_a_folder_with_only_a_test_split(tmp_path, tiny_checkpoint, c
         (root / d).mkdir(parents=True)
     cv2.imwrite(str(root / "test" / "a.png"), np.zeros((64, 64, 3), np.uint8))
     cv2.imwrite(str(root / "testannot" / "a.png"), np.zeros((64, 64), np.uint8))
-    assert len(open_dataset(root, "test")) == 1
+    assert len(open_split(root, "test")) == 1
     with pytest.raises(DatasetError, match="needs train/ and trainannot/"):
-        open_dataset(root, "train")
+        open_split(root, "train")
 
 
 def test_sigterm_to_the_process_group_saves_last_pt_like_ctrl_c(tmp_path):
@@ -447,9 +452,9 @@ def test_sigterm_to_the_process_group_saves_last_pt_like_ctrl_c(tmp_path):
 def test_an_unreadable_image_read_by_a_worker_is_one_line_and_the_process_ends(tmp_path):
     """A worker's error comes back wrapped in its traceback, and the loader it belongs to (kept
     alive by that traceback) used to leave the process waiting for its worker at exit for ever."""
-    data = make_generic_dataset(tmp_path / "data", n=10)
+    data = make_camvid_dataset(tmp_path / "data", n=10)  # an image folder: images are read by the workers
     for name in ("im03.png", "im04.png", "im05.png"):  # training images; drop_last leaves out at most one
-        (data / "images" / name).write_bytes(b"\x89PNG not really")
+        (data / "train" / name).write_bytes(b"\x89PNG not really")
     run = tmp_path / "r"
     cmd = [sys.executable, "-m", "bigseg", "train", "--data", str(data), "--run", str(run), "--batch-size", "2",
            "--crop", "64", "--workers", "1", "--device", "cpu", "--eval-every", "0", "--epochs", "2",
@@ -458,7 +463,7 @@ def test_an_unreadable_image_read_by_a_worker_is_one_line_and_the_process_ends(t
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     error = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
-    assert len(error) == 1 and "cannot decode" in error[0] and "data/images/im0" in error[0], proc.stderr
+    assert len(error) == 1 and "not a readable image" in error[0] and "data/train/im0" in error[0], proc.stderr
     assert "kept epoch 1 step" in error[0] and (run / "last.pt").is_file()
 
 
@@ -466,19 +471,19 @@ def test_a_killed_data_worker_keeps_the_run_checkpoint_and_leaves_no_process(tmp
     import multiprocessing
     import signal
 
-    from bigseg.train.transforms import AugmentedView
+    from bigseg.train.data import EpochView
 
     data = make_generic_dataset(tmp_path / "data", n=10)
-    fetch = AugmentedView.__getitem__
+    fetch = EpochView.__getitem__
 
     def killed_in_epoch_two(self, i):
         if self.epoch == 1 and torch.utils.data.get_worker_info() is not None:
             os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer does
         return fetch(self, i)
 
-    monkeypatch.setattr(AugmentedView, "__getitem__", killed_in_epoch_two)
+    monkeypatch.setattr(EpochView, "__getitem__", killed_in_epoch_two)
     with pytest.raises(TrainingError, match=r"a data worker stopped: .*\(pid(\(s\))? \d+\).*; kept epoch 2 step 0 \(4 steps\)"):
-        train(tiny_config(data, tmp_path / "r", workers=1, epochs=3, eval_every=0))
+        train(tiny_config(data, tmp_path / "r", workers=1, epochs=3, eval_every=0, windows_per_epoch=9))
     state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 4)
     assert not multiprocessing.active_children()
@@ -494,10 +499,10 @@ def test_a_killed_data_worker_keeps_the_run_checkpoint_and_leaves_no_process(tmp
             raise RuntimeError("DataLoader worker (pid 12345) is killed by signal: Killed. ")
         return model_loss(*args, **kw)
 
-    monkeypatch.setattr(AugmentedView, "__getitem__", fetch)
+    monkeypatch.setattr(EpochView, "__getitem__", fetch)
     monkeypatch.setattr(loop, "model_loss", dies_in_step_6)
     with pytest.raises(TrainingError, match=r"pid 12345.*inside a step, so .*last.pt keeps the run as it was saved"):
-        train(tiny_config(data, tmp_path / "s", workers=1, epochs=3, eval_every=0))
+        train(tiny_config(data, tmp_path / "s", workers=1, epochs=3, eval_every=0, windows_per_epoch=9))
     state = torch.load(tmp_path / "s" / "last.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 4)  # the epoch's end
 
@@ -614,8 +619,9 @@ def test_eval_stops_at_the_next_image_and_a_stopped_command_leaves_nothing_pendi
     `--parts` prediction, which has no handler of its own) leaves nothing pending for the next one."""
     import signal
 
-    from bigseg import evaluation, runtime
+    from bigseg import runtime
     from bigseg.predictor import Predictor
+    from bigseg.train import evaluation
 
     data = make_generic_dataset(tmp_path / "data", n=6)
     seen = []
@@ -627,7 +633,7 @@ def test_eval_stops_at_the_next_image_and_a_stopped_command_leaves_nothing_pendi
 
     seg = Predictor(load_checkpoint(tiny_checkpoint), "cpu", "fp32", tile=64)
     with pytest.raises(KeyboardInterrupt):
-        evaluation.evaluate(seg, open_dataset(data, "train"), on_image=on_image)
+        evaluation.evaluate(seg, open_split(data, "train"), on_image=on_image)
     assert seen == [1, 2] and not runtime._pending
 
     real, calls = evaluation.confusion, []
@@ -650,7 +656,7 @@ def test_eval_stops_at_the_next_image_and_a_stopped_command_leaves_nothing_pendi
 
 
 def test_data_on_device_trains_like_the_workers_and_resumes_exactly(tmp_path, capsys):
-    data = make_generic_dataset(tmp_path / "data", n=10)
+    data = make_camvid_dataset(tmp_path / "data", n=10)
     same = {"eval_every": 0, "scale_min": 1.0, "scale_max": 1.0}  # no resampling: the very same crops
     workers = train(tiny_config(data, tmp_path / "w", max_steps=4, **same))
     full = train(tiny_config(data, tmp_path / "a", max_steps=6, data_on_device=True, **same))
@@ -663,6 +669,9 @@ def test_data_on_device_trains_like_the_workers_and_resumes_exactly(tmp_path, ca
                            "--model-config", "spp_bottleneck=8,spp_level=4,spp_width=8,up_widths=8/8/8/8,squeeze=8")
     assert code == 0, err
     assert re.search(r"data on the device \(0\.\d MiB, augmented there\)", err), err
+    code, _, err = run_cli(capsys, "train", "--data", make_generic_dataset(tmp_path / "scenes"), "--run", tmp_path / "d",
+                           "--device", "cpu", "--data-on-device")
+    assert code == 1 and "--data-on-device holds whole images; raster scenes are read in windows" in err
 
 
 def test_the_gpu_schedule_script_runs_a_tiny_schedule_on_the_cpu(tmp_path):
@@ -769,18 +778,18 @@ def test_a_teachers_targets_move_with_the_image_and_the_distillation_loss_pulls_
 
 def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactly(tmp_path, tiny_checkpoint, capsys,
                                                                                    monkeypatch):
-    data = make_generic_dataset(tmp_path / "data", n=6)
+    data = make_generic_dataset(tmp_path / "data", n=6)  # raster scenes: 5 for training, 1 for validation
     events = []
     settings = dict(teacher=str(tiny_checkpoint), teacher_scales=(1.0, 1.5), eval_every=0)
     full = train(tiny_config(data, tmp_path / "a", max_steps=4, **settings),
                  on_event=lambda kind, info: events.append((kind, info)))
     announced = [i for k, i in events if k == "teacher"]
-    assert announced == [{"images": 6, "of": 6, "teachers": 1, "scales": [1.0, 1.5], "flip": True,
+    assert announced == [{"images": 5, "of": 5, "teachers": 1, "scales": [1.0, 1.5], "flip": True,
                           "bytes": announced[0]["bytes"]}]
     steps = [i for k, i in events if k == "step"]
     assert len(steps) == 4 and all(i["distil"] > 0 for i in steps)
     files = sorted((tmp_path / "a" / "teacher").glob("*.npy"))
-    assert len(files) == 6 and sum(f.stat().st_size for f in files) == announced[0]["bytes"]
+    assert len(files) == 5 and sum(f.stat().st_size for f in files) == announced[0]["bytes"]
     first = np.load(files[0])
     assert first.shape == (80, 96, 3) and first.dtype == np.float16 and np.allclose(first.sum(-1), 1, atol=2e-3)
 
@@ -797,16 +806,16 @@ def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactl
     events.clear()
     train(tiny_config(data, tmp_path / "a", max_steps=1, **{**settings, "teacher_scales": (1.0,)}),
           on_event=lambda kind, info: events.append((kind, info)))
-    assert [i["images"] for k, i in events if k == "teacher"] == [6]
+    assert [i["images"] for k, i in events if k == "teacher"] == [5]
 
     # from the CLI, into a student of another size (full LDN121); a teacher file that is not there is one line
     code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "d", "--teacher", tiny_checkpoint,
                            "--teacher-scales", "1", "--no-teacher-flip", "--distil", "0.5", "--max-steps", "1",
                            "--batch-size", "2", "--crop", "64", "--workers", "0", "--device", "cpu", "--eval-every", "0")
     assert code == 0, err
-    assert "computing the teacher's targets for 6 of 6 images (scales 1)" in err
+    assert "computing the teacher's targets for 5 of 5 images (scales 1)" in err
     spec = json.loads((tmp_path / "d" / "teacher" / "spec.json").read_text())
-    assert spec["scales"] == [1.0] and spec["flip"] is False and len(spec["images"]) == 6
+    assert spec["scales"] == [1.0] and spec["flip"] is False and len(spec["images"]) == 5
     assert "reduction" not in spec  # full size: the spec of runs made before the option, which resume as they were
     one_pass = np.load(tmp_path / "d" / "teacher" / "000000.npy").astype(np.float32)  # logits made probabilities
     assert one_pass.min() >= 0 and np.allclose(one_pass.sum(-1), 1, atol=2e-3)
@@ -819,19 +828,19 @@ def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactl
 
     free = teacher.MARGIN + announced[0]["bytes"] - 1  # one byte short
     monkeypatch.setattr(teacher.shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
-    with pytest.raises(TrainingError, match=r"--teacher: the targets of 6 images take about 0\.00 GB .* 1\.07 GB free"):
+    with pytest.raises(TrainingError, match=r"--teacher: the targets of 5 images take about 0\.00 GB .* 1\.07 GB free"):
         train(tiny_config(data, tmp_path / "f", max_steps=1, **settings))
     assert not list((tmp_path / "f" / "teacher").glob("*.npy"))
     free += 1
     train(tiny_config(data, tmp_path / "f", max_steps=1, **settings))
-    assert len(list((tmp_path / "f" / "teacher").glob("*.npy"))) == 6
+    assert len(list((tmp_path / "f" / "teacher").glob("*.npy"))) == 5
 
     # kept at a quarter of the size each way: 16x less disk, made again for the new spec, and trained on
     events.clear()
     reduced = train(tiny_config(data, tmp_path / "f", max_steps=2, teacher_reduction=4, **settings),
                     on_event=lambda kind, info: events.append((kind, info)))
     files = sorted((tmp_path / "f" / "teacher").glob("*.npy"))
-    assert len(files) == 6 and np.load(files[0]).shape == (20, 24, 3)
+    assert len(files) == 5 and np.load(files[0]).shape == (20, 24, 3)
     assert sum(f.stat().st_size for f in files) == [i for k, i in events if k == "teacher"][0]["bytes"]
     assert json.loads((tmp_path / "f" / "teacher" / "spec.json").read_text())["reduction"] == 4
     assert len(reduced.losses) == 2 and all(i["distil"] > 0 for k, i in events if k == "step")
@@ -840,7 +849,7 @@ def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactl
 def test_several_teachers_give_the_mean_of_their_targets(tmp_path, tiny_checkpoint, capsys):
     from bigseg.checkpoint import from_model, save_checkpoint
 
-    data = make_generic_dataset(tmp_path / "data", n=4)
+    data = make_generic_dataset(tmp_path / "data", n=4)  # 3 training scenes
     other = save_checkpoint(from_model(tiny_model(seed=1), "ladder-dn121", CLASSES), tmp_path / "other.pt")
     settings = dict(teacher_scales=(1.0,), teacher_flip=False, max_steps=1, eval_every=0)
     for name, teacher in (("a", str(tiny_checkpoint)), ("b", str(other))):
@@ -851,8 +860,8 @@ def test_several_teachers_give_the_mean_of_their_targets(tmp_path, tiny_checkpoi
                            "--eval-every", "0", "--model-config",
                            "spp_bottleneck=8,spp_level=4,spp_width=8,up_widths=8/8/8/8,squeeze=8")
     assert code == 0, err
-    assert "computing the mean of 2 teachers' targets for 4 of 4 images" in err
-    for i in range(4):
+    assert "computing the mean of 2 teachers' targets for 3 of 3 images" in err
+    for i in range(3):
         a, b, ab = (np.load(tmp_path / name / "teacher" / f"{i:06d}.npy").astype(np.float32) for name in ("a", "b", "ab"))
         assert np.abs(a - b).max() > 0.05  # two different teachers
         assert np.allclose(ab, (a + b) / 2, atol=2e-3)

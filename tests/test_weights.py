@@ -36,12 +36,12 @@ def test_rendered_street_scene_is_segmented_sensibly(seed):
 
 @needs_weights
 def test_shipped_score_on_camvid_test_is_reproduced(shared_data):
-    from bigseg.datasets import open_dataset
-    from bigseg.evaluation import evaluate
+    from bigseg.train.data import open_split
+    from bigseg.train.evaluation import evaluate
 
     entry = next(e for e in SHIPPED if e["arch"] == "ladder-dn121")
     seg = Predictor(resolve_model(entry["name"]), "cpu", "fp32", tile=1024)
-    result = evaluate(seg, open_dataset(shared_data / "camvid", "test"), "test")
+    result = evaluate(seg, open_split(shared_data / "camvid", "test"))
     assert result.scores["miou"] == pytest.approx(entry["metrics"]["test"]["miou"], abs=0.002)
 
 

@@ -46,8 +46,8 @@ common=(--data "$data" --model ladder-dn121 --batch-size "$BATCH" --crop "$CROP"
         --seed 0 "${init[@]}" $EXTRA)
 
 # 1. calibration: two epochs without validation; the second epoch's time (the first one autotunes)
-steps=$("$PYTHON" -c 'import sys; from bigseg.datasets import open_dataset
-print(2 * (len(open_dataset(sys.argv[1], "train")) // int(sys.argv[2])))' "$data" "$BATCH")
+steps=$("$PYTHON" -c 'import sys; from bigseg.train.data import open_split
+print(2 * (len(open_split(sys.argv[1], "train")) // int(sys.argv[2])))' "$data" "$BATCH")
 "$PYTHON" -m bigseg train "${common[@]}" --run "$work/calibrate" --epochs 1000 --max-steps "$steps" \
     --eval-every 0 -q
 read -r per_epoch epochs < <("$PYTHON" -c 'import json, sys

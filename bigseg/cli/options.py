@@ -29,10 +29,28 @@ Engine = Annotated[str, typer.Option(
     help="auto (torch on a GPU; on the CPU whichever of ONNX Runtime and torch is faster here, timed once), "
          "torch or onnx.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+Bands = Annotated[str | None, typer.Option(metavar="B,...", help="1-based bands to use, in order, e.g. 1,2,3.")]
+ValueRange = Annotated[str | None, typer.Option(
+    metavar="LOW,HIGH", help="Map LOW..HIGH to the model's 0..255 for non-8-bit imagery (default: each band's "
+                             "2nd..98th percentile).")]
+# raster scenes as data (train and eval)
+ClassField = Annotated[str | None, typer.Option(
+    metavar="FIELD", help="Vector labels: the attribute holding each polygon's class (a value or a class name).")]
+Layer = Annotated[str | None, typer.Option(metavar="NAME", help="Vector labels: the layer of a multi-layer file.")]
+ValScenes = Annotated[str | None, typer.Option(
+    metavar="NAME,...", help="Raster scenes: the validation scenes by name (image file stem). Default: by whole "
+                             "scenes with two or more, else by spatial blocks.")]
+ValBlock = Annotated[int, typer.Option(metavar="PX", help="One raster scene: side of the validation blocks.")]
+ValBuffer = Annotated[int, typer.Option(metavar="PX", help="One raster scene: gap between training and "
+                                                          "validation blocks.")]
 
 # library parameter -> option, for errors that name a parameter
 FLAGS = {"batch_size": "--batch-size", "io_threads": "--io-threads", "value_range": "--value-range",
          "crop_schedule": "--crop-schedule", "class_balance": "--class-balance"}
+
+
+def parse_names(text: str | None) -> tuple[str, ...]:
+    return tuple(n.strip() for n in (text or "").split(",") if n.strip())
 
 
 def flag(param: str) -> str:

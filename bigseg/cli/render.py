@@ -146,7 +146,8 @@ class TrainProgress(_Display):
             total = self.total = info["total_steps"]
             self._last_plain, self._last_fraction = time.monotonic(), info["epoch"] * info["steps_per_epoch"] / max(total, 1)
             on_device = info.get("data_on_device")
-            self.line(f"training on {info['train_images']} images, {info['steps_per_epoch']} steps/epoch, "
+            self.line(f"training on {info['train_images']} {info.get('unit', 'images')}, {info['steps_per_epoch']} "
+                      f"steps/epoch, "
                       f"{info['world']} process(es)"
                       + ("" if on_device is None else f", data on the device ({on_device / 2**20:.1f} MiB, augmented there)"))
             ckpt = "on" if info["grad_checkpoint"] else "off"
@@ -172,6 +173,8 @@ class TrainProgress(_Display):
             loss = "n/a" if info["train_loss"] is None else f"{info['train_loss']:.4f}"
             self.line(f"epoch {info['epoch']}/{self.epochs}: loss {loss}{val} ({info['seconds']:.0f} s)"
                       f"{' *best*' if info.get('best') else ''}")
+        elif kind == "note":
+            self.line(f"note: {info['text']}")
         elif kind == "teacher":
             who = "the teacher's" if info["teachers"] == 1 else f"the mean of {info['teachers']} teachers'"
             self.line(f"computing {who} targets for {info['images']} of {info['of']} images "

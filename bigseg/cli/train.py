@@ -13,8 +13,10 @@ from bigseg.errors import InputError
 
 def train(
     ctx: typer.Context,
-    data: Path | None = typer.Option(None, "--data", "-d", metavar="FOLDER",
-                                        help="Data folder: Cityscapes, CamVid or images/+masks/."),
+    data: Path | None = typer.Option(
+        None, "--data", "-d", metavar="FOLDER|CSV",
+        help="Cityscapes or CamVid folder; raster scenes: a folder with images/ + labels/ (label rasters) or "
+             "images/ + one vector file of labels, or a scenes CSV (image,labels[,split][,aoi])."),
     model: str = typer.Option("ladder-dn121", "--model", "-m", metavar="ARCH", help="Architecture (see `bigseg models`)."),
     run: Path = typer.Option(Path("runs/latest"), "--run", metavar="FOLDER", help="Run folder for checkpoints and logs."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run exactly where it stopped."),
@@ -80,9 +82,19 @@ def train(
     sync_bn: bool = typer.Option(False, "--sync-bn", help="SyncBatchNorm across processes under torchrun."),
     recompute_bn: int = typer.Option(0, metavar="N", help="After training, recompute BN statistics over N batches."),
     max_steps: int | None = typer.Option(None, metavar="N", help="Stop after this many steps (resumable)."),
+    windows_per_epoch: int | None = typer.Option(
+        None, metavar="N", help="Raster scenes: random windows an epoch (default: labelled pixels / crop^2)."),
+    bands: O.Bands = None,
+    value_range: O.ValueRange = None,
+    class_field: O.ClassField = None,
+    layer: O.Layer = None,
+    val_scenes: O.ValScenes = None,
+    val_block: O.ValBlock = 1024,
+    val_buffer: O.ValBuffer = 64,
     quiet: O.Quiet = False,
 ) -> None:
     """Train a model; checkpoints every epoch and on Ctrl-C, resumable, keeps the best by val mIoU."""
+    from bigseg.io.bands import parse_bands, parse_value_range
     from bigseg.train.config import TrainConfig, parse_crop_schedule
 
     O.check_threads(threads)
@@ -93,7 +105,7 @@ def train(
 
         cfg = load_run_config(run, **changes)
     elif data is None:
-        raise InputError("--data is required (a Cityscapes, CamVid or images/+masks/ folder)")
+        raise InputError("--data is required (a Cityscapes or CamVid folder, raster scenes, or a scenes CSV)")
     else:
         from bigseg.models.registry import parse_model_config, validate_config
 
@@ -115,7 +127,9 @@ def train(
                           data_on_device=data_on_device, seed=seed,
                           train_split=train_split, eval_every=eval_every, val_split=val_split,
                           val_scales=O.parse_scales(val_scales, "val_scales"), sync_bn=sync_bn, recompute_bn=recompute_bn,
-                          max_steps=max_steps)
+                          max_steps=max_steps, windows_per_epoch=windows_per_epoch, bands=parse_bands(bands),
+                          value_range=parse_value_range(value_range), class_field=class_field, layer=layer,
+                          val_scenes=O.parse_names(val_scenes), val_block=val_block, val_buffer=val_buffer)
     from bigseg.runtime import keep_freed_memory
     from bigseg.train.loop import train as run_training
 

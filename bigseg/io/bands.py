@@ -46,8 +46,10 @@ def parse_bands(text: str | None) -> tuple[int, ...] | None:
 
 
 def plan_bands(name: str, count: int, alpha: int | None, palette: np.ndarray | None,
-               wanted: int, bands: tuple[int, ...] | None, rgb: tuple[int, int, int] | None = None) -> BandPlan:
-    """Choose bands for a model taking `wanted` channels from a file with `count` bands.
+               wanted: int | None, bands: tuple[int, ...] | None, rgb: tuple[int, int, int] | None = None
+               ) -> BandPlan:
+    """Choose bands for a model taking `wanted` channels from a file with `count` bands (None:
+    every image band, as a model is trained on them: a colour table expands to RGB).
 
     `rgb`: the bands the file labels red, green and blue, used in that order for 3-band models
     (some files store B,G,R).
@@ -56,10 +58,13 @@ def plan_bands(name: str, count: int, alpha: int | None, palette: np.ndarray | N
         bad = [b for b in bands if b > count]
         if bad:
             raise InputError(f"{name} has {count} band(s); band {bad[0]} was asked for", param="bands")
-        if len(bands) != wanted:
+        if wanted is not None and len(bands) != wanted:
             raise InputError(f"the model takes {wanted} band(s) but {len(bands)} were chosen", param="bands")
         return BandPlan(bands)
     content = [b for b in range(1, count + 1) if b != alpha]
+    if wanted is None:
+        wanted = 3 if len(content) == 1 and palette is not None or len(content) == 3 and rgb is not None \
+            else len(content)
     if wanted == 3 and rgb is not None:
         note = () if len(content) == 3 and tuple(content) == rgb else (
             f"using bands {','.join(map(str, rgb))} (labelled red, green, blue) of {count}",)

@@ -70,6 +70,11 @@ class Reader:
         valid &= np.isfinite(data).all(0)
         return data, valid
 
+    def validity(self, window: Window) -> np.ndarray:
+        """The validity mask of `window` alone, without the bands where the format allows (a
+        label's statistics need where the image has data, not its pixels)."""
+        return self.read(window)[1]
+
     def empty(self, window: Window) -> bool:
         """True when `window` certainly holds no valid pixel, known without decoding anything
         (False when that cannot be known cheaply: then `read` tells)."""
@@ -209,6 +214,21 @@ class GdalReader(Reader):
                             resampling=Resampling.nearest)
         valid = self.ds.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
         return data, valid & _finite(data)
+
+    def validity(self, window: Window) -> np.ndarray:
+        """GDAL's dataset mask (nodata, alpha, internal or external mask); float bands are read
+        too, for their NaNs. A raster without any mask decodes nothing here."""
+        if np.issubdtype(self.dtype, np.floating):
+            return self.read(window)[1]
+        from rasterio.windows import Window as RWindow
+
+        w = RWindow(window.col_off, window.row_off, window.width, window.height)
+        with self._lock:
+            try:
+                return self.ds.dataset_mask(window=w) > 0
+            except Exception as e:
+                raise RasterFormatError(f"{self.path}: cannot decode the mask at rows {window.row_off}.."
+                                        f"{window.row_end} ({first_line(e)})") from None
 
     def _read_raw(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         from rasterio.windows import Window as RWindow

@@ -10,8 +10,9 @@ part of the model sees the whole input (global pooling): tiling uses it to pick 
 from __future__ import annotations
 
 from dataclasses import asdict, fields
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,9 +43,10 @@ class SegmentationModel(nn.Module):
         super().__init__()
         self.num_classes, self.in_channels, self.config = num_classes, in_channels, config
 
-    def prepare_training(self, train_set, seed: int = 0) -> dict[str, Any]:
-        """Fit whatever the model computes from the training data before optimisation
-        (e.g. DUpsampling's reconstruction matrix); returns facts for the log."""
+    def prepare_training(self, labels: Sequence[np.ndarray], seed: int = 0) -> dict[str, Any]:
+        """Fit whatever the model computes from the training labels (class-index maps, read as
+        indexed) before optimisation (e.g. DUpsampling's reconstruction matrix); returns facts
+        for the log."""
         return {}
 
     @staticmethod

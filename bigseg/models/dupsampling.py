@@ -17,7 +17,7 @@ nearest-neighbour upsampling, practitioners report).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -93,15 +93,15 @@ class DUpsamplingNet(SegmentationModel):
         return (logits, None) if return_aux else logits
 
     @torch.no_grad()
-    def prepare_training(self, train_set, seed: int = 0, ignore: int = 255) -> dict[str, Any]:
+    def prepare_training(self, labels: Sequence[np.ndarray], seed: int = 0, ignore: int = 255) -> dict[str, Any]:
         """Fit W by PCA on up to `fit_patches` r x r label patches without ignored pixels."""
         r, c = self.config.output_stride, self.num_classes
         rng = np.random.default_rng([seed, 1903])
-        per_image = max(1, -(-self.config.fit_patches // max(1, len(train_set))))
+        per_image = max(1, -(-self.config.fit_patches // max(1, len(labels))))
         gram = torch.zeros(r * r * c, r * r * c, dtype=torch.float64)
         samples, used = [], 0
-        for i in range(len(train_set)):
-            label = train_set.label(i)
+        for i in range(len(labels)):
+            label = labels[i]
             hh, ww = (label.shape[0] // r) * r, (label.shape[1] // r) * r
             cells = label[:hh, :ww].reshape(hh // r, r, ww // r, r).transpose(0, 2, 1, 3).reshape(-1, r, r)
             clean = cells[(cells != ignore).all((1, 2)) & (cells < c).all((1, 2))]
@@ -111,7 +111,7 @@ class DUpsamplingNet(SegmentationModel):
                 continue
             v = self._patch_vectors(torch.from_numpy(clean.astype(np.int64)))
             gram += v.t() @ v
-            samples.append(v[: max(1, 2000 // len(train_set))])
+            samples.append(v[: max(1, 2000 // len(labels))])
             used += len(clean)
         if used == 0:
             raise ValueError(f"no {r}x{r} label patch without ignored pixels to fit DUpsampling's W")

@@ -15,9 +15,10 @@ from bigseg.errors import Interrupted, OutputError
 from bigseg.geometry import Window
 from bigseg.io.gdal import gdal_env
 from bigseg.io.outputs import OutputSet, WriteOptions, writes_png
-from bigseg.io.readers import Reader, ReadOptions, open_input
+from bigseg.io.readers import Reader, ReadOptions
 from bigseg.predictor import PREFETCH_BATCHES, Predictor
 from bigseg.run import journal
+from bigseg.run.inputs import open_for_model
 from bigseg.runtime import check_stop, stop_handled
 
 JOURNAL_SECONDS = 5.0  # how often a journaled output is synced (resume granularity vs. a close/reopen)
@@ -79,7 +80,7 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
     if predictor.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(predictor.device)
     ckpt = predictor.checkpoint
-    with gdal_env(options.threads_for(predictor.device)), open_input(src, ckpt.in_channels, options.read) as reader:
+    with gdal_env(options.threads_for(predictor.device)), open_for_model(src, ckpt, options.read) as reader:
         fp = fingerprint(predictor, src, dst, options)
         resumable = not writes_png(reader.kind, dst)
         rows_done, notes = _resume_point(dst, fp, reader.height, resumable)

@@ -44,12 +44,12 @@ from bigseg.errors import BigsegError
 from bigseg.geometry import TileGrid, stitcher_peak_pixels
 from bigseg.io.gdal import gdal_env
 from bigseg.io.outputs import describe
-from bigseg.io.readers import open_input
 from bigseg.io.writers import BLOCK
 from bigseg.models import create_model
 from bigseg.predictor import Predictor
 from bigseg.run.discover import Failure, find_jobs
 from bigseg.run.file_job import JobOptions
+from bigseg.run.inputs import open_for_model
 
 MIB = 2 ** 20
 RUNTIME_MIB = 270       # python + torch + rasterio/GDAL + OpenCV + bigseg imported (measured, CPU build)
@@ -191,7 +191,7 @@ def memory_estimate(predictor: Predictor, width: int, height: int, bands: int, p
 def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, estimate: bool = False) -> Plan:
     """Open `src` (metadata and the rescale statistics only) and describe the job."""
     with gdal_env(options.threads_for(predictor.device)), \
-            open_input(src, predictor.checkpoint.in_channels, options.read) as reader:
+            open_for_model(src, predictor.checkpoint, options.read) as reader:
         grid = predictor.grid(reader.width, reader.height)
         plan = Plan(
             input=str(src), output=str(dst), width=reader.width, height=reader.height,

@@ -23,7 +23,6 @@ from bigseg.errors import BigsegError
 from bigseg.geometry import Window
 from bigseg.io.gdal import gdal_env
 from bigseg.io.outputs import OutputSet, part_path
-from bigseg.io.readers import open_input
 from bigseg.predictor import PREFETCH_BATCHES, Predictor
 from bigseg.run.discover import Job
 from bigseg.run.file_job import (
@@ -33,6 +32,7 @@ from bigseg.run.file_job import (
     predict_file,
     write_tiles,
 )
+from bigseg.run.inputs import open_for_model
 
 ROWS_PER_COPY = 512
 
@@ -69,7 +69,7 @@ def predict_part(predictor: Predictor, src: Path, dst: Path, options: JobOptions
     """Write part `part` of `parts` of `src`'s outputs; False when a finished one was kept."""
     ckpt = predictor.checkpoint
     probs = options.write.probs
-    with gdal_env(options.threads_for(predictor.device)), open_input(src, ckpt.in_channels, options.read) as reader:
+    with gdal_env(options.threads_for(predictor.device)), open_for_model(src, ckpt, options.read) as reader:
         fp = fingerprint(predictor, src, dst, options, parts=parts)
         grid = predictor.grid(reader.width, reader.height)
         rows = part_rows(grid.row_starts, reader.height, parts)[part]
@@ -89,7 +89,7 @@ def assemble(predictor: Predictor, src: Path, dst: Path, options: JobOptions, pa
     from rasterio.windows import Window as RWindow
 
     ckpt = predictor.checkpoint
-    with gdal_env(options.threads_for(predictor.device)), open_input(src, ckpt.in_channels, options.read) as reader:
+    with gdal_env(options.threads_for(predictor.device)), open_for_model(src, ckpt, options.read) as reader:
         grid = predictor.grid(reader.width, reader.height)
         spans = part_rows(grid.row_starts, reader.height, parts)
         outputs = OutputSet.create(dst, reader.kind, reader.width, reader.height, reader.georef, ckpt.classes,

@@ -56,6 +56,15 @@ class TrainConfig:
     sync_bn: bool = False
     recompute_bn: int = 0          # batches for exact BN statistics after training (0: off)
     max_steps: int | None = None   # stop (with a run checkpoint) after this many steps in all
+    # raster scenes (image folders ignore these)
+    windows_per_epoch: int | None = None  # None: the training regions' labelled pixels / crop^2
+    bands: tuple[int, ...] | None = None  # 1-based image bands (None: every image band)
+    value_range: tuple[float, float] | None = None  # fixed LOW,HIGH -> 0..255 for non-8-bit imagery
+    class_field: str | None = None  # vector labels: the attribute holding each polygon's class
+    layer: str | None = None       # vector labels: the layer of a multi-layer file
+    val_scenes: tuple[str, ...] = ()  # validation scenes by name (image stem); else the split rule
+    val_block: int = 1024          # one scene: the side of the validation blocks, in pixels
+    val_buffer: int = 64           # one scene: pixels between training and validation blocks
 
     def __post_init__(self):
         # one teacher is kept as its name, as runs stored it before several could be averaged

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bigseg.datasets import IGNORE
 from bigseg.errors import TrainingError
+from bigseg.train.data import IGNORE, DataSplit
 from bigseg.train.transforms import Augment, Draw, draw, sample_rng
 
 _GREY = (0.299, 0.587, 0.114)
@@ -29,21 +29,28 @@ _DEVICE_SHARE = 0.5  # at most this share of the device's free memory goes to th
 
 
 class DeviceData:
-    """Every frame of `dataset` as uint8 tensors on `device`: images (3, H, W), labels (H, W)."""
+    """Every image of the split `data` (whole images of an image folder) as uint8 tensors on
+    `device`: images (3, H, W), labels (H, W), by item index."""
 
-    def __init__(self, dataset, device: torch.device):
+    def __init__(self, data: DataSplit, device: torch.device):
+        if not data.source.whole_images:
+            raise TrainingError("holds whole images; raster scenes are read in windows by data workers",
+                                param="data_on_device")
         room = _room(device)
-        self.images: list[torch.Tensor] = []
-        self.labels: list[torch.Tensor] = []
+        self.images: dict[int, torch.Tensor] = {}
+        self.labels: dict[int, torch.Tensor] = {}
         self.nbytes = 0
-        for i in range(len(dataset)):
-            image, label = dataset[i]
-            self.nbytes += image.nbytes + label.nbytes
+        for region in data.regions:
+            patch = data.source.read(region.item)
+            if patch.image.dtype != np.uint8:
+                raise TrainingError(f"holds 8-bit images; {data.source.item_id(region.item)} is not",
+                                    param="data_on_device")
+            self.nbytes += patch.image.nbytes + patch.label.nbytes
             if self.nbytes > room:
                 raise TrainingError(f"--data-on-device: the training split needs more than {room / 2**30:.1f} GiB "
                                     f"on {device} (half of its free memory); train without --data-on-device")
-            self.images.append(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).to(device))
-            self.labels.append(torch.from_numpy(np.ascontiguousarray(label)).to(device))
+            self.images[region.item] = torch.from_numpy(np.ascontiguousarray(patch.image)).to(device)
+            self.labels[region.item] = torch.from_numpy(np.ascontiguousarray(patch.label)).to(device)
         self.device = device
 
     def __len__(self) -> int:
@@ -56,7 +63,7 @@ class DeviceData:
 
     def batches(self, indices: list[int], aug: Augment, seed: int, epoch: int, batch_size: int
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of the frames `indices` in order (an incomplete last batch is dropped)."""
+        """Batches of the items `indices` in order (an incomplete last batch is dropped)."""
         for start in range(0, len(indices) - batch_size + 1, batch_size):
             pairs = [self.sample(i, aug, sample_rng(seed, epoch, i)) for i in indices[start:start + batch_size]]
             yield torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bigseg.datasets import IGNORE
+from bigseg.train.data import IGNORE
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

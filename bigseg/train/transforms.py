@@ -2,7 +2,10 @@
 with ignore padding, horizontal flip, optional photometric jitter, colour cast and tone curve (gamma).
 
 Each sample draws from its own generator seeded by (seed, epoch, index), so the augmented batch
-is the same whatever the number of worker processes and after a resume.
+is the same whatever the number of worker processes and after a resume. A whole image is scaled,
+then cropped (`draw`); a window of a raster scene is drawn at the crop's size divided by the
+scale, so the scaled window is the crop (`bigseg.train.data.samplers`), and `window_draw` only
+resizes it. Images have any number of bands; saturation jitter needs three (RGB).
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bigseg.datasets import IGNORE
+from bigseg.train.data.classes import IGNORE
 
 
 @dataclass(frozen=True)
@@ -44,32 +47,49 @@ class Draw:
     gamma: float | None = None
 
 
-def draw(aug: Augment, rng: np.random.Generator, height: int, width: int) -> Draw:
-    """The random choices of one sample, in the order both augmentation paths use them."""
+def draw(aug: Augment, rng: np.random.Generator, height: int, width: int, bands: int = 3) -> Draw:
+    """The random choices of one whole image, in the order both augmentation paths use them."""
     s = rng.uniform(aug.scale_min, aug.scale_max)
     size = (max(1, round(width * s)), max(1, round(height * s)))
     y = int(rng.integers(0, max(size[1], aug.crop) - aug.crop + 1))
     x = int(rng.integers(0, max(size[0], aug.crop) - aug.crop + 1))
+    return Draw(float(s), size, y, x, *_photometric(aug, rng, bands))
+
+
+def window_draw(aug: Augment, rng: np.random.Generator, scale: float, height: int, width: int,
+                bands: int) -> Draw:
+    """The choices for a window already drawn at 1/`scale` of the crop: resized by `scale` (to the
+    crop, or smaller where the scene is), never cropped; then the photometric choices."""
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return Draw(float(scale), size, 0, 0, *_photometric(aug, rng, bands))
+
+
+def _photometric(aug: Augment, rng: np.random.Generator, bands: int) -> tuple:
     flip = bool(aug.flip and rng.random() < 0.5)
     jitter = tuple(float(v) for v in rng.uniform(1 - aug.jitter, 1 + aug.jitter, 3)) if aug.jitter > 0 else None
     # drawn last, each only when asked for: a run without them draws exactly what it drew before they existed
-    gains = tuple(float(v) for v in rng.uniform(1 - aug.colour, 1 + aug.colour, 3)) if aug.colour > 0 else None
+    gains = tuple(float(v) for v in rng.uniform(1 - aug.colour, 1 + aug.colour, bands)) if aug.colour > 0 else None
     # log-uniform: darkening and brightening as likely (x ** g and x ** (1 / g) equally probable)
     gamma = float(np.exp(rng.uniform(-np.log1p(aug.gamma), np.log1p(aug.gamma)))) if aug.gamma > 0 else None
-    return Draw(float(s), size, y, x, flip, jitter, gains, gamma)
+    return flip, jitter, gains, gamma
 
 
 def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.Generator,
             target: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
-    """(H, W, 3) uint8 + (H, W) uint8 -> (3, crop, crop) float32 in 0..255 + (crop, crop) int64;
-    with a teacher's (H, W, C) probabilities `target`, also those (C, crop, crop) float32, moved
-    with the image (resized, cropped, flipped; all zero where the crop is padding)."""
+    """A whole image: (H, W, bands) uint8 or float32 in 0..255 + (H, W) uint8 -> (bands, crop, crop)
+    float32 + (crop, crop) int64; with a teacher's (H, W, C) probabilities `target`, also those
+    (C, crop, crop) float32, moved with the image (resized, cropped, flipped; zero on padding)."""
+    return apply(image, label, aug, draw(aug, rng, *label.shape, image.shape[2]), target)
+
+
+def apply(image: np.ndarray, label: np.ndarray, aug: Augment, d: Draw,
+          target: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """`augment` with the choices `d`."""
     import cv2
 
     h, w = label.shape
-    d = draw(aug, rng, h, w)
     if d.size != (w, h):
-        image = cv2.resize(image, d.size, interpolation=cv2.INTER_LINEAR if d.scale > 1 else cv2.INTER_AREA)
+        image = resize_image(image, d.size, cv2.INTER_LINEAR if d.scale > 1 else cv2.INTER_AREA)
         label = cv2.resize(label, d.size, interpolation=cv2.INTER_NEAREST)
     if target is not None:
         target = _geometry(target.astype(np.float32), d, aug.crop)
@@ -106,37 +126,32 @@ def _geometry(target: np.ndarray, d: Draw, crop: int) -> np.ndarray:
     return np.ascontiguousarray(target.transpose(2, 0, 1))
 
 
+def resize_image(image: np.ndarray, size: tuple[int, int], how: int) -> np.ndarray:
+    """(H, W, bands) -> (h, w, bands) for `size` (w, h); OpenCV's resize takes up to 4 channels."""
+    import cv2
+
+    if image.shape[2] <= 4:
+        return cv2.resize(image, size, interpolation=how).reshape(size[1], size[0], -1)
+    return np.dstack([cv2.resize(image[..., i:i + 4], size, interpolation=how).reshape(size[1], size[0], -1)
+                      for i in range(0, image.shape[2], 4)])
+
+
 def resize_channels(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W, C) float -> (h, w, C) for `size` (w, h): bilinear to enlarge, area to shrink, as an image
     is resized; OpenCV's area resampling takes at most 4 channels at a time."""
     import cv2
 
     how = cv2.INTER_LINEAR if size[0] > array.shape[1] else cv2.INTER_AREA
-    return np.dstack([cv2.resize(array[..., i:i + 4], size, interpolation=how).reshape(size[1], size[0], -1)
-                      for i in range(0, array.shape[-1], 4)])
+    return resize_image(array, size, how)
 
 
 def _jitter(image: np.ndarray, factors: tuple[float, float, float]) -> np.ndarray:
+    """Brightness, contrast and (RGB images only) saturation."""
     b, c, s = (np.float64(f) for f in factors)  # float64 as drawn: the result is rounded to float32 once
-    gray = image @ np.array([0.299, 0.587, 0.114], np.float32)
+    rgb = image.shape[2] == 3
+    gray = image @ np.array([0.299, 0.587, 0.114], np.float32) if rgb else None
     image = image * b
     image = (image - image.mean()) * c + image.mean()
-    image = (image - gray[..., None] * b) * s + gray[..., None] * b
+    if rgb:
+        image = (image - gray[..., None] * b) * s + gray[..., None] * b
     return np.clip(image, 0, 255).astype(np.float32)
-
-
-class AugmentedView:
-    """A torch-style dataset over `indices` of `dataset` for one epoch (picklable for workers)."""
-
-    def __init__(self, dataset, indices: list[int], aug: Augment, seed: int, epoch: int, targets=None):
-        self.dataset, self.indices, self.aug, self.seed, self.epoch = dataset, indices, aug, seed, epoch
-        self.targets = targets  # a teacher's probabilities per image (train/teacher.py), or None
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        index = self.indices[i]
-        image, label = self.dataset[index]
-        target = None if self.targets is None else self.targets[index]
-        return augment(image, label, self.aug, sample_rng(self.seed, self.epoch, index), target)

@@ -1,0 +1,169 @@
+"""Samplers choose the windows an epoch reads; `EpochView` reads and augments them (a torch-style
+data set, picklable for data workers).
+
+- `WholeImages`: image folders. An epoch is the images in a random order; each is read whole and
+  augmented by random scale and crop (the ladder/SwiftNet recipe).
+- `RandomWindows`: raster scenes. Each sample draws a region in proportion to its labelled area,
+  a scale, then a window of the crop's size / scale inside that region, centred on a cell drawn in
+  proportion to its labelled pixels (a coarse coverage map made once, so no read is wasted on a
+  nodata or unlabelled area); a window that is still mostly unlabelled is drawn again.
+- `GridWindows` (in `source.region_windows`): a non-overlapping grid for statistics; evaluation
+  runs the tiled predictor over each whole validation region.
+
+A sample's choices come from a generator seeded by (seed, epoch, index): the same batches whatever
+the number of workers, and after a resume.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from bigseg.errors import DatasetError
+from bigseg.geometry import Window
+from bigseg.train.data.classes import IGNORE
+from bigseg.train.data.source import Region, Source, region_windows
+from bigseg.train.transforms import Augment, apply, augment, sample_rng, window_draw
+
+MAX_CELLS = 1 << 20      # cells of one region's coverage map (bounded whatever the region's size)
+MIN_CELL = 16
+MIN_LABELLED = 0.5       # a window with less than this share of labelled pixels is drawn again
+TRIES = 20
+
+
+@dataclass
+class Coverage:
+    """Labelled pixels per `cell` x `cell` square of a region (row-major from its corner), with its
+    cumulative sums for drawing cells and a summed-area table for a window's labelled share."""
+
+    bounds: Window
+    cell: int
+    counts: np.ndarray  # int32 (rows, cols)
+
+    def __post_init__(self):
+        self.cumulative = np.cumsum(self.counts.ravel(), dtype=np.int64)
+        table = np.zeros((self.counts.shape[0] + 1, self.counts.shape[1] + 1), np.int64)
+        table[1:, 1:] = self.counts.cumsum(0).cumsum(1)
+        self.table = table
+
+    @property
+    def labelled(self) -> int:
+        return int(self.cumulative[-1]) if len(self.cumulative) else 0
+
+    def share(self, window: Window) -> float:
+        """Estimated labelled share of `window` (whole cells, rounded outwards)."""
+        b, c = self.bounds, self.cell
+        r0, c0 = (window.row_off - b.row_off) // c, (window.col_off - b.col_off) // c
+        r1, c1 = -(-(window.row_end - b.row_off) // c), -(-(window.col_end - b.col_off) // c)
+        t = self.table
+        labelled = t[r1, c1] - t[r0, c1] - t[r1, c0] + t[r0, c0]
+        area = min((r1 - r0) * c, b.height) * min((c1 - c0) * c, b.width)
+        return float(labelled) / max(area, 1)
+
+
+def coverage(source: Source, region: Region, scan: int = 2048) -> Coverage:
+    """The coverage map of `region`, from one pass over its labels in windows of about `scan` px."""
+    b = source.bounds(region)
+    cell = max(MIN_CELL, math.ceil(math.sqrt(b.width * b.height / MAX_CELLS) / MIN_CELL) * MIN_CELL)
+    rows, cols = -(-b.height // cell), -(-b.width // cell)
+    counts = np.zeros((rows, cols), np.int32)
+    step = max(cell, scan // cell * cell)
+    for w in region_windows(b, step):
+        labelled = (source.read_label(region.item, w) != IGNORE).astype(np.int32)
+        h, wd = labelled.shape
+        ph, pw = -h % cell, -wd % cell
+        padded = np.pad(labelled, ((0, ph), (0, pw)))
+        per_cell = padded.reshape((h + ph) // cell, cell, (wd + pw) // cell, cell).sum((1, 3))
+        r0, c0 = (w.row_off - b.row_off) // cell, (w.col_off - b.col_off) // cell
+        counts[r0:r0 + per_cell.shape[0], c0:c0 + per_cell.shape[1]] = per_cell
+    return Coverage(b, cell, counts)
+
+
+class WholeImages:
+    """Every image of the regions once an epoch, in a random order."""
+
+    def __init__(self, regions: list[Region]):
+        self.items = [r.item for r in regions]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def epoch(self, seed: int, epoch: int) -> list[int]:
+        """The sample keys of `epoch` in order: item indices."""
+        return [self.items[k] for k in np.random.default_rng([seed, epoch]).permutation(len(self.items))]
+
+
+class RandomWindows:
+    """`per_epoch` random windows of the regions' labelled areas; window corners and sides are
+    multiples of `align` (a teacher's reduction, so its kept targets slice exactly)."""
+
+    def __init__(self, source: Source, regions: list[Region], per_epoch: int, align: int = 1):
+        self.maps = [coverage(source, r) for r in regions]
+        self.regions = [r for r, m in zip(regions, self.maps) if m.labelled > 0]
+        self.maps = [m for m in self.maps if m.labelled > 0]
+        if not self.regions:
+            raise DatasetError(f"{source.name}: the training scenes hold no labelled pixel where the images have data")
+        self.weights = np.cumsum([m.labelled for m in self.maps], dtype=np.float64)
+        self.per_epoch, self.align = per_epoch, align
+
+    @property
+    def labelled(self) -> int:
+        return int(self.weights[-1])
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def epoch(self, seed: int, epoch: int) -> list[int]:
+        """The sample keys of `epoch`: 0 .. per_epoch - 1 (each draws its own window)."""
+        return list(range(self.per_epoch))
+
+    def draw(self, rng: np.random.Generator, crop: int, scale_min: float, scale_max: float
+             ) -> tuple[int, Window, float]:
+        """(item, window, scale): the window is crop / scale pixels (less where the region is)."""
+        k = int(np.searchsorted(self.weights, rng.random() * self.weights[-1], side="right"))
+        region, cover = self.regions[k], self.maps[k]
+        b, a = cover.bounds, self.align
+        scale = rng.uniform(scale_min, scale_max)
+        side = max(a, round(crop / scale / a) * a)
+        w, h = min(side, b.width // a * a or b.width), min(side, b.height // a * a or b.height)
+        best, best_share = None, -1.0
+        for _ in range(TRIES):
+            cell = int(np.searchsorted(cover.cumulative, rng.random() * cover.cumulative[-1], side="right"))
+            cy, cx = divmod(cell, cover.counts.shape[1])
+            y = b.row_off + (cy + rng.random()) * cover.cell - h / 2
+            x = b.col_off + (cx + rng.random()) * cover.cell - w / 2
+            y = int(min(max(round(y / a) * a, b.row_off), b.row_end - h))
+            x = int(min(max(round(x / a) * a, b.col_off), b.col_end - w))
+            window = Window(x, y, w, h)
+            share = cover.share(window)
+            if share > best_share:
+                best, best_share = window, share
+            if share >= MIN_LABELLED:
+                break
+        return region.item, best, crop / side
+
+
+class EpochView:
+    """One epoch of training samples (`[k]` -> image, label[, teacher target] tensors as numpy)."""
+
+    def __init__(self, source: Source, sampler, keys: list[int], aug: Augment, seed: int, epoch: int,
+                 targets=None):
+        self.source, self.sampler, self.keys = source, sampler, keys
+        self.aug, self.seed, self.epoch, self.targets = aug, seed, epoch, targets
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        key = self.keys[i]
+        rng = sample_rng(self.seed, self.epoch, key)
+        if isinstance(self.sampler, WholeImages):
+            patch = self.source.read(key)
+            target = None if self.targets is None else self.targets.window(key, None)
+            return augment(patch.hwc(), patch.label, self.aug, rng, target)
+        item, window, scale = self.sampler.draw(rng, self.aug.crop, self.aug.scale_min, self.aug.scale_max)
+        patch = self.source.read(item, window)
+        target = None if self.targets is None else self.targets.window(item, window)
+        d = window_draw(self.aug, rng, scale, window.height, window.width, patch.image.shape[0])
+        return apply(patch.hwc(), patch.label, self.aug, d, target)

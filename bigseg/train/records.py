@@ -1,0 +1,38 @@
+"""What a run folder records for people: `log.csv` / `log.json` (per-epoch metrics), `curves.png`
+and `data.json` (how the data was read and split, its classes, what was computed from it)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bigseg.atomic import write_text
+from bigseg.train.data import DataSplit
+from bigseg.train.plot import plot_curves
+
+
+def write_logs(run_dir: Path, history: list[dict]) -> None:
+    keys = sorted({k for r in history for k in r})
+    lines = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) for r in history]
+    write_text(run_dir / "log.csv", "\n".join(lines) + "\n")
+    write_text(run_dir / "log.json", json.dumps(history, indent=1))
+    plot_curves(history, run_dir / "curves.png")
+
+
+def write_data_description(run_dir: Path, train: DataSplit, val: DataSplit | None, notes: list[str],
+                           input: dict, prepared: dict) -> None:
+    """data.json: how the data was read and split, its classes, and what was computed from it."""
+    source = train.source
+    table = source.table
+    write_text(run_dir / "data.json", json.dumps({
+        "data": source.name, "kind": "images" if source.whole_images else "scenes", "notes": notes,
+        "classes": [{"name": n, "value": v, "colour": list(c)} for n, v, c in zip(table.names, table.codes, table.palette)],
+        "bands": source.channels, "input": input, "train": _split(train), "val": None if val is None else _split(val),
+        "prepared": prepared}, indent=1, default=float))
+
+
+def _split(split: DataSplit) -> dict:
+    source = split.source
+    regions = [{"item": Path(source.item_id(r.item)).name,
+                **({} if r.window is None else {"window": [r.window.col_off, r.window.row_off, r.window.width,
+                                                           r.window.height]})} for r in split.regions]
+    return {"split": split.split, "regions": len(regions), **({} if source.whole_images else {"list": regions})}

@@ -876,3 +876,20 @@ def test_several_teachers_give_the_mean_of_their_targets(tmp_path, tiny_checkpoi
     with pytest.raises(TrainingError, match="has the weights of --teacher"):
         train(tiny_config(data, tmp_path / "c", teacher=(str(tiny_checkpoint), str(other), str(tiny_checkpoint)),
                           **settings))
+
+
+def test_an_image_folders_teacher_targets_are_whole_images_and_train(tmp_path):
+    """Image folders (CamVid layout) keep one target per whole image, resized once when kept smaller."""
+    from bigseg.checkpoint import from_model, save_checkpoint
+    from bigseg.train.data.folders import CAMVID_CLASSES
+
+    data = make_camvid_dataset(tmp_path / "data", n=4)
+    teacher = save_checkpoint(from_model(tiny_model(11), "ladder-dn121", CAMVID_CLASSES), tmp_path / "t.pt")
+    events = []
+    result = train(tiny_config(data, tmp_path / "r", max_steps=2, eval_every=0, teacher=str(teacher),
+                               teacher_scales=(1.0,), teacher_reduction=2),
+                   on_event=lambda kind, info: events.append((kind, info)))
+    assert [i["images"] for k, i in events if k == "teacher"] == [4] and len(result.losses) == 2
+    kept = np.load(tmp_path / "r" / "teacher" / "000000.npy")
+    assert kept.shape == (40, 48, 11) and np.allclose(kept.astype(np.float32).sum(-1), 1, atol=5e-3)
+    assert all(i["distil"] > 0 for k, i in events if k == "step")

@@ -273,8 +273,9 @@ def _plain_tiff(path, width, height, count=3):
 
 
 def test_peak_memory_training_on_a_large_sparse_raster_does_not_grow_with_its_size(tmp_path):
-    """A mostly empty (sparse) GeoTIFF scene 16x the area of another with the same labelled patch:
-    setting up and training a few steps keeps the same peak memory (nothing reads a whole raster)."""
+    """Mostly empty (sparse) GeoTIFF scenes 16x the area of others with the same labelled patch:
+    setting up, training a few steps and validating on a whole scene keep the same peak memory
+    (nothing reads a whole raster)."""
     script = textwrap.dedent(f"""
         import json, resource, sys
         import numpy as np, rasterio
@@ -294,8 +295,8 @@ def test_peak_memory_training_on_a_large_sparse_raster_does_not_grow_with_its_si
                 ds.write(lab, 1, window=rasterio.windows.Window(256, 256, 512, 512))
         (root / "classes.csv").write_text("value,name\\n0,a\\n1,b\\n")
         train(TrainConfig(data=str(root), run_dir=str(root / "run"), arch_config=json.loads({json.dumps(json.dumps(TINY))}),
-                          epochs=1, max_steps=2, batch_size=2, crop=64, workers=0, device="cpu", precision="fp32",
-                          eval_every=0, val_tile=256, windows_per_epoch=4))
+                          epochs=1, batch_size=2, crop=64, workers=0, device="cpu", precision="fp32",
+                          eval_every=1, val_tile=256, windows_per_epoch=4))
         print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """)
     peaks = {}

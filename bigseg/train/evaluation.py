@@ -77,8 +77,11 @@ def region_confusion(predictor: Predictor, data: DataSplit, region: Region) -> n
         labels = predictor.scores(image, patch.valid).argmax(0)
         return confusion(labels, label, n)
 
-    def read(window):
-        patch = source.read(region.item, _offset(window, bounds))
+    def read(window: Window):
+        window = _offset(window, bounds)
+        if source.empty(region.item, window):  # a sparse raster's absent blocks: no tile to predict
+            return None
+        patch = source.read(region.item, window)
         return patch.image.astype(np.float32), patch.valid
 
     finish = predictor.labels_and_probabilities(probs=False)

@@ -218,6 +218,9 @@ class SceneSource(Source):
         image = as_model_input(data, self.info[i].eight_bit)
         return Patch(image, self._label(i, window, valid), valid)
 
+    def empty(self, i: int, window: Window) -> bool:
+        return self.reader(i).empty(window)
+
     def read_label(self, i: int, window: Window | None = None) -> np.ndarray:
         window = window or Window(0, 0, *self.size(i))
         return self._label(i, window, self.reader(i).validity(window))

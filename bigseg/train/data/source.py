@@ -82,6 +82,11 @@ class Source:
         """Window `window` (None: all) of item `i`."""
         raise NotImplementedError
 
+    def empty(self, i: int, window: Window) -> bool:
+        """True when `window` of item `i` certainly holds no image data, known without decoding
+        (a sparse raster's absent blocks); False when that cannot be known cheaply."""
+        return False
+
     def read_label(self, i: int, window: Window | None = None) -> np.ndarray:
         """The label of a window (IGNORE where the image has no data), without the image bands
         where the source can spare them."""

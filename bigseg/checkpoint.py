@@ -24,6 +24,7 @@ from bigseg.models import create_model, get_arch, model_config
 from bigseg.palette import default_palette
 
 FORMAT = "bigseg-checkpoint"
+RUN_FORMAT = "bigseg-run"  # a run checkpoint (`last.pt` of `bigseg train`): the model and the run's state
 VERSION = 1
 
 
@@ -48,6 +49,7 @@ class Checkpoint:
     # what the model was trained on, for predict (models trained on raster scenes): 1-based `bands`,
     # `value_range`, ground `pixel_size` [x, y] in `units`, the classes' `label_values`
     input: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # where it was loaded from (a path, or "NAME (path)" for shipped weights); not stored
 
     @property
     def num_classes(self) -> int:
@@ -57,12 +59,10 @@ class Checkpoint:
         """The model with these weights, in eval mode on the CPU."""
         model = create_model(self.arch, self.num_classes, self.in_channels, **self.config)
         state = {k: v.float() if v.is_floating_point() else v for k, v in self.state_dict.items()}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise CheckpointError(f"weights do not fit architecture {self.arch!r}: "
-                                  f"{' '.join(first[1:2] or first[:1]).strip()}") from None
+        mismatch = weights_mismatch(model.state_dict(), state)
+        if mismatch:
+            raise CheckpointError(f"weights do not fit architecture {self.arch!r}: {mismatch}")
+        model.load_state_dict(state)
         return model.eval()
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,6 +73,22 @@ class Checkpoint:
             "in_channels": self.in_channels, "training": self.training, "state_dict": self.state_dict,
             **({"input": self.input} if self.input else {}),
         }
+
+
+def weights_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], examples: int = 3) -> str:
+    """What keeps `given` weights out of a model expecting `expected`, in one short line (counts and
+    a few names, not every key), or "" when they fit."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shaped = [k for k in expected if k in given and tuple(expected[k].shape) != tuple(given[k].shape)]
+    if not (missing or unexpected or shaped):
+        return ""
+    show = lambda keys: ", ".join(keys[:examples]) + (", ..." if len(keys) > examples else "")
+    parts = [f"{len(missing)} of its {len(expected)} tensors missing ({show(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected ({show(unexpected)})" if unexpected else "",
+             f"{len(shaped)} of another shape (e.g. {shaped[0]}: {tuple(given[shaped[0]].shape)} for "
+             f"{tuple(expected[shaped[0]].shape)})" if shaped else ""]
+    return "; ".join(p for p in parts if p) + ": the file holds weights of another architecture or configuration"
 
 
 def weights_digest(ckpt: Checkpoint) -> str:
@@ -151,6 +167,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load and validate a checkpoint file; any problem is one `CheckpointError` line."""
     path = Path(path)
     raw = _load_tensors(path, "model file", "bigseg checkpoint")
+    if isinstance(raw, dict) and raw.get("format") == RUN_FORMAT:
+        raw = _run_checkpoint_model(path, raw)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a bigseg checkpoint (a plain state dict or another "
                               f"tool's file?); use a file written by `bigseg train`")
@@ -171,7 +189,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if len(ckpt.palette) < ckpt.num_classes or len(ckpt.normalization.mean) != ckpt.in_channels:
         raise CheckpointError(f"{path} is inconsistent: palette or normalisation does not match "
                               f"{ckpt.num_classes} classes / {ckpt.in_channels} bands")
+    ckpt.source = str(path)
     return ckpt
+
+
+def _run_checkpoint_model(path: Path, raw: dict) -> dict:
+    """A run checkpoint's model as a checkpoint: it carries its model's description since bigseg
+    0.1's raster training; an older one only says where its models are."""
+    described = raw.get("checkpoint")
+    if not isinstance(described, dict):
+        raise CheckpointError(f"{path} is a run checkpoint (the state of `bigseg train` for --resume) written before "
+                              f"they described their model: predict with best.pt or final.pt beside it")
+    return {**described, "format": FORMAT, "state_dict": raw["model"],
+            "training": {"run_checkpoint": str(path), "epochs": raw.get("epoch"), "steps": raw.get("global_step")}}
 
 
 # --- shipped weights ---------------------------------------------------------------------------
@@ -203,7 +233,10 @@ def resolve_model(spec: str, folder: Path | None = None) -> Checkpoint:
     if digest != entry["sha256"]:
         raise CheckpointError(f"shipped weights {file} are damaged (sha256 {digest[:12]}..., "
                               f"expected {entry['sha256'][:12]}...); reinstall bigseg")
-    return load_checkpoint(file)
+    ckpt = load_checkpoint(file)
+    ckpt.source = f"{entry['name']} ({file}, sha256 {digest[:12]}...)" if entry["name"] == spec else \
+        f"{spec} -> {entry['name']} ({file}, sha256 {digest[:12]}...)"
+    return ckpt
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:

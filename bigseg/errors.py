@@ -41,6 +41,14 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGINT) during a job; the message says what was kept and how to go on."""
 
 
+def describe_failure(e: Exception) -> str:
+    """One line for a failure bigseg did not foresee (a library's own error on a strange file): its
+    most specific reason and type, without a traceback. A BigsegError is its message."""
+    if isinstance(e, BigsegError):
+        return str(e)
+    return f"{first_line(e)} ({type(e).__name__})"
+
+
 def first_line(e: BaseException) -> str:
     """The most specific one-line reason of `e`: rasterio chains GDAL's own reason as the
     innermost cause; the type's name when there is no message."""

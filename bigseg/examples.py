@@ -1,12 +1,36 @@
-"""A synthetic street scene rendered from scratch: an image the project may ship and test with.
+"""The example street scene: a synthetic street rendered from scratch (an image the project may
+ship and test with), shipped as `examples/street.jpg` in the repository and in the wheel.
+
+`python -m bigseg.examples [FOLDER]` writes `FOLDER/street.jpg` (default `examples/`), so the
+README's first command works from a wheel install too.
 
 Sky at the top, building facades, a road in perspective with lane marks, a pavement, trees and
-cars; returns the RGB image and its CamVid-class label map (sky 0, building 1, road 3,
-sidewalk 4, tree 5, car 8).
+cars; `render_street` returns the RGB image and its CamVid-class label map (sky 0, building 1,
+road 3, sidewalk 4, tree 5, car 8).
 """
 from __future__ import annotations
 
+import sys
+from importlib import resources
+from pathlib import Path
+
 import numpy as np
+
+EXAMPLE = "street.jpg"
+
+
+def write_example(folder: str | Path = "examples") -> tuple[Path, bool]:
+    """Copy the shipped example image into `folder`; (its path, whether it was written now)."""
+    from bigseg.atomic import atomic_path
+
+    target = Path(folder) / EXAMPLE
+    if target.is_file():
+        return target, False
+    data = resources.files("bigseg.example_images").joinpath(EXAMPLE).read_bytes()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return target, True
 
 
 def render_street(width: int = 480, height: int = 360, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -60,3 +84,18 @@ def render_street(width: int = 480, height: int = 360, seed: int = 0) -> tuple[n
         cv2.rectangle(img, (x0 + w // 6, y0 + 2), (x0 + 5 * w // 6, y0 + h // 3), (40, 50, 60), -1)
     img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), lab
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) > 1 or any(a.startswith("-") for a in args):
+        print("usage: python -m bigseg.examples [FOLDER]   (writes FOLDER/street.jpg; default examples/)",
+              file=sys.stderr)
+        return 2
+    path, written = write_example(args[0] if args else "examples")
+    print(f"{'wrote' if written else 'already there:'} {path}; try: bigseg predict {path} --overlay")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

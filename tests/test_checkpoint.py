@@ -1,5 +1,6 @@
 """The checkpoint format: round trip, clear errors for every kind of bad file, shipped manifest."""
 import json
+import re
 from collections import OrderedDict
 
 import pytest
@@ -16,7 +17,7 @@ from bigseg.checkpoint import (
 from bigseg.errors import CheckpointError
 from bigseg.manifest import read_manifest, sha256, weights_dir
 from bigseg.models import create_model
-from tests.conftest import CLASSES, tiny_model
+from tests.conftest import CLASSES, TINY, tiny_model
 
 
 def test_round_trip_gives_identical_predictions(tiny_checkpoint):
@@ -199,3 +200,42 @@ def test_model_file_errors_say_what_the_file_is_and_never_invite_unsafe_loading(
     assert says in message and "weights_only" not in message and "\n" not in message
     assert message.endswith("use a .pt file written by `bigseg train`")
     assert not [w for w in recwarn if "torch" in str(w.filename) or "weights" in str(w.message)]
+
+
+def test_a_run_checkpoint_predicts_like_the_model_it_holds(tmp_path, capsys):
+    from bigseg.train.loop import TrainConfig, train
+    from tests.cli_helpers import run_cli
+    from tests.conftest import TINY, make_generic_dataset
+
+    data = make_generic_dataset(tmp_path / "data", n=4)
+    train(TrainConfig(data=str(data), run_dir=str(tmp_path / "run"), arch_config=TINY, epochs=1, batch_size=2, crop=64,
+                      workers=0, device="cpu", precision="fp32", eval_every=0, seed=1))
+    last, final = load_checkpoint(tmp_path / "run" / "last.pt"), load_checkpoint(tmp_path / "run" / "final.pt")
+    assert last.classes == final.classes and last.normalization == final.normalization
+    assert all(torch.equal(last.state_dict[k], final.state_dict[k]) for k in final.state_dict)
+    image = data / "images" / "im00.png"
+    for name in ("last", "final"):
+        code, _, err = run_cli(capsys, "predict", image, "-m", tmp_path / "run" / f"{name}.pt", "-o",
+                               tmp_path / f"{name}.png", "--device", "cpu", "--tile", "64")
+        assert code == 0, err
+    assert (tmp_path / "last.png").read_bytes() == (tmp_path / "final.png").read_bytes()
+    # a run checkpoint of an older bigseg, which did not describe its model, says what to use instead
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    del state["checkpoint"]
+    torch.save(state, tmp_path / "old-last.pt")
+    with pytest.raises(CheckpointError, match="is a run checkpoint .* predict with best.pt or final.pt beside it"):
+        load_checkpoint(tmp_path / "old-last.pt")
+
+
+def test_weights_of_another_architecture_are_summarised_in_one_short_line(tmp_path):
+    from bigseg.models import create_model
+
+    other = create_model("deeplabv3-rn101", 3, 3, depth=18, aspp_width=16)
+    ckpt = load_checkpoint(save_checkpoint(from_model(other, "deeplabv3-rn101", ["a", "b", "c"]), tmp_path / "x.pt"))
+    ckpt.arch, ckpt.config = "ladder-dn121", TINY
+    with pytest.raises(CheckpointError) as e:
+        ckpt.build_model()
+    message = str(e.value)
+    assert len(message) < 600 and "\n" not in message
+    assert re.search(r"\d+ of its \d+ tensors missing \(.*, \.\.\.\); \d+ unexpected \(.*\)", message), message
+    assert message.endswith("the file holds weights of another architecture or configuration")

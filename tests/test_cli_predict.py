@@ -183,3 +183,161 @@ def test_predict_with_dense_crf_writes_probabilities(tmp_path, tiny_checkpoint, 
     with rasterio.open(tmp_path / "o" / "c.probs.tif") as p, rasterio.open(tmp_path / "o" / "c.mask.tif") as m:
         probs, mask = p.read().astype(int), m.read(1)
     assert np.abs(probs.sum(0) - 255).max() <= 2 and (probs.argmax(0) == mask).mean() > 0.99
+
+
+def crafted_png(width: int, height: int) -> bytes:
+    """A 68-byte PNG whose header claims `width` x `height` pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data
+                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b""))
+
+
+def test_a_header_claiming_ten_gigapixels_is_one_line_and_the_batch_goes_on(tmp_path, tiny_checkpoint, capsys):
+    import cv2
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "bomb.png").write_bytes(crafted_png(100000, 100000))
+    cv2.imwrite(str(folder / "good.png"), np.full((64, 80, 3), 120, np.uint8))
+    code, _, err = run_cli(capsys, "predict", folder / "bomb.png", "-o", tmp_path / "one", "-m", tiny_checkpoint, *FAST)
+    assert code == 1 and "Traceback" not in err and err.count("Error:") == 1 and "bomb.png" in err, err
+    # a dry run decodes nothing: it plans what the header claims, read in windows by GDAL, and says so
+    code, out, err = run_cli(capsys, "predict", folder / "bomb.png", "--dry-run", "--json", "-m", tiny_checkpoint, *FAST)
+    plan = json.loads(out)[0]
+    assert code == 0 and "Traceback" not in err and plan["reader"] == "GdalReader"
+    assert plan["width"] == 100000 and any("over OpenCV's limit" in n for n in plan["notes"])
+    code, out, err = run_cli(capsys, "predict", folder, "-m", tiny_checkpoint, "-o", tmp_path / "out", "--json", *FAST)
+    assert code == 1 and err.count("Error:") == 1 and "Traceback" not in err
+    summary = json.loads(out)
+    assert [Path(d["input"]).name for d in summary["done"]] == ["good.png"]
+    assert [Path(f["input"]).name for f in summary["failed"]] == ["bomb.png"]
+    assert (tmp_path / "out" / "good.mask.png").is_file()
+
+
+def test_any_error_a_file_raises_fails_that_file_alone(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    """A library's own exception on a strange file (not a BigsegError) is one line too."""
+    import cv2
+
+    from bigseg.run import batch
+
+    for name in ("a", "b", "c"):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), np.full((40, 50, 3), 100, np.uint8))
+    real = batch.predict_file
+
+    def strange(predictor, src, dst, options, say):
+        if src.name == "b.png":
+            raise ZeroDivisionError("a codec divided by zero")
+        return real(predictor, src, dst, options, say)
+
+    monkeypatch.setattr(batch, "predict_file", strange)
+    code, out, err = run_cli(capsys, "predict", tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png", "-m",
+                             tiny_checkpoint, "-o", tmp_path / "out", "--json", *FAST)
+    summary = json.loads(out)
+    assert code == 1 and len(summary["done"]) == 2 and len(summary["failed"]) == 1
+    assert "Error: " in err and "b.png: a codec divided by zero (ZeroDivisionError)" in err and "Traceback" not in err
+
+
+def test_globs_and_single_files_never_segment_bigsegs_own_outputs(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    src = write_geotiff(tmp_path / "RGB.byte.tif", 96, 80)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(capsys, "predict", "RGB.byte.tif", "-m", tiny_checkpoint, "--probs", *FAST)[0] == 0
+    (tmp_path / "renamed.tif").write_bytes((tmp_path / "RGB.byte.mask.tif").read_bytes())  # found by its tag
+    (tmp_path / ".hidden.tif").write_bytes(src.read_bytes())
+    before = files(tmp_path)
+    for args in (["*.tif"], ["*.tif", "--overwrite"], ["RGB.byte.mask.tif"]):
+        code, out, err = run_cli(capsys, "predict", *args, "-m", tiny_checkpoint, "--json", *FAST)
+        summary = json.loads(out)
+        ignored = sorted(Path(i["input"]).name for i in summary["ignored"])
+        assert code == 0, err
+        assert set(ignored) <= {"RGB.byte.mask.tif", "RGB.byte.probs.tif", "renamed.tif"} and ignored
+        assert "skipped, a mask bigseg wrote" in err or "skipped, probabilities bigseg wrote" in err
+    assert files(tmp_path) == before  # no RGB.byte.mask.mask.tif, no renamed.mask.tif
+    # hidden files in a folder are passed over quietly, not failures
+    code, out, err = run_cli(capsys, "predict", tmp_path, "-m", tiny_checkpoint, "-o", tmp_path / "o", "--json", *FAST)
+    summary = json.loads(out)
+    assert code == 0 and [Path(d["input"]).name for d in summary["done"]] == ["RGB.byte.tif"]
+    assert not summary["failed"] and ".hidden" not in err
+
+
+def test_dry_run_names_the_weights_and_warns_of_a_plan_beyond_the_machine(tmp_path, capsys):
+    import os
+
+    src = write_geotiff(tmp_path / "big.tif", 9000, 9000, empty=True, nodata=0, SPARSE_OK=True)
+    code, out, err = run_cli(capsys, "predict", src, "--dry-run", "--json", "-m", "ladder-dn121", "--tile", "9000",
+                             "--device", "cpu")
+    assert code == 0, err
+    plan = json.loads(out)[0]
+    assert plan["model"].startswith("ladder-dn121 -> ladder-dn121-camvid (") and "sha256" in plan["model"]
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 20
+    assert plan["memory_mib"]["host"] > ram
+    assert any("this machine has" in n for n in plan["notes"])
+
+
+def test_the_progress_bar_keeps_a_bar_and_the_time_left_at_80_columns_and_counts_only_this_runs_speed():
+    import io
+    import time
+
+    from rich.console import Console
+
+    from bigseg.cli.render import TileProgress
+
+    progress = TileProgress(console=Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None))
+    progress.start("yb_z21_epsg3857_jpeg_mask_and_then_some.tif", 1024 * 1024)
+    progress.tile(100, 140)  # a resumed file: 99 tiles were done before this run
+    time.sleep(0.05)
+    progress.tile(101, 140)
+    shown = io.StringIO()
+    Console(file=shown, width=80, force_terminal=True, color_system=None).print(
+        progress.progress.make_tasks_table(progress.progress.tasks))
+    line = shown.getvalue().splitlines()[0]
+    assert line.count("━") + line.count("╸") + line.count(" ") >= 20 and "…" in line[:26]  # a name cut to fit
+    assert line.rstrip().endswith(tuple(f"{m}:{s:02d}" for m in range(100) for s in range(60)))  # time left whole
+    rate = float(line.split(" MP/s")[0].split()[-1])
+    assert rate < 2 * 1.05 / 0.05  # two tiles in this run's time, not 101
+
+
+def test_help_shows_inputs_as_a_list_and_band_errors_name_the_option(tmp_path, tiny_checkpoint, capsys):
+    code, out, _ = run_cli(capsys, "predict", "--help")
+    assert "{INPUT}..." in out and "list[str]" not in out
+    src = write_geotiff(tmp_path / "a.tif", 64, 64)
+    code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "--bands", "1,2", "-o", tmp_path / "o", *FAST)
+    assert code == 1 and "Error: --bands chooses 2 band(s) but the model takes 3" in err, err
+    code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "--bands", "1,2,5", "-o", tmp_path / "o",
+                           *FAST)
+    assert code == 1 and "--bands asks for band 5 but a.tif has 3" in err, err
+
+
+def test_a_folder_of_fifty_mixed_files_fails_each_broken_one_alone_and_counts_them(tmp_path, tiny_checkpoint, capsys):
+    import cv2
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    good = []
+    for i in range(40):
+        image = rng.integers(0, 255, (40 + i, 50, 3)).astype(np.uint8)
+        name = f"good{i:02d}" + (".png", ".jpg", ".tif")[i % 3]
+        if name.endswith(".tif"):
+            write_geotiff(folder / name, 50, 40 + i, data=image.transpose(2, 0, 1))
+        else:
+            cv2.imwrite(str(folder / name), image)
+        good.append(name)
+    ok, jpeg = cv2.imencode(".jpg", rng.integers(0, 255, (64, 64, 3)).astype(np.uint8))
+    broken = {"bomb.png": crafted_png(100000, 100000), "bomb2.png": crafted_png(70000, 70000), "empty.png": b"",
+              "empty.tif": b"", "truncated.jpg": jpeg.tobytes()[:200], "text.png": b"not an image at all\n",
+              "text.tif": b"II*\x00 not really a tiff", "garbage.jpg": bytes(rng.integers(0, 255, 500, dtype=np.uint8)),
+              "half.tif": (folder / "good02.tif").read_bytes()[:300], "zeros.png": bytes(64)}
+    for name, data in broken.items():
+        (folder / name).write_bytes(data)
+    (folder / ".DS_Store.png").write_bytes(b"hidden")  # a hidden file: passed over, not a failure
+    code, out, err = run_cli(capsys, "predict", folder, "-m", tiny_checkpoint, "-o", tmp_path / "out", "--json", *FAST)
+    summary = json.loads(out)
+    assert code == 1 and "Traceback" not in err
+    assert sorted(Path(d["input"]).name for d in summary["done"]) == sorted(good)
+    assert sorted(Path(f["input"]).name for f in summary["failed"]) == sorted(broken)
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == len(broken) and all(any(name in line for name in broken) for line in errors)

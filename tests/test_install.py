@@ -19,7 +19,8 @@ def test_a_wheel_carries_the_default_weights_and_predicts_without_the_source_tre
     wheel = next((tmp_path / "wheel").glob("bigseg-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
-    assert {"bigseg/weights/ladder-dn121-camvid.pt", "bigseg/weights/manifest.json"} <= names
+    assert {"bigseg/weights/ladder-dn121-camvid.pt", "bigseg/weights/manifest.json",
+            "bigseg/example_images/street.jpg"} <= names
     site = tmp_path / "site"  # a fresh install location, the source tree nowhere on the path
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
                     str(wheel)], check=True, capture_output=True)
@@ -27,12 +28,17 @@ def test_a_wheel_carries_the_default_weights_and_predicts_without_the_source_tre
     env["PYTHONPATH"] = str(site)
     work = tmp_path / "work"
     work.mkdir()
-    (work / "street.jpg").write_bytes((ROOT / "examples" / "street.jpg").read_bytes())
     where = subprocess.run([sys.executable, "-c", "import bigseg; print(bigseg.__file__)"], cwd=work, env=env,
                            capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(site))
-    done = subprocess.run([sys.executable, "-m", "bigseg", "predict", "street.jpg", "--device", "cpu", "--tile", "512",
-                           "--overlay"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    # the README's first commands, from the wheel alone: the example image, then its prediction
+    example = subprocess.run([sys.executable, "-m", "bigseg.examples"], cwd=work, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert example.returncode == 0 and "wrote examples/street.jpg" in example.stdout, example.stderr
+    assert (work / "examples" / "street.jpg").read_bytes() == (ROOT / "examples" / "street.jpg").read_bytes()
+    done = subprocess.run([sys.executable, "-m", "bigseg", "predict", "examples/street.jpg", "--overlay",
+                           "--device", "cpu", "--tile", "512"], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     assert (work / "street.mask.png").is_file() and (work / "street.overlay.png").is_file()
 

@@ -1,5 +1,7 @@
 """The predictor: batches independent of size, multi-scale and flip averaging, out-of-memory
 back-off, overlap from the model, blending on the host."""
+import re
+
 import numpy as np
 import pytest
 import rasterio
@@ -130,3 +132,38 @@ def test_blending_on_the_host_when_the_band_does_not_fit_gives_the_same_mask(tmp
     assert any("blending on the host" in n for n in result.notes)
     with rasterio.open(tmp_path / "device.tif") as a, rasterio.open(tmp_path / "host.tif") as b:
         assert np.array_equal(a.read(), b.read())
+
+
+def test_the_python_api_says_how_to_pass_an_image_and_scales_a_float_image_in_0_to_1(tmp_path, tiny_checkpoint):
+    import warnings
+
+    from bigseg import BigsegError
+    from bigseg.checkpoint import load_checkpoint
+    from bigseg.predictor import Predictor
+
+    seg = Predictor(load_checkpoint(tiny_checkpoint), "cpu", "fp32", tile=64)
+    image = np.random.default_rng(0).integers(0, 256, (3, 48, 72)).astype(np.uint8)
+    for bad, says in ((image.transpose(1, 2, 0), "looks like (height, width, bands): pass np.moveaxis(image, -1, 0)"),
+                      (image[0], "a 2-D 48x72 array: one band is image[None]"),
+                      (np.concatenate([image, image[:1]]), "has 4 band(s) first (4x48x72); the model takes 3")):
+        with pytest.raises(BigsegError, match=re.escape(says)):
+            seg.segment(bad)
+    with pytest.raises(BigsegError, match="valid is 10x10; the image is 48x72"):
+        seg.segment(image, np.ones((10, 10), bool))
+    with pytest.warns(UserWarning, match=r"values lie in 0\.\.1; the model takes 0\.\.255"):
+        scaled = seg.segment(image / 255.0)
+    assert np.array_equal(scaled, seg.segment(image)) and seg.take_notes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 8-bit values as floats are what the model takes: no warning
+        seg.segment(image.astype(np.float32))
+
+
+def test_predict_file_creates_a_missing_output_folder_as_the_cli_does(tmp_path, tiny_checkpoint):
+    from bigseg.checkpoint import load_checkpoint
+    from bigseg.predictor import Predictor
+    from bigseg.run.file_job import predict_file
+
+    src = write_geotiff(tmp_path / "a.tif", 64, 48)
+    seg = Predictor(load_checkpoint(tiny_checkpoint), "cpu", "fp32", tile=64)
+    result = predict_file(seg, src, tmp_path / "new" / "deeper" / "a.mask.tif")
+    assert result.output.is_file()

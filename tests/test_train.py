@@ -893,3 +893,16 @@ def test_an_image_folders_teacher_targets_are_whole_images_and_train(tmp_path):
     kept = np.load(tmp_path / "r" / "teacher" / "000000.npy")
     assert kept.shape == (40, 48, 11) and np.allclose(kept.astype(np.float32).sum(-1), 1, atol=5e-3)
     assert all(i["distil"] > 0 for k, i in events if k == "step")
+
+
+def test_a_resumed_epoch_reports_all_its_steps_and_a_finished_run_says_so(tmp_path, capsys):
+    data = make_generic_dataset(tmp_path / "data", n=6)
+    full = train(tiny_config(data, tmp_path / "a", epochs=1, eval_every=0, windows_per_epoch=8))
+    train(tiny_config(data, tmp_path / "b", epochs=1, eval_every=0, windows_per_epoch=8, max_steps=2))
+    train(tiny_config(data, tmp_path / "b", epochs=1, eval_every=0, windows_per_epoch=8), resume=True)
+    a, b = (json.loads((tmp_path / n / "log.json").read_text())[0] for n in ("a", "b"))
+    assert b["train_loss"] == pytest.approx(a["train_loss"]) == pytest.approx(np.mean(full.losses))  # 4 steps, not 2
+    assert b["seconds"] > 0
+    code, _, err = run_cli(capsys, "train", "--run", tmp_path / "b", "--resume")
+    assert code == 0 and "the run has finished its 1 epochs (4 steps): nothing to train" in err
+    assert "resuming from" not in err and "already finished: 1 epochs, 4 steps" in err and "best.pt" in err

@@ -67,12 +67,23 @@ app.command(name="eval", short_help="Score a model on a labelled split (mIoU).")
 app.command(name="models", short_help="List architectures and shipped weights.")(_guarded(listing.models))
 
 
+def command() -> typer.core.TyperGroup:
+    """The click command of `app`, its arguments shown by their metavar alone (Typer would add a
+    Python type such as `<list[str]>` to `INPUT` in `--help`)."""
+    group = typer.main.get_command(app)
+    for sub in group.commands.values():
+        for param in sub.params:
+            if isinstance(param, typer.core.TyperArgument) and param.metavar:
+                param.display_type_rich = lambda ctx: None
+    return group
+
+
 def main() -> None:
     """Console-script entry: user mistakes become one `Error:` line and exit code 1; Ctrl-C (or a
     first SIGTERM) says what was kept and exits 130 (143)."""
     stop_on_terminate()
     try:
-        app(prog_name="bigseg")
+        command()(prog_name="bigseg")
     except BigsegError as e:
         error_line(e)
         sys.exit(1)

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from bigseg.cli import options as O
-from bigseg.cli.render import TileProgress, error_line, print_plans
+from bigseg.cli.render import TileProgress, failure_line, note, print_plans
 from bigseg.crf.params import parse_crf
 from bigseg.io.bands import parse_bands, parse_value_range
 from bigseg.io.outputs import WriteOptions
@@ -20,7 +20,7 @@ DEFAULT_MODEL = "ladder-dn121-camvid"
 
 
 def predict(
-    inputs: list[str] = typer.Argument(..., metavar="INPUT", help="Image files, folders or globs.", show_default=False),
+    inputs: list[str] = typer.Argument(..., metavar="INPUT", help="Image files, folders or globs (one or more).", show_default=False),
     model: O.Model = DEFAULT_MODEL,
     out: Path | None = typer.Option(None, "--out", "-o", metavar="PATH",
                                        help="Output folder, or file for one input. Default: here."),
@@ -61,11 +61,19 @@ def predict(
     O.check_threads(threads)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 speaks for everyone
     quiet = quiet or rank > 0
-    jobs, failed = prepare(inputs, out, recursive)  # user mistakes surface before torch loads
-    if not jobs:
-        for failure in failed:
-            error_line(failure.error)
-        raise typer.Exit(1)
+    found = prepare(inputs, out, recursive)  # user mistakes surface before torch loads
+    for skipped in found.ignored:
+        if not quiet:
+            note(f"note: {skipped.error}")
+    if not found.jobs:
+        for failure in found.failed:
+            failure_line(failure)
+        if found.failed or not found.ignored:
+            raise typer.Exit(1)
+        if json_summary:  # only bigseg's own outputs were named: nothing to do, and nothing wrong
+            print(json.dumps({"done": [], "skipped": [], "failed": [],
+                              "ignored": [{"input": f.input, "why": f.error} for f in found.ignored]}, indent=2))
+        return
 
     from bigseg import distributed
     from bigseg.checkpoint import resolve_model
@@ -86,10 +94,10 @@ def predict(
         _dry_run(predictor, inputs, out, recursive, options, estimate, json_summary, rank)
         return
     with progress:
-        summary = run_predict(predictor, jobs, failed, overwrite=overwrite, options=options,
-                              on_event=_events(progress, tile))
+        summary = run_predict(predictor, found.jobs, found.failed, found.ignored, overwrite=overwrite,
+                              options=options, on_event=_events(progress, tile))
     for failure in summary.failed:
-        error_line(failure.error)
+        failure_line(failure)
     _report(summary, quiet, json_summary and rank == 0)
     if not summary.ok:
         raise typer.Exit(1)
@@ -105,7 +113,7 @@ def _dry_run(predictor, inputs, out, recursive, options, estimate: bool, as_json
         plan.overlap_from = "--overlap" if plan.overlap_from == "given" else plan.overlap_from
     print_plans(plans, as_json)
     for failure in failed:
-        error_line(failure.error)
+        failure_line(failure)
     if failed:
         raise typer.Exit(1)
 
@@ -134,7 +142,7 @@ def _events(progress: TileProgress, tile: int):
             progress.line(f"{payload.input}: {payload.output} exists, skipped (--overwrite to redo)")
         elif kind == "fail":
             progress.finish()
-            error_line(payload.error)
+            failure_line(payload)
     return on_event
 
 
@@ -148,9 +156,11 @@ def _report(summary, quiet: bool, as_json: bool) -> None:
                      for r in summary.done],
             "skipped": [{"input": str(j.input), "output": str(j.output)} for j in summary.skipped],
             "failed": [{"input": f.input, "error": f.error} for f in summary.failed],
+            "ignored": [{"input": f.input, "why": f.error} for f in summary.ignored],
         }, indent=2))
         return
-    total = len(summary.done) + len(summary.skipped) + len(summary.failed)
+    total = len(summary.done) + len(summary.skipped) + len(summary.failed) + len(summary.ignored)
     if total > 1 and not quiet:
-        print(f"{len(summary.done)} done, {len(summary.skipped)} skipped, {len(summary.failed)} failed",
+        print(f"{len(summary.done)} done, {len(summary.skipped)} skipped, {len(summary.failed)} failed"
+              + (f", {len(summary.ignored)} of bigseg's own outputs passed over" if summary.ignored else ""),
               file=sys.stderr)

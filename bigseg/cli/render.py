@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -38,9 +39,30 @@ def error_line(e: BaseException | str) -> None:
         error(message)
 
 
+def failure_line(failure) -> None:
+    """One `Error:` line for a file that failed (`bigseg.run.discover.Failure`); an error about a
+    parameter names the option, and the line names the file."""
+    message = failure.error
+    if failure.param:
+        message = f"{flag(failure.param)} {failure.reason}"
+        if failure.input not in message and Path(failure.input).name not in message:
+            message = f"{failure.input}: {message}"
+    if message and message not in _printed:
+        _printed.add(message)
+        error(message)
+
+
 def note(message: str, quiet: bool = False) -> None:
     if not quiet:
         print(message, file=sys.stderr, flush=True)
+
+
+def _shorten(text: str, width: int) -> str:
+    """`text` in at most `width` characters, its middle elided."""
+    if len(text) <= width:
+        return text
+    keep = width - 1
+    return text[:keep - keep // 2] + "…" + text[-(keep // 2):]
 
 
 def _duration(seconds: float) -> str:
@@ -52,10 +74,11 @@ def _duration(seconds: float) -> str:
 class _Display:
     """A rich progress display on a terminal (unless quiet); plain stderr lines otherwise."""
 
-    def __init__(self, quiet: bool, *columns, transient: bool = False):
+    def __init__(self, quiet: bool, *columns, transient: bool = False, console: Console | None = None):
         self.quiet = quiet
-        live = err.is_terminal and not quiet
-        self.progress = Progress(*columns, console=err, transient=transient) if live else None
+        console = console or err
+        live = console.is_terminal and not quiet
+        self.progress = Progress(*columns, console=console, transient=transient) if live else None
         self.task = None
         self._last_plain = 0.0
         self._last_fraction = 0.0
@@ -90,30 +113,39 @@ class _Display:
 
 
 class TileProgress(_Display):
-    """Per-file progress: tiles, tiles/s, megapixels/s and the time left. Rich bar on a terminal;
-    otherwise a plain line every 30 s (and 5%) and one line per finished file."""
+    """Per-file progress: tiles, megapixels/s and the time left. Rich bar on a terminal (it keeps a
+    usable bar and the whole time left at 80 columns); otherwise a plain line every 30 s (and 5%)
+    and one line per finished file. The speed counts only the tiles of this run: a resumed file's
+    tiles done before do not make it look faster."""
 
-    def __init__(self, quiet: bool = False):
-        super().__init__(quiet, TextColumn("{task.description}"), BarColumn(),
-                         TextColumn("{task.completed}/{task.total} tiles"), TextColumn("{task.fields[rate]}"),
-                         TimeRemainingColumn(), transient=True)
+    NAME_WIDTH = 24
+
+    def __init__(self, quiet: bool = False, console: Console | None = None):
+        super().__init__(quiet, TextColumn("{task.description}"), BarColumn(bar_width=None),
+                         TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[rate]}"),
+                         TimeRemainingColumn(compact=True, elapsed_when_finished=True), transient=True,
+                         console=console)
         self.name = ""
 
     def start(self, name: str, tile_pixels: int) -> None:
         self.t0, self.tile_pixels, self.name = time.perf_counter(), tile_pixels, name
         self._last_plain, self._last_fraction = time.monotonic(), 0.0
+        self.first: int | None = None  # tiles already done when this run started (a resumed file)
         if self.progress:
-            self.task = self.progress.add_task(name, total=None, rate="")
+            self.task = self.progress.add_task(_shorten(name, self.NAME_WIDTH), total=None, rate="")
 
     def tile(self, done: int, total: int) -> None:
+        if self.first is None:  # the first report of this run: the tiles before it are not its speed
+            self.first = done - 1
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        rate = f"{done / dt:.2f} tiles/s, {done * self.tile_pixels / dt / 1e6:.2f} MP/s"
+        ours = max(done - self.first, 0)
+        rate = f"{ours * self.tile_pixels / dt / 1e6:.2f} MP/s"
         if self.progress:
             self.progress.update(self.task, completed=done, total=total, rate=rate)
         elif total and done < total and self.plain_due(done / total):
-            left = dt / max(done, 1) * (total - done)
-            self.line(f"{self.name}: {done}/{total} tiles ({100 * done / total:.0f}%), {rate}, "
-                      f"about {_duration(left)} left")
+            left = dt / max(ours, 1) * (total - done)
+            self.line(f"{self.name}: {done}/{total} tiles ({100 * done / total:.0f}%), "
+                      f"{ours / dt:.2f} tiles/s, {rate}, about {_duration(left)} left")
 
     def note(self, message: str, *also: str) -> None:
         """`note: MESSAGE`, once: not again when it (or any of `also`) was said before."""
@@ -139,7 +171,10 @@ class TrainProgress(_Display):
     def event(self, kind: str, info: dict) -> None:
         if self.quiet:
             return
-        if kind == "resume":
+        if kind == "resume" and info.get("finished"):
+            self.line(f"the run has finished its {info['epochs']} epochs ({info['global_step']} steps): nothing to "
+                      f"train; --resume --epochs N (more than {info['epochs']}) trains it on")
+        elif kind == "resume":
             self.line(f"resuming from epoch {info['epoch'] + 1}, step {info['step']} "
                       f"({info['global_step']} steps done)")
         elif kind == "start":
@@ -196,6 +231,8 @@ def print_plans(plans: list, as_json: bool = False) -> None:
     for p in plans:
         m = p.memory_mib
         out.print(f"[bold]{escape(p.input)}[/bold] -> {escape(p.output)}")
+        if p.model:
+            out.print(f"  model     {escape(p.model)}")
         out.print(f"  input     {p.width}x{p.height} ({p.width * p.height / 1e6:.1f} MP), {p.bands} bands used, "
                   f"read with {p.reader}")
         out.print(f"  tiles     {p.tiles} ({p.tile_rows} rows x {p.tile_cols} columns) of {p.tile} px, "

@@ -138,6 +138,7 @@ def train(
         result = run_training(cfg, resume=resume, on_event=progress.event)
     if not quiet:
         best = "n/a" if result.best_miou is None else f"{100 * result.best_miou:.2f}"
-        where = result.run_dir / ("best.pt" if result.stopped == "finished" else "last.pt")
+        complete = result.stopped in ("finished", "already finished")
+        where = result.run_dir / ("best.pt" if complete else "last.pt")
         print(f"{result.stopped}: {result.epochs_done} epochs, {result.steps_done} steps, best val mIoU {best}; "
-              f"{'model' if result.stopped == 'finished' else 'run checkpoint'}: {where}", file=sys.stderr)
+              f"{'model' if complete else 'run checkpoint'}: {where}", file=sys.stderr)

@@ -57,9 +57,9 @@ def plan_bands(name: str, count: int, alpha: int | None, palette: np.ndarray | N
     if bands is not None:
         bad = [b for b in bands if b > count]
         if bad:
-            raise InputError(f"{name} has {count} band(s); band {bad[0]} was asked for", param="bands")
+            raise InputError(f"asks for band {bad[0]} but {name} has {count}", param="bands")
         if wanted is not None and len(bands) != wanted:
-            raise InputError(f"the model takes {wanted} band(s) but {len(bands)} were chosen", param="bands")
+            raise InputError(f"chooses {len(bands)} band(s) but the model takes {wanted}", param="bands")
         return BandPlan(bands)
     content = [b for b in range(1, count + 1) if b != alpha]
     if wanted is None:

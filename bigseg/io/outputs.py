@@ -39,9 +39,36 @@ class WriteOptions:
 
 # --- names ---------------------------------------------------------------------------------------
 
+OUTPUT_TAG = "bigseg_output"  # a GeoTIFF tag on every mask and probabilities file bigseg writes
+
+
 def is_output_name(path: Path) -> bool:
-    """Whether `path` looks like a file bigseg wrote (never taken as an input in a folder)."""
+    """Whether `path` is named as a file bigseg writes (`NAME.mask.tif`, `.probs.`, `.overlay.`, partials)."""
     return any(part in path.name for part in _OURS)
+
+
+def output_kind(path: Path) -> str | None:
+    """"a mask", "probabilities", "an overlay" or "a partial file" when `path` is one bigseg wrote
+    (by its name, or by the tag in a GeoTIFF renamed since), else None."""
+    name = path.name
+    for part, kind in ((".partial", "a partial file"), (".overlay.", "an overlay"), (".probs.", "probabilities"),
+                       (".mask.", "a mask")):
+        if part in name:
+            return kind
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import warnings
+
+        import rasterio
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with rasterio.open(path) as ds:
+                    tag = ds.tags().get(OUTPUT_TAG)
+        except Exception:  # not readable: the job says what it is
+            return None
+        return {"mask": "a mask", "probs": "probabilities"}.get(tag)
+    return None
 
 
 def mask_path(src: Path, relative: Path, folder: Path) -> Path:
@@ -120,11 +147,13 @@ class OutputSet:
             if writes_png(kind, dst):
                 writers["mask"] = PngWriter(dst, width, height)
             else:
-                writers["mask"] = GeoTiffWriter(dst, width, height, 1, georef, palette, {"classes": list(classes)},
+                writers["mask"] = GeoTiffWriter(dst, width, height, 1, georef, palette,
+                                                {"classes": list(classes), OUTPUT_TAG: "mask"},
                                                 cog=write.cog, resume_rows=resume_rows, overviews=True)
             if write.probs:
                 writers["probs"] = GeoTiffWriter(sibling(dst, "probs", ".tif"), width, height, len(classes), georef,
-                                                 tags={"classes": list(classes), "scale": "p = value / 255"},
+                                                 tags={"classes": list(classes), "scale": "p = value / 255",
+                                                       OUTPUT_TAG: "probs"},
                                                  cog=write.cog, mask=True, resume_rows=resume_rows,
                                                  descriptions=[f"p({c})" for c in classes])
             if write.overlay:

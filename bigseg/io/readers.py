@@ -19,6 +19,7 @@ import numpy as np
 from bigseg.errors import InputError, RasterFormatError, first_line
 from bigseg.geometry import Window
 from bigseg.io import bands as B
+from bigseg.io import exif
 
 CHECK_PIXELS = 64e6  # 8-bit rasters up to this size are sampled at opening only to find damaged blocks early
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -321,6 +322,8 @@ class OpenCVReader(Reader):
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if image is None:
             raise RasterFormatError(f"{path}: not a readable image (OpenCV could not decode it)")
+        turn = exif.orientation(path)  # as stored -> as every viewer shows it (IMREAD_UNCHANGED ignores EXIF)
+        image = exif.apply(image, turn)
         image = image[..., None] if image.ndim == 2 else image
         if image.shape[2] >= 3:  # OpenCV is BGR(A)
             image = image[..., [2, 1, 0, *range(3, image.shape[2])]]
@@ -330,8 +333,9 @@ class OpenCVReader(Reader):
         rgb = (1, 2, 3) if count >= 3 else None
         plan = B.plan_bands(path.name, count, alpha, None, wanted, bands, rgb if bands is None else None)
         self.alpha = alpha
-        super().__init__(path, self.image.shape[2], self.image.shape[1], self.image.dtype, plan,
-                         "image", None, list(plan.notes))
+        notes = list(plan.notes) + ([f"EXIF orientation {turn}: {exif.TURNS[turn]} as viewers show it; the mask "
+                                     f"matches the image as displayed"] if turn != 1 else [])
+        super().__init__(path, self.image.shape[2], self.image.shape[1], self.image.dtype, plan, "image", None, notes)
         step = max(1, -(-max(self.width, self.height) // B.SAMPLE_SIDE))
         sample, valid = self._read_raw(Window(0, 0, self.width, self.height))
         self.scale = B.value_scale(self.dtype, sample[:, ::step, ::step], valid[::step, ::step], value_range)
@@ -361,7 +365,38 @@ def open_raster(path: str | Path, wanted_bands: int = 3, bands: tuple[int, ...] 
     readers = {"gdal": GdalReader, "tifffile": TiffFileReader, "opencv": OpenCVReader}
     if engine not in readers:
         raise InputError(f"unknown reader {engine!r}; use auto, gdal, tifffile or opencv")
+    if engine == "opencv" and beyond_opencv(path):
+        # OpenCV refuses images over its pixel limit (CV_IO_MAX_IMAGE_PIXELS): GDAL reads them in windows
+        reader = GdalReader(path, wanted_bands, bands, value_range)
+        reader.notes.append(f"{reader.width}x{reader.height} is over OpenCV's limit of {opencv_pixel_limit()} "
+                            f"pixels: read in windows through GDAL")
+        return reader
     return readers[engine](path, wanted_bands, bands, value_range)
+
+
+def opencv_pixel_limit() -> int:
+    """The largest image OpenCV decodes (its CV_IO_MAX_IMAGE_PIXELS, 2^30 unless set)."""
+    import os
+
+    try:
+        return int(os.environ.get("CV_IO_MAX_IMAGE_PIXELS", 1 << 30))
+    except ValueError:
+        return 1 << 30
+
+
+def beyond_opencv(path: Path) -> bool:
+    """Whether the image's header claims more pixels than OpenCV will decode (read from the header
+    by GDAL, which decodes nothing at opening)."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                return ds.width * ds.height > opencv_pixel_limit()
+    except Exception:  # not GDAL's to open: OpenCV says what it is
+        return False
 
 
 def open_input(path: str | Path, wanted_bands: int, options: ReadOptions) -> Reader:

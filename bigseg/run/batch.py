@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from bigseg import distributed
-from bigseg.errors import BigsegError
+from bigseg.errors import describe_failure
 from bigseg.predictor import Predictor
 from bigseg.run.discover import Failure, Job, prepare
 from bigseg.run.file_job import JobOptions, PredictResult, predict_file
@@ -20,8 +20,9 @@ Events = Callable[[str, object], None]
 @dataclass
 class Summary:
     done: list[PredictResult] = field(default_factory=list)
-    skipped: list[Job] = field(default_factory=list)
+    skipped: list[Job] = field(default_factory=list)    # outputs already there
     failed: list[Failure] = field(default_factory=list)
+    ignored: list[Failure] = field(default_factory=list)  # bigseg's own outputs among the inputs
 
     @property
     def ok(self) -> bool:
@@ -31,6 +32,7 @@ class Summary:
         self.done += other.done
         self.skipped += other.skipped
         self.failed += other.failed
+        self.ignored += other.ignored
 
 
 def run_jobs(jobs: list[Job], work: Callable[[Job, Events], PredictResult | None], overwrite: bool,
@@ -50,10 +52,11 @@ def run_jobs(jobs: list[Job], work: Callable[[Job, Events], PredictResult | None
         say("start", job)
         try:
             result = work(job, say)
-        except BigsegError as e:
+        except Exception as e:  # whatever a file raises, it fails alone and the batch goes on
+            failure = Failure(str(job.input), _message(job, e), getattr(e, "param", None), getattr(e, "reason", None))
             if speak:
-                summary.failed.append(Failure(str(job.input), str(e)))
-            say("fail", Failure(str(job.input), str(e)))
+                summary.failed.append(failure)
+            say("fail", failure)
             continue
         if result is not None and speak:
             summary.done.append(result)
@@ -61,19 +64,28 @@ def run_jobs(jobs: list[Job], work: Callable[[Job, Events], PredictResult | None
     return summary
 
 
+def _message(job: Job, e: Exception) -> str:
+    """The failure's one line, naming the file when the message does not."""
+    text = describe_failure(e)
+    return text if str(job.input) in text or job.input.name in text else f"{job.input}: {text}"
+
+
 def predict(predictor: Predictor, inputs: list[str], out: Path | None = None, *, recursive: bool = False,
             overwrite: bool = False, options: JobOptions = JobOptions(),
             on_event: Events = lambda kind, payload: None) -> Summary:
     """Predict every input (files, folders, globs) into `out` (a folder, or a file for one input);
     see `run_jobs` for the events."""
-    jobs, failed = prepare(inputs, out, recursive)
-    return run_predict(predictor, jobs, failed, overwrite=overwrite, options=options, on_event=on_event)
+    found = prepare(inputs, out, recursive)
+    return run_predict(predictor, found.jobs, found.failed, found.ignored, overwrite=overwrite, options=options,
+                       on_event=on_event)
 
 
-def run_predict(predictor: Predictor, jobs: list[Job], failed: list[Failure] = (), *, overwrite: bool = False,
-                options: JobOptions = JobOptions(), on_event: Events = lambda kind, payload: None) -> Summary:
-    """Run `jobs` (from `bigseg.run.discover.prepare`); `failed`: inputs that named nothing."""
-    summary = Summary(failed=list(failed))
+def run_predict(predictor: Predictor, jobs: list[Job], failed: list[Failure] = (), ignored: list[Failure] = (), *,
+                overwrite: bool = False, options: JobOptions = JobOptions(),
+                on_event: Events = lambda kind, payload: None) -> Summary:
+    """Run `jobs` (from `bigseg.run.discover.prepare`); `failed`: inputs that named nothing;
+    `ignored`: bigseg's own outputs among the inputs (reported, not segmented)."""
+    summary = Summary(failed=list(failed), ignored=list(ignored))
     rank = distributed.rank_from_env()
     one_file = lambda job, say: predict_file(predictor, job.input, job.output, options, say)
     if not rank.active:

@@ -1,14 +1,17 @@
 """Inputs to jobs: expand files, folders and globs, pair each input with its output path, and check
-that the output folders can be written before any work starts."""
+that the output folders can be written before any work starts. bigseg's own outputs (masks,
+probabilities, overlays, partial files: by name, or by the tag bigseg writes into its GeoTIFFs)
+are never inputs, whether named one by one, by a glob or in a folder; hidden files in a folder
+are passed over."""
 from __future__ import annotations
 
 import glob
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigseg.errors import InputError, OutputError
-from bigseg.io.outputs import check_mask_file, is_output_name, mask_path, names_one_file
+from bigseg.io.outputs import check_mask_file, mask_path, names_one_file, output_kind
 from bigseg.io.readers import IMAGE_SUFFIXES, RASTER_SUFFIXES
 
 INPUT_SUFFIXES = IMAGE_SUFFIXES | RASTER_SUFFIXES
@@ -22,37 +25,64 @@ class Job:
 
 @dataclass
 class Failure:
+    """An input that failed: `error` is the whole line; an error about a parameter also keeps it
+    apart (`param`, `reason`) so the CLI can name its option."""
+
     input: str
     error: str
+    param: str | None = None
+    reason: str | None = None
 
 
-def expand_inputs(inputs: list[str], recursive: bool) -> tuple[list[tuple[Path, Path]], list[Failure]]:
-    """(file, relative name for the output) pairs, in a stable order, and the inputs that name nothing."""
+@dataclass
+class Found:
+    """The jobs of a command line, the inputs that failed before any work (named nothing, or
+    clashing outputs), and bigseg's own outputs passed over (each with why: said as a note)."""
+
+    jobs: list[Job] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
+    ignored: list[Failure] = field(default_factory=list)
+
+
+def expand_inputs(inputs: list[str], recursive: bool
+                  ) -> tuple[list[tuple[Path, Path]], list[Failure], list[Failure]]:
+    """(file, relative name for the output) pairs, in a stable order; the inputs that name nothing;
+    bigseg's outputs among them (never segmented again)."""
     found: list[tuple[Path, Path]] = []
     failures: list[Failure] = []
+    ignored: list[Failure] = []
+
+    def keep(p: Path) -> bool:
+        kind = output_kind(p)
+        if kind is not None:
+            ignored.append(Failure(str(p), f"{p}: skipped, {kind} bigseg wrote (not segmented again)"))
+        return kind is None
+
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
-            files = sorted(p for p in path.glob(pattern) if p.is_file()
-                           and p.suffix.lower() in INPUT_SUFFIXES and not is_output_name(p))
-            if not files:
+            files = sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            files = [p for p in files if keep(p)]
+            if not files and not ignored:
                 failures.append(Failure(item, f"{item}: no images in this folder (looked for "
                                               f"{', '.join(sorted(INPUT_SUFFIXES))}"
                                               f"{'' if recursive else '; --recursive to look in subfolders'})"))
             found += [(p, p.relative_to(path)) for p in files]
         elif path.exists():
-            found.append((path, Path(path.name)))
+            if keep(path):
+                found.append((path, Path(path.name)))
         elif path.is_symlink():
             failures.append(Failure(item, f"{item}: a symbolic link that leads nowhere (a loop or a missing target)"))
         elif glob.has_magic(item):
             files = sorted(Path(p) for p in glob.glob(item, recursive=recursive) if Path(p).is_file())
             if not files:
                 failures.append(Failure(item, f"no file matches {item}"))
-            found += [(p, Path(p.name)) for p in files]
+            found += [(p, Path(p.name)) for p in files if keep(p)]
         else:
             failures.append(Failure(item, f"input not found: {item}"))
-    return found, failures
+    return found, failures, ignored
 
 
 def plan_jobs(found: list[tuple[Path, Path]], out: Path | None) -> tuple[list[Job], list[Failure]]:
@@ -75,19 +105,19 @@ def plan_jobs(found: list[tuple[Path, Path]], out: Path | None) -> tuple[list[Jo
     return jobs, failures
 
 
-def find_jobs(inputs: list[str], out: Path | None, recursive: bool) -> tuple[list[Job], list[Failure]]:
+def find_jobs(inputs: list[str], out: Path | None, recursive: bool) -> Found:
     """`expand_inputs` then `plan_jobs`."""
-    found, failed = expand_inputs(inputs, recursive)
+    found, failed, ignored = expand_inputs(inputs, recursive)
     jobs, more = plan_jobs(found, out)
-    return jobs, failed + more
+    return Found(jobs, failed + more, ignored)
 
 
-def prepare(inputs: list[str], out: Path | None, recursive: bool) -> tuple[list[Job], list[Failure]]:
+def prepare(inputs: list[str], out: Path | None, recursive: bool) -> Found:
     """`find_jobs`, then check that every output folder can be written (OutputError if not)."""
-    jobs, failed = find_jobs(inputs, out, recursive)
-    for folder in sorted({job.output.parent for job in jobs}):
+    found = find_jobs(inputs, out, recursive)
+    for folder in sorted({job.output.parent for job in found.jobs}):
         check_writable(folder)
-    return jobs, failed
+    return found
 
 
 def check_writable(folder: Path) -> None:

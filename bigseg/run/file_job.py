@@ -77,6 +77,7 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
     for PNG outputs) nothing is left on failure."""
     start = time.perf_counter()
     say = on_event or (lambda kind, payload: None)
+    dst.parent.mkdir(parents=True, exist_ok=True)  # as the CLI and `predict()` do
     if predictor.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(predictor.device)
     ckpt = predictor.checkpoint

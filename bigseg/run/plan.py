@@ -30,6 +30,7 @@ peak RSS.
 """
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -40,7 +41,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-from bigseg.errors import BigsegError
+from bigseg.errors import describe_failure
 from bigseg.geometry import TileGrid, stitcher_peak_pixels
 from bigseg.io.gdal import gdal_env
 from bigseg.io.outputs import describe
@@ -128,6 +129,7 @@ class Plan:
     memory_mib: dict = field(default_factory=dict)
     estimate_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
+    model: str = ""  # the weights the run will use (where a name resolved to)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,22 +206,44 @@ def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, e
             notes=list(reader.notes),
             outputs=describe(dst, reader.kind, reader.width, reader.height, predictor.num_classes, options.write))
         plan.memory_mib = memory_estimate(predictor, reader.width, reader.height, plan.bands, options.write.probs)
+        plan.model = predictor.checkpoint.source
+        plan.notes += memory_warnings(plan.memory_mib, predictor.device)
         if estimate:
             plan.estimate_seconds = _time_estimate(predictor, reader, grid)
     return plan
+
+
+def memory_warnings(memory_mib: dict, device: torch.device) -> list[str]:
+    """A note for each estimate beyond the machine: host memory, and the GPU's."""
+    notes = []
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / MIB
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: nothing to compare with
+        total = None
+    if total and memory_mib["host"] > total:
+        notes.append(f"needs about {memory_mib['host'] / 1024:.1f} GiB of memory and this machine has "
+                     f"{total / 1024:.1f} GiB: use a smaller --tile or --batch-size")
+    if memory_mib.get("gpu") and device.type == "cuda":
+        gpu_total = torch.cuda.get_device_properties(device).total_memory / MIB
+        if memory_mib["gpu"] > gpu_total:
+            notes.append(f"needs about {memory_mib['gpu'] / 1024:.1f} GiB on the GPU, which has "
+                         f"{gpu_total / 1024:.1f} GiB: the run will back off to smaller batches or sub-tiles")
+    return notes
 
 
 def dry_run(predictor: Predictor, inputs: list[str], out: Path | None, *, recursive: bool = False,
             options: JobOptions = JobOptions(), estimate: bool = False) -> tuple[list[Plan], list[Failure]]:
     """The plan of every job without running the model (except a short timed warm-up with
     `estimate`); unreadable inputs are failures, as in a real run."""
-    jobs, failed = find_jobs(inputs, out, recursive)
+    found = find_jobs(inputs, out, recursive)
+    failed = found.failed
     plans = []
-    for job in jobs:
+    for job in found.jobs:
         try:
             plans.append(plan_file(predictor, job.input, job.output, options, estimate))
-        except BigsegError as e:
-            failed.append(Failure(str(job.input), str(e)))
+        except Exception as e:  # as in a real run: the file fails alone, in one line
+            text = describe_failure(e)
+            failed.append(Failure(str(job.input), text if job.input.name in text else f"{job.input}: {text}"))
     return plans, failed
 
 

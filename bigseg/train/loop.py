@@ -55,7 +55,7 @@ class TrainResult:
     steps_done: int
     best_miou: float | None
     losses: list[float]
-    stopped: str  # "finished", "max_steps" or "interrupted"
+    stopped: str  # "finished", "max_steps", "interrupted" or "already finished" (a resumed run that was)
 
 
 def train(cfg: TrainConfig, resume: bool = False,
@@ -65,6 +65,9 @@ def train(cfg: TrainConfig, resume: bool = False,
     the size of the rasters read."""
     with gdal_env():
         run = start(cfg, resume, on_event)
+        if run.at.epoch >= cfg.epochs:  # resumed after its last epoch: nothing to train, its files stay
+            D.shutdown(run.env.rank)
+            return TrainResult(run.run_dir, run.at.epoch, run.at.global_step, run.at.best, [], "already finished")
         stopped = "finished"
         try:
             while run.at.epoch < cfg.epochs and stopped == "finished":
@@ -105,7 +108,8 @@ def start(cfg: TrainConfig, resume: bool, on_event: Callable[[str, dict], None])
     if state is not None:
         at = restore(state, net, opt, scheduler, scaler)
         data.prepared = dict(state.get("prepared", {}))
-        on_event("resume", {"epoch": at.epoch, "step": at.step_in_epoch, "global_step": at.global_step})
+        on_event("resume", {"epoch": at.epoch, "step": at.step_in_epoch, "global_step": at.global_step,
+                            "finished": at.epoch >= cfg.epochs, "epochs": cfg.epochs})
     run = Run(cfg, env, data, net, opt, scheduler, scaler, at, on_event)
     run.begin(checkpointing)
     return run
@@ -135,6 +139,7 @@ class Run:
             self.model = torch.compile(self.model)
         self.losses: list[float] = []
         self.in_step = False
+        self.epoch_start: float | None = None  # perf_counter at the start of this process's part of the epoch
 
     def begin(self, checkpointing: bool) -> None:
         """The run folder, data.json, and the "start" event that says how the run will go."""
@@ -163,23 +168,24 @@ class Run:
         keys = D.shard(self.data.sampler.epoch(cfg.seed, at.epoch), d, cfg.batch_size)
         view = EpochView(self.data.source, self.data.sampler, keys, aug, cfg.seed, at.epoch, self.data.targets)
         self.net.train()
-        t0, epoch_losses = time.perf_counter(), []
+        self.epoch_start, done_before = time.perf_counter(), len(at.epoch_losses)  # a resumed epoch goes on
         for images, labels, *teacher in batches(view, cfg, at.step_in_epoch * cfg.batch_size, self.data.device_data):
             check_stop()
             if cfg.max_steps is not None and at.global_step >= cfg.max_steps:
                 return "max_steps"
             loss, parts = self.step(images, labels, teacher[0] if teacher else None)
-            epoch_losses.append(loss)
+            at.epoch_losses.append(loss)
             self.on_event("step", {"epoch": at.epoch, "step": at.step_in_epoch, "global_step": at.global_step,
                                    "loss": loss, **parts, "lr": self.scheduler.get_last_lr()[0],
-                                   "images_per_s": len(epoch_losses) * cfg.batch_size * d.world
-                                   / (time.perf_counter() - t0)})
+                                   "images_per_s": (len(at.epoch_losses) - done_before) * cfg.batch_size * d.world
+                                   / (time.perf_counter() - self.epoch_start)})
         check_stop()
         at.epoch += 1
         at.step_in_epoch = 0
         record = {"epoch": at.epoch, "steps": at.global_step,
-                  "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None,
-                  "lr": self.scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2), "crop": aug.crop}
+                  "train_loss": float(np.mean(at.epoch_losses)) if at.epoch_losses else None,
+                  "lr": self.scheduler.get_last_lr()[0], "seconds": round(self.seconds_in_epoch(), 2), "crop": aug.crop}
+        at.epoch_losses, at.epoch_seconds, self.epoch_start = [], 0.0, None
         if self.data.val is not None and (at.epoch % cfg.eval_every == 0 or at.epoch == cfg.epochs):
             if d.main:
                 record.update(self.validate())
@@ -247,10 +253,18 @@ class Run:
         save_checkpoint(self.describe(metrics), self.run_dir / "best.pt")
         return True
 
+    def seconds_in_epoch(self) -> float:
+        """The epoch's training time so far, the parts before a resume included."""
+        ongoing = 0.0 if self.epoch_start is None else time.perf_counter() - self.epoch_start
+        return self.at.epoch_seconds + ongoing
+
     def save(self) -> None:
+        if self.epoch_start is not None:  # a stop inside an epoch keeps its time so far
+            self.at.epoch_seconds, self.epoch_start = self.seconds_in_epoch(), time.perf_counter()
         if self.env.rank.main:
+            described = {k: v for k, v in self.describe().to_dict().items() if k not in ("state_dict", "training")}
             save_run(self.last_path, self.cfg, self.at, self.net, self.opt, self.scheduler, self.scaler,
-                     self.data.prepared)
+                     self.data.prepared, described)
 
     # --- the end -------------------------------------------------------------------------------
 

@@ -11,10 +11,9 @@ from typing import Any
 import torch
 
 from bigseg.atomic import atomic_path
+from bigseg.checkpoint import RUN_FORMAT
 from bigseg.errors import TrainingError
 from bigseg.train.config import DEFAULTS, RESUMABLE, TrainConfig
-
-RUN_FORMAT = "bigseg-run"
 
 
 @dataclass
@@ -26,6 +25,8 @@ class Progress:
     global_step: int = 0
     best: float | None = None
     history: list[dict] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)  # the epoch under way: its steps' losses so far
+    epoch_seconds: float = 0.0                              # and its seconds before the last stop
 
 
 def load_run_config(run_dir: str | Path, **changes: Any) -> TrainConfig:
@@ -61,12 +62,15 @@ def load_run_state(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     return state
 
 
-def save_run(path: Path, cfg: TrainConfig, at: Progress, net, optimizer, scheduler, scaler, prepared: dict) -> None:
-    """Write the run checkpoint atomically."""
-    state = {"format": RUN_FORMAT, "config": asdict(cfg), "model": net.state_dict(),
+def save_run(path: Path, cfg: TrainConfig, at: Progress, net, optimizer, scheduler, scaler, prepared: dict,
+             described: dict) -> None:
+    """Write the run checkpoint atomically; `described`: the model's checkpoint fields but its
+    weights (so `predict --model last.pt` works)."""
+    state = {"format": RUN_FORMAT, "config": asdict(cfg), "model": net.state_dict(), "checkpoint": described,
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
              "rng": _rng_state(), "epoch": at.epoch, "step_in_epoch": at.step_in_epoch,
-             "global_step": at.global_step, "best_miou": at.best, "history": at.history, "prepared": prepared}
+             "global_step": at.global_step, "best_miou": at.best, "history": at.history, "prepared": prepared,
+             "epoch_losses": list(at.epoch_losses), "epoch_seconds": at.epoch_seconds}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -81,7 +85,7 @@ def restore(state: dict[str, Any], net, optimizer, scheduler, scaler) -> Progres
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return Progress(state["epoch"], state["step_in_epoch"], state["global_step"], state["best_miou"],
-                    list(state["history"]))
+                    list(state["history"]), list(state.get("epoch_losses", [])), float(state.get("epoch_seconds", 0.0)))
 
 
 def _rng_state() -> dict[str, Any]:

@@ -188,7 +188,7 @@ class Predictor:
     def scores(self, image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """Tiled scores of an in-memory (bands, H, W) image in the model's 0..255 units, exactly as
         files are processed."""
-        image = self.check_image(image, valid)
+        image = model_image(image, valid, self.checkpoint.in_channels, self.note)
         _, h, w = image.shape
         valid = np.ones((h, w), bool) if valid is None else valid
         out = np.zeros((self.num_classes, h, w), np.float32)
@@ -198,38 +198,6 @@ class Predictor:
             if copy is not None:  # None: no valid pixel there (scores stay 0)
                 out[(slice(None), *window.slices)] = copy.numpy()["scores"]
         return out
-
-    def check_image(self, image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
-        """An in-memory image as the model takes it, or an InputError that says how to pass it: a
-        (bands, H, W) array of the model's band count in 0..255 units. A float image in 0..1 is
-        scaled to 0..255, with a warning and a note."""
-        image = np.asarray(image)
-        bands = self.checkpoint.in_channels
-        shape = "x".join(map(str, image.shape))
-        if image.ndim == 2:
-            raise InputError(f"takes (bands, height, width); got a 2-D {shape} array: one band is image[None]"
-                             + (f", repeated to the model's {bands}: np.repeat(image[None], {bands}, 0)" if bands > 1 else ""),
-                             param="image")
-        if image.ndim != 3:
-            raise InputError(f"takes (bands, height, width); got a {image.ndim}-D {shape} array", param="image")
-        if image.shape[0] != bands:
-            hint = (f"; it looks like (height, width, bands): pass np.moveaxis(image, -1, 0)"
-                    if image.shape[-1] == bands else "")
-            raise InputError(f"has {image.shape[0]} band(s) first ({shape}); the model takes {bands}{hint}",
-                             param="image")
-        if valid is not None and np.shape(valid) != image.shape[1:]:
-            raise InputError(f"is {'x'.join(map(str, np.shape(valid)))}; the image is {image.shape[1]}x{image.shape[2]}",
-                             param="valid")
-        if image.dtype.kind not in "uif":
-            raise InputError(f"holds {image.dtype} values; the model takes numbers in 0..255", param="image")
-        if image.dtype.kind == "f" and image.size and 0 < np.nanmax(image) <= 1.0 and np.nanmin(image) >= 0.0 \
-                and not np.array_equal(image, np.round(image)):  # fractions: not 8-bit values cast to float
-            message = ("the image's values lie in 0..1; the model takes 0..255 (8-bit units, normalised inside): "
-                       "scaled by 255")
-            warnings.warn(message, UserWarning, stacklevel=3)
-            self.note(message)
-            image = image * np.float32(255)
-        return image
 
     def segment(self, image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """Class indices (H, W) uint8 of a (bands, H, W) image in 0..255 units; invalid pixels get 255."""
@@ -264,6 +232,38 @@ class Predictor:
     def take_notes(self) -> list[str]:
         taken, self.notes = self.notes, []
         return taken
+
+
+def model_image(image: np.ndarray, valid: np.ndarray | None, bands: int, note: Callable[[str], None]) -> np.ndarray:
+    """An in-memory image as the model takes it, or an InputError that says how to pass it: a
+    (bands, H, W) array of the model's band count in 0..255 units. A float image in 0..1 is
+    scaled to 0..255, with a warning and a note."""
+    image = np.asarray(image)
+    shape = "x".join(map(str, image.shape))
+    if image.ndim == 2:
+        raise InputError(f"takes (bands, height, width); got a 2-D {shape} array: one band is image[None]"
+                         + (f", repeated to the model's {bands}: np.repeat(image[None], {bands}, 0)" if bands > 1 else ""),
+                         param="image")
+    if image.ndim != 3:
+        raise InputError(f"takes (bands, height, width); got a {image.ndim}-D {shape} array", param="image")
+    if image.shape[0] != bands:
+        hint = (f"; it looks like (height, width, bands): pass np.moveaxis(image, -1, 0)"
+                if image.shape[-1] == bands else "")
+        raise InputError(f"has {image.shape[0]} band(s) first ({shape}); the model takes {bands}{hint}",
+                         param="image")
+    if valid is not None and np.shape(valid) != image.shape[1:]:
+        raise InputError(f"is {'x'.join(map(str, np.shape(valid)))}; the image is {image.shape[1]}x{image.shape[2]}",
+                         param="valid")
+    if image.dtype.kind not in "uif":
+        raise InputError(f"holds {image.dtype} values; the model takes numbers in 0..255", param="image")
+    if image.dtype.kind == "f" and image.size and 0 < np.nanmax(image) <= 1.0 and np.nanmin(image) >= 0.0 \
+            and not np.array_equal(image, np.round(image)):  # fractions: not 8-bit values cast to float
+        message = ("the image's values lie in 0..1; the model takes 0..255 (8-bit units, normalised inside): "
+                   "scaled by 255")
+        warnings.warn(message, UserWarning, stacklevel=3)
+        note(message)
+        image = image * np.float32(255)
+    return image
 
 
 def predict_in_subtiles(predictor: Predictor, one: np.ndarray) -> np.ndarray:

@@ -305,7 +305,7 @@ def test_help_shows_inputs_as_a_list_and_band_errors_name_the_option(tmp_path, t
     assert "{INPUT}..." in out and "list[str]" not in out
     src = write_geotiff(tmp_path / "a.tif", 64, 64)
     code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "--bands", "1,2", "-o", tmp_path / "o", *FAST)
-    assert code == 1 and "Error: --bands chooses 2 band(s) but the model takes 3" in err, err
+    assert code == 1 and "a.tif: --bands chooses 2 band(s) but the model takes 3" in err, err
     code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "--bands", "1,2,5", "-o", tmp_path / "o",
                            *FAST)
     assert code == 1 and "--bands asks for band 5 but a.tif has 3" in err, err

@@ -260,7 +260,7 @@ def model_image(image: np.ndarray, valid: np.ndarray | None, bands: int, note: C
             and not np.array_equal(image, np.round(image)):  # fractions: not 8-bit values cast to float
         message = ("the image's values lie in 0..1; the model takes 0..255 (8-bit units, normalised inside): "
                    "scaled by 255")
-        warnings.warn(message, UserWarning, stacklevel=3)
+        warnings.warn(message, UserWarning, stacklevel=4)
         note(message)
         image = image * np.float32(255)
     return image

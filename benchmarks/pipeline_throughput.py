@@ -3,8 +3,10 @@ tiler and MONAI's sliding window, in one run.
 
 (0) ceiling (CPU): fp32 4096x4096 matmuls in torch and numpy, the faster's GFLOP per CPU-second
     (all threads counted);
-(a) bare model per engine (torch, onnx): batches of normalised tiles, no reading or writing;
-    MP/s, CPU seconds per megapixel and the achieved GFLOP per CPU-second as a share of (0);
+(a) bare model per engine and precision (`--engines torch,torch:bf16,openvino:f32,openvino:bf16,
+    onnxruntime`; onnxruntime is ONNX Runtime on OpenVINO's cached export, the engine it replaced,
+    when installed): batches of normalised tiles, no reading or writing; MP/s, CPU seconds per
+    megapixel and the achieved GFLOP per CPU-second as a share of (0);
 (b) end to end per engine: `predict_file` on a synthetic GeoTIFF and (`--ortho FILE`) a crop of
     it (`--crop`, default 3000): reading, inference, stitching, compression and writing;
 (c) naive tiler: the whole image in memory, one tile at a time, no blending, torch;
@@ -13,12 +15,16 @@ tiler and MONAI's sliding window, in one run.
     requirements: `pip install monai`);
 (e) `--before CHECKOUT`: the same `bigseg predict` command run from another checkout (a baseline);
 (f) `--rss-crops 3000,6000`: peak RSS of `bigseg predict` per engine on crops of those sizes;
-(g) reading alone with 1 and `--io-threads` GDAL threads; with `--agreement` (GPU and trained
-    weights) bf16 against fp32 labels.
+(g) reading alone with 1 and `--io-threads` GDAL threads; with `--agreement` (trained weights)
+    bf16 against fp32 labels;
+(h) `--startup IMAGE`: where a small image's `bigseg predict` spends its seconds in a fresh process
+    (imports, checkpoint, engine set-up, first batch, writing), and the whole command's wall time
+    per engine, warm (its second run).
 Megapixels count input pixels; "tile MP/s" counts what the model ran on (tiles overlap).
 
     python benchmarks/pipeline_throughput.py --device cpu --model ladder-dn121-camvid --tile 1024 \\
-        --batch 4 --size 3000 --ortho ../shared/data/ortho/yb_z21_epsg3857_jpeg_mask.tif --monai
+        --batch 4 --size 3000 --ortho ../shared/data/ortho/yb_z21_epsg3857_jpeg_mask.tif --monai \\
+        --engines torch,openvino:f32,openvino:bf16,onnxruntime --startup examples/street.jpg
     python benchmarks/pipeline_throughput.py --device cuda --model ladder-dn121-camvid --tile 1024 \\
         --size 12000 --ortho ../shared/data/ortho/yb_z21_epsg3857_jpeg_mask.tif --peak-tflops 989 --agreement
 """
@@ -73,6 +79,45 @@ def matmul_ceiling(n: int = 4096, repeats: int = 6) -> dict[str, tuple[float, fl
         flop = 2 * n ** 3 * repeats / 1e9
         rates[name] = (flop / (cpu_seconds() - c0), flop / (time.perf_counter() - t0))
     return rates
+
+
+class OnnxRuntime:
+    """ONNX Runtime's CPU provider on the ONNX file OpenVINO's engine exported (the engine bigseg
+    used before OpenVINO; here only as a baseline)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, exported, threads: int):
+        import onnxruntime as ort
+
+        self.exported, self.threads, self.sessions, self.ort = exported, threads, {}, ort
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape[-2:])
+        if shape not in self.sessions:
+            self.exported(x)  # exports (or finds) the ONNX file of this shape
+            path = self.exported.folder / f"{self.exported.key(shape, int(x.shape[1]))}.onnx"
+            options = self.ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.sessions[shape] = self.ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return torch.from_numpy(self.sessions[shape].run(None, {"x": np.ascontiguousarray(x.float().numpy())})[0])
+
+
+def make_predictor(ckpt, args, spec: str) -> Predictor:
+    """`torch`, `torch:bf16`, `openvino[:f32|:bf16]` or `onnxruntime` as a predictor."""
+    engine, _, precision = spec.partition(":")
+    precision = {"f32": "fp32", "": args.precision}.get(precision, precision)
+    if engine == "onnxruntime":
+        pred = Predictor(ckpt, args.device, "fp32", args.tile, None, args.batch, engine="openvino")
+        pred.engine = OnnxRuntime(pred.engine, torch.get_num_threads())
+        return pred
+    return Predictor(ckpt, args.device, precision, args.tile, None, args.batch, compile=args.compile, engine=engine)
+
+
+def label_of(pred: Predictor) -> str:
+    precision = getattr(pred.engine, "precision", None) or str(pred.dtype).removeprefix("torch.")
+    return f"{pred.engine.name} {precision}".replace("float32", "f32").replace("bfloat16", "bf16")
 
 
 def bare(pred: Predictor, batches: int) -> tuple[float, float]:
@@ -222,7 +267,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default="small", help="small (a little ladder config), an architecture name "
                    "(random weights), a shipped model name or a checkpoint")
-    p.add_argument("--engines", default="torch,onnx", help="engines to compare (torch on a GPU)")
+    p.add_argument("--engines", default="torch,openvino:f32,openvino:bf16",
+                   help="engines[:precision] to compare (torch on a GPU), e.g. torch,openvino:f32,onnxruntime")
+    p.add_argument("--startup", type=Path, default=None, help="a small image: where its predict's seconds go")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--precision", default="auto")
@@ -245,8 +292,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     ckpt, model_arg = checkpoint_for(args.model, work)
     engines = [e for e in args.engines.split(",") if e] if args.device == "cpu" else ["torch"]
-    preds = {e: Predictor(ckpt, args.device, args.precision, args.tile, None, args.batch, compile=args.compile,
-                          engine=e) for e in engines}
+    preds = {e: make_predictor(ckpt, args, e) for e in engines}
     first = preds[engines[0]]
     options = JobOptions(io_threads=args.io_threads)
     args.io_threads = args.io_threads or max(2, options.threads_for(first.device))
@@ -265,7 +311,8 @@ def main() -> None:
         rate, cpu_per_mp = bare(pred, args.bare_batches)
         share = "" if ceiling is None else f", {2 * macs_per_mp / 1e9 / cpu_per_mp:.0f} GFLOP/CPU-s = " \
             f"{2 * macs_per_mp / 1e9 / cpu_per_mp / ceiling:.0%} of (0)"
-        print(f"(a) bare model, {pred.engine.name:<5} {rate:7.2f} tile MP/s, {cpu_per_mp:5.2f} CPU s/MP{share}", flush=True)
+        print(f"(a) bare model, {label_of(pred):<16} {rate:7.2f} tile MP/s, {cpu_per_mp:5.2f} CPU s/MP{share}",
+              flush=True)
     inputs = [(f"synthetic {args.size}^2", work / f"synthetic_{args.size}.tif")]
     if not inputs[0][1].exists():
         make_raster(inputs[0][1], args.size)
@@ -283,7 +330,7 @@ def main() -> None:
             speeds[engine] = mp
             gpu = f"; peak GPU {torch.cuda.max_memory_allocated(pred.device) / 2 ** 20:.0f} MiB" \
                 if pred.device.type == "cuda" else ""
-            print(f"(b) end to end, {pred.engine.name:<5} {label}: {mp:6.3f} MP/s, {cpu:5.2f} CPU s/MP "
+            print(f"(b) end to end, {label_of(pred):<16} {label}: {mp:6.3f} MP/s, {cpu:5.2f} CPU s/MP "
                   f"({tile_mp:.3f} tile MP/s){gpu}", flush=True)
         best = max(speeds.values())
         slow = naive(first, path, work / f"naive_{path.stem}.tif")
@@ -311,6 +358,8 @@ def main() -> None:
         for engine in preds:
             rss, seconds = cli_run(src, work / f"rss_{engine}_{side}.tif", model_arg, args, engine)
             print(f"(f) peak RSS, {engine:<5} {side}^2: {rss:.0f} MiB ({seconds:.1f} s)", flush=True)
+    if args.startup:
+        startup(args, model_arg)
     if args.agreement:
         for label, path in inputs:
             print(f"bf16 vs fp32 labels, {label}: {agreement(ckpt, args, path, work):.4%} of valid pixels agree")
@@ -320,6 +369,43 @@ def main() -> None:
         rate, _ = bare(first, args.bare_batches)
         achieved = 2 * macs_per_mp * rate / 1e12
         print(f"bare model: {achieved:.1f} TFLOP/s = {achieved / args.peak_tflops:.1%} of {args.peak_tflops:.0f}")
+
+
+STAGES = """
+import sys, time, json
+t0 = time.perf_counter(); marks = {}
+def mark(name):
+    marks[name] = round(time.perf_counter() - t0, 3)
+import bigseg.cli; mark("import the CLI (no torch)")
+import torch; from bigseg.predictor import Predictor; from bigseg.run.file_job import predict_file; mark("import torch")
+from bigseg.checkpoint import resolve_model; ckpt = resolve_model(sys.argv[2]); mark("checkpoint: sha256 and load")
+pred = Predictor(ckpt, "cpu", "auto", tile=1024, engine=sys.argv[3]); pred.weights_digest; mark("model built, engine set up")
+from pathlib import Path
+result = predict_file(pred, Path(sys.argv[1]), Path(sys.argv[4])); mark("predicted and written (first batch)")
+print(json.dumps(marks))
+"""
+
+
+def startup(args, model: str) -> None:
+    """(h) A small image's predict: its stages in a fresh process, then the whole command per engine."""
+    import json
+    import subprocess
+
+    for engine in ("torch", "openvino", "auto"):
+        out = None
+        for _ in range(2):  # the second run is the warm one (exports, compiled blobs and OS caches ready)
+            done = subprocess.run([sys.executable, "-c", STAGES, str(args.startup), model, engine,
+                                   str(Path(tempfile.mkdtemp()) / "s.png")], capture_output=True, text=True)
+            out = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else done.stderr[-300:]
+        print(f"(h) start-up stages, {engine}: {out}", flush=True)
+        walls = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "bigseg", "predict", str(args.startup), "-m", model, "--device", "cpu",
+                            "--engine", engine, "-o", str(Path(tempfile.mkdtemp()) / "s.png"), "-q"], check=True)
+            walls.append(time.perf_counter() - t0)
+        print(f"(h) `bigseg predict {args.startup.name} --engine {engine}`: {walls[0]:.2f} s wall, warm "
+              f"{walls[1]:.2f} s", flush=True)
 
 
 def _megapixels(path: Path) -> float:

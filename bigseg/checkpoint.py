@@ -50,6 +50,8 @@ class Checkpoint:
     # `value_range`, ground `pixel_size` [x, y] in `units`, the classes' `label_values`
     input: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # where it was loaded from (a path, or "NAME (path)" for shipped weights); not stored
+    file: str = ""    # the file it was loaded from, and that file's sha256 when known; not stored
+    file_sha256: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -189,7 +191,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if len(ckpt.palette) < ckpt.num_classes or len(ckpt.normalization.mean) != ckpt.in_channels:
         raise CheckpointError(f"{path} is inconsistent: palette or normalisation does not match "
                               f"{ckpt.num_classes} classes / {ckpt.in_channels} bands")
-    ckpt.source = str(path)
+    ckpt.source = ckpt.file = str(path)
     return ckpt
 
 
@@ -234,6 +236,7 @@ def resolve_model(spec: str, folder: Path | None = None) -> Checkpoint:
         raise CheckpointError(f"shipped weights {file} are damaged (sha256 {digest[:12]}..., "
                               f"expected {entry['sha256'][:12]}...); reinstall bigseg")
     ckpt = load_checkpoint(file)
+    ckpt.file_sha256 = digest
     ckpt.source = f"{entry['name']} ({file}, sha256 {digest[:12]}...)" if entry["name"] == spec else \
         f"{spec} -> {entry['name']} ({file}, sha256 {digest[:12]}...)"
     return ckpt

@@ -8,10 +8,13 @@ next batch.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from bigseg.errors import InputError
+from bigseg.runtime import native_bf16
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -32,10 +35,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on GPUs that support it, fp32 elsewhere."""
+def resolve_precision(name: str, device: torch.device, cpu_bf16: bool = True) -> torch.dtype:
+    """`auto`: bf16 on GPUs that support it and (inference, `cpu_bf16`) on CPUs with native bf16
+    units, fp32 elsewhere; `$BIGSEG_PRECISION` replaces `auto` when set (the tests pin fp32 with it).
+    Training keeps fp32 on every CPU (`cpu_bf16=False`): its recipes were made at fp32 there."""
+    if name == "auto":
+        name = os.environ.get("BIGSEG_PRECISION") or "auto"
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_bf16 and native_bf16():
             return torch.bfloat16
         return torch.float32
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

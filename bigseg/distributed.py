@@ -1,14 +1,15 @@
 """One view of a torchrun job for predict and train: this process's rank, joining and leaving the
-process group, barriers, gathering small objects, and each rank's share of a list."""
+process group, barriers, gathering small objects, and each rank's share of a list. torch is
+imported only where a process group is used (a single process's predict may run without torch)."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,16 @@ LONG_WAIT = timedelta(hours=72)
 
 def init(rank: Rank, backend: str = "gloo", timeout: timedelta = LONG_WAIT) -> None:
     """Join torchrun's process group (no-op for a single process)."""
+    import torch.distributed as dist
+
     if rank.active and not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
 
 
 def shutdown(rank: Rank) -> None:
     """Leave the group cleanly (gloo aborts the process at exit otherwise)."""
+    import torch.distributed as dist
+
     if rank.active and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -54,11 +59,15 @@ def shutdown(rank: Rank) -> None:
 
 def barrier(rank: Rank) -> None:
     if rank.active:
+        import torch.distributed as dist
+
         dist.barrier()
 
 
 def gather(rank: Rank, value: Any) -> list[Any]:
     """Every rank's `value`, on every rank (a list in rank order)."""
+    import torch.distributed as dist
+
     if not rank.active:
         return [value]
     out = [None] * rank.world
@@ -68,6 +77,9 @@ def gather(rank: Rank, value: Any) -> list[Any]:
 
 def any_rank(rank: Rank, value: bool, device: torch.device) -> bool:
     """True on every rank when `value` is true on any (e.g. 'the loss is not finite')."""
+    import torch
+    import torch.distributed as dist
+
     if not rank.active:
         return value
     t = torch.tensor([int(value)], device=device)
@@ -83,6 +95,8 @@ def shard(items: list, rank: Rank, batch_size: int = 1) -> list:
 
 def device_for_rank(device: str, rank: Rank) -> str:
     """Under torchrun, `auto`/`cuda` mean this process's GPU, cuda:LOCAL_RANK (when there are GPUs)."""
+    import torch
+
     if rank.active and device in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{rank.local_rank % torch.cuda.device_count()}"
     return device

@@ -27,6 +27,8 @@ from typing import Iterator
 
 import numpy as np
 
+from bigseg.errors import InputError
+
 
 @dataclass(frozen=True)
 class Window:
@@ -180,3 +182,16 @@ def default_overlap(margin: int | None, tile: int) -> int:
         return tile // 4
     overlap = -(-4 * margin // 16) * 16
     return max(16, min(overlap, tile // 2))
+
+
+def choose_overlap(overlap: int | None, margin: int | None, tile: int) -> tuple[int, str]:
+    """The overlap and where it comes from: given, from the model's context margin, or tile/4."""
+    if overlap is not None:
+        chosen, source = overlap, "given"
+    elif margin is None:
+        chosen, source = default_overlap(None, tile), "tile/4: the model sees the whole tile (global pooling or unbounded context)"
+    else:
+        chosen, source = default_overlap(margin, tile), f"from the model's context margin {margin} px (4 x margin, at most tile/2)"
+    if not 0 <= chosen < tile:
+        raise InputError(f"must be in [0, tile), got {chosen} for tile {tile}", param="overlap")
+    return chosen, source

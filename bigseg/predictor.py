@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import warnings
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bigseg.cache import record_default_threads
 from bigseg.checkpoint import Checkpoint, weights_digest
 from bigseg.crf.meanfield import dense_crf
 from bigseg.crf.params import CRFParams
@@ -23,12 +25,13 @@ from bigseg.device import (
 )
 from bigseg.engines import default_engine, make_engine
 from bigseg.errors import InputError
-from bigseg.geometry import TileGrid, Window, default_overlap, stitcher_peak_pixels
-from bigseg.tiling import NUMPY, Pipeline, stream_tiles
+from bigseg.exported import ModelCard, Normalisation, write_card
+from bigseg.geometry import TileGrid, Window, choose_overlap, default_overlap, stitcher_peak_pixels
+from bigseg.manifest import sha256
+from bigseg.tiling import NUMPY, PREFETCH_BATCHES, Pipeline, stream_tiles
 
 DEFAULT_TILE = 1024
 DEFAULT_BATCH = 4
-PREFETCH_BATCHES = 2  # batches read ahead in a background thread while the model runs
 NODATA = 255          # the label of pixels without valid input
 
 
@@ -58,20 +61,23 @@ class Predictor:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # tiles share one shape: autotune once
         self._digest: str | None = None
-        self.engine = make_engine(engine or default_engine(), self.model, self.device, {"weights": self.weights_digest, "arch": checkpoint.arch,
-                                  "config": checkpoint.config}, torch.get_num_threads(), self.note)
+        identity = {"weights": self.weights_digest, "arch": checkpoint.arch, "config": checkpoint.config}
+        self.engine = make_engine(engine or default_engine(), self.model, self.device, identity, torch.get_num_threads(),
+                                  self.note, "bf16" if self.dtype is torch.bfloat16 else "f32")
         if compile and self.engine.name == "torch":
             self.engine.model = torch.compile(self.model, dynamic=False)
         # scores are blended where they are computed; on a GPU the next batch is queued before
         # the previous one's results are written (see `bigseg.tiling.Pipeline`)
         self.arrays = TorchArrays(self.device)
         self.lookahead = 1 if self.device.type == "cuda" else 0
-        self.overlap, self.overlap_from = _choose_overlap(overlap, getattr(self.model, "context_margin", None), tile)
+        self.overlap, self.overlap_from = choose_overlap(overlap, getattr(self.model, "context_margin", None), tile)
         norm = checkpoint.normalization
         self._mean = torch.tensor(norm.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(norm.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.fill = np.asarray(norm.mean, np.float32).reshape(-1, 1, 1)
         self.fitting_batch: int | None = None
+        if self.engine.name == "openvino":
+            keep_card(self)
 
     @property
     def num_classes(self) -> int:
@@ -234,6 +240,21 @@ class Predictor:
         return taken
 
 
+def keep_card(predictor: Predictor) -> None:
+    """The model's card in the cache, so that a later run whose exports are cached starts without
+    torch (`bigseg.exported`)."""
+    ckpt = predictor.checkpoint
+    if not ckpt.file:
+        return
+    digest = ckpt.file_sha256 or sha256(Path(ckpt.file))
+    norm = ckpt.normalization
+    write_card(ModelCard(ckpt.arch, ckpt.config, list(ckpt.classes), [list(c) for c in ckpt.palette],
+                         Normalisation(list(norm.mean), list(norm.std)), ckpt.in_channels,
+                         getattr(predictor.model, "output_multiple", 1), getattr(predictor.model, "context_margin", None),
+                         predictor.weights_digest, ckpt.input), digest)
+    record_default_threads(torch.get_num_threads())
+
+
 def model_image(image: np.ndarray, valid: np.ndarray | None, bands: int, note: Callable[[str], None]) -> np.ndarray:
     """An in-memory image as the model takes it, or an InputError that says how to pass it: a
     (bands, H, W) array of the model's band count in 0..255 units. A float image in 0..1 is
@@ -302,19 +323,6 @@ def multi_scale_probabilities(model: Callable, x: torch.Tensor, scales: tuple[fl
             p = y.softmax(1)
             total = p if total is None else total + p
     return total / (len(scales) * (2 if flip else 1))
-
-
-def _choose_overlap(overlap: int | None, margin: int | None, tile: int) -> tuple[int, str]:
-    """The overlap and where it comes from: given, from the model's context margin, or tile/4."""
-    if overlap is not None:
-        chosen, source = overlap, "given"
-    elif margin is None:
-        chosen, source = default_overlap(None, tile), "tile/4: the model sees the whole tile (global pooling or unbounded context)"
-    else:
-        chosen, source = default_overlap(margin, tile), f"from the model's context margin {margin} px (4 x margin, at most tile/2)"
-    if not 0 <= chosen < tile:
-        raise InputError(f"must be in [0, tile), got {chosen} for tile {tile}", param="overlap")
-    return chosen, source
 
 
 def _out_of_memory(e: BaseException) -> bool:

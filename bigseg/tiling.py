@@ -22,6 +22,8 @@ import numpy as np
 
 from bigseg.geometry import AtomAxis, TileGrid, Window
 
+PREFETCH_BATCHES = 2  # batches read ahead in a background thread while the model runs
+
 
 class NumpyArrays:
     """The array operations the stitcher needs, on numpy arrays. Another namespace (the

@@ -39,9 +39,10 @@ def tiny_model(num_classes: int = 3, in_channels: int = 3, seed: int = 0):
 
 @pytest.fixture(autouse=True)
 def torch_engine_and_private_cache(tmp_path_factory, monkeypatch):
-    """Tests run the torch engine unless they ask for another (an ONNX export takes seconds), and
-    never write to the user's cache folder."""
+    """Tests run the torch engine at fp32 unless they ask for another engine or precision (an
+    export takes seconds), and never write to the user's cache folder."""
     monkeypatch.setenv("BIGSEG_ENGINE", "torch")
+    monkeypatch.setenv("BIGSEG_PRECISION", "fp32")  # the same results on a CPU with bf16 units as without
     monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 

@@ -118,3 +118,24 @@ def test_gamma_bends_the_tone_curve_both_ways_and_leaves_the_other_choices_as_th
     one.items = [(image, label)]
     y, _ = DeviceData(one.split(), torch.device("cpu")).sample(0, aug, sample_rng(0, 0, 7))
     assert np.abs(y.numpy() - x).max() < 1e-3
+
+
+def test_quarter_turns_move_image_label_and_targets_together_on_both_paths():
+    from bigseg.train.transforms import draw
+
+    plain, turned = Augment(48, 1.0, 1.0, True), Augment(48, 1.0, 1.0, True, rotate=True)
+    for i in range(12):  # turning is drawn last: the other choices are those of a run without it
+        a, b = draw(plain, sample_rng(0, 0, i), 40, 50), draw(turned, sample_rng(0, 0, i), 40, 50)
+        assert a.turns == 0 and (a.scale, a.y, a.x, a.flip) == (b.scale, b.y, b.x, b.flip)
+    assert {draw(turned, sample_rng(0, 0, i), 40, 50).turns for i in range(40)} == {0, 1, 2, 3}
+    frames = Frames(n=3, size=(48, 48))
+    data = DeviceData(frames.split(), torch.device("cpu"))
+    for i in range(3):
+        image, label = frames[i]
+        target = np.eye(4, dtype=np.float32)[label % 4]
+        x, y, t = augment(image, label, turned, sample_rng(7, 0, i), target)
+        d = draw(turned, sample_rng(7, 0, i), 48, 48)
+        expected = np.rot90(label[:, ::-1] if d.flip else label, d.turns)
+        assert np.array_equal(y, expected) and np.array_equal(t.argmax(0), expected % 4)
+        dx, dy = data.sample(i, turned, sample_rng(7, 0, i))
+        assert np.array_equal(dy.numpy(), y) and np.abs(dx.numpy() - x).max() < 1e-3

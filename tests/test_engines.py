@@ -1,8 +1,9 @@
-"""Inference engines: the ONNX Runtime engine exports once per shape into the cache and reuses it,
-rebuilds a damaged entry, falls back to torch for a model it cannot export, and predicts what
-torch predicts (tiled equals whole for a small receptive field through it too); auto times both
-engines once per shape and machine and keeps the faster, and exports only once a shape has run
-long enough in torch to be worth it."""
+"""Inference engines: the OpenVINO engine exports once per (padded) shape into the cache and reuses
+it and OpenVINO's compiled blobs, rebuilds a damaged entry, falls back to torch for a model it
+cannot export, and predicts what torch predicts (tiled equals whole for a small receptive field
+through it too); auto times both engines once per shape and machine and keeps the faster, and
+exports only once a shape has run long enough in torch to be worth it; the precision is bf16 only
+where the CPU has bf16 units, fp32 when asked."""
 import json
 import os
 import time
@@ -15,13 +16,13 @@ import torch
 
 from bigseg import engines
 from bigseg.checkpoint import load_checkpoint
-from bigseg.engines import OnnxEngine, TorchEngine, make_engine
+from bigseg.engines import OpenVinoEngine, TorchEngine, make_engine
 from bigseg.errors import InputError
 from bigseg.models import create_model
 from bigseg.predictor import Predictor
 from tests.conftest import TINY_BY_ARCH, small_receptive_field_net, tiled_prediction
 
-pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
 pytest.importorskip("onnxscript")
 
 
@@ -30,13 +31,15 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("engine-cache")
 
 
-def test_auto_is_onnx_on_the_cpu_and_names_are_checked(tiny_checkpoint, cache, monkeypatch):
+def test_auto_is_openvino_on_the_cpu_and_names_are_checked(tiny_checkpoint, cache, monkeypatch):
     monkeypatch.setenv("BIGSEG_CACHE", str(cache))
     ckpt = load_checkpoint(tiny_checkpoint)
-    assert Predictor(ckpt, "cpu", tile=128, engine="auto").engine.name == "onnx"
+    assert Predictor(ckpt, "cpu", tile=128, engine="auto").engine.name == "openvino"
     assert Predictor(ckpt, "cpu", tile=128, engine="torch").engine.name == "torch"
-    with pytest.raises(InputError, match="engine takes auto, torch, onnx"):
+    with pytest.raises(InputError, match="engine takes auto, torch, openvino"):
         Predictor(ckpt, "cpu", tile=128, engine="tensorrt")
+    with pytest.raises(InputError, match="onnx .* was replaced by openvino"):
+        Predictor(ckpt, "cpu", tile=128, engine="onnx")
 
 
 def test_export_once_then_reuse_the_cache_with_torchs_labels(tiny_checkpoint, cache, monkeypatch):
@@ -44,28 +47,32 @@ def test_export_once_then_reuse_the_cache_with_torchs_labels(tiny_checkpoint, ca
     ckpt = load_checkpoint(tiny_checkpoint)
     image = np.random.default_rng(0).uniform(0, 255, (3, 200, 300)).astype(np.float32)
     torch_scores = Predictor(ckpt, "cpu", "fp32", tile=128, overlap=32, engine="torch").scores(image)
-    first = Predictor(ckpt, "cpu", "fp32", tile=128, overlap=32, engine="onnx")
-    onnx_scores = first.scores(image)
-    assert any("exporting the model for ONNX Runtime, 128x128" in n for n in first.notes)
+    first = Predictor(ckpt, "cpu", "fp32", tile=128, overlap=32, engine="openvino")
+    exported_scores = first.scores(image)
+    assert any("exporting the model for OpenVINO, 128x128 tiles: once" in n for n in first.notes)
     exports = sorted((cache / "onnx").glob("*.onnx"))
     assert len(exports) == 1 and exports[0].with_suffix(".json").is_file()
-    again = Predictor(ckpt, "cpu", "fp32", tile=128, overlap=32, engine="onnx")
-    assert np.array_equal(again.scores(image), onnx_scores) and not again.notes  # a cache hit, said nothing
-    agree = (onnx_scores.argmax(0) == torch_scores.argmax(0)).mean()
+    blobs = sorted((cache / "openvino").glob("*.blob"))
+    assert len(blobs) == 1  # OpenVINO's compiled model, cached (the export's check compiled without caching)
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in [*exports, exports[0].with_suffix(".json"), *blobs])
+    again = Predictor(ckpt, "cpu", "fp32", tile=128, overlap=32, engine="openvino")
+    assert np.array_equal(again.scores(image), exported_scores) and not again.notes  # a cache hit, said nothing
+    assert sorted((cache / "openvino").glob("*.blob")) == blobs  # compiled from the cache, not again
+    agree = (exported_scores.argmax(0) == torch_scores.argmax(0)).mean()
     assert agree >= 0.995
-    p_onnx, p_torch = (torch.from_numpy(s).softmax(0).numpy() for s in (onnx_scores, torch_scores))
-    assert (np.abs(np.round(p_onnx * 255) - np.round(p_torch * 255)) <= 1).mean() >= 0.99
-    assert first.settings()["engine"] == "onnx"  # a resume with another engine starts over
+    p_exported, p_torch = (torch.from_numpy(s).softmax(0).numpy() for s in (exported_scores, torch_scores))
+    assert (np.abs(np.round(p_exported * 255) - np.round(p_torch * 255)) <= 1).mean() >= 0.99
+    assert first.settings()["engine"] == "openvino"  # a resume with another engine starts over
 
 
 def test_a_damaged_cache_entry_is_exported_again(tiny_checkpoint, cache, monkeypatch):
     monkeypatch.setenv("BIGSEG_CACHE", str(cache))
     ckpt = load_checkpoint(tiny_checkpoint)
     image = np.random.default_rng(1).uniform(0, 255, (3, 128, 128)).astype(np.float32)
-    expected = Predictor(ckpt, "cpu", "fp32", tile=128, engine="onnx").scores(image)  # the entry of test above
+    expected = Predictor(ckpt, "cpu", "fp32", tile=128, engine="openvino").scores(image)  # the entry of test above
     entry = next((cache / "onnx").glob("*.onnx"))
     entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
-    predictor = Predictor(ckpt, "cpu", "fp32", tile=128, engine="onnx")
+    predictor = Predictor(ckpt, "cpu", "fp32", tile=128, engine="openvino")
     assert np.array_equal(predictor.scores(image), expected)
     assert any("damaged or incomplete: exporting it again" in n for n in predictor.notes)
 
@@ -85,32 +92,32 @@ def test_auto_times_both_engines_once_and_keeps_the_faster(tiny_checkpoint, tmp_
     assert any("is faster here on 128x128 tiles" in n for n in first.notes)
     record = json.loads(next((tmp_path / "onnx").glob("*.json")).read_text())
     (machine, timing), = record["timings"].items()
-    assert set(timing) == {"onnx", "torch"} and all(t > 0 for t in timing.values())
+    assert set(timing) == {"openvino", "torch"} and all(t > 0 for t in timing.values())
     again = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
     again.scores(image)
     assert not again.notes  # measured once, then read from the record
 
     # a record saying torch is faster makes auto run torch on that shape, exactly
     meta = next((tmp_path / "onnx").glob("*.json"))
-    record["timings"][machine] = {"onnx": 9.0, "torch": 0.1}
+    record["timings"][machine] = {"openvino": 9.0, "torch": 0.1}
     meta.write_text(json.dumps(record))
     auto = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto").scores(image)
     assert np.array_equal(auto, Predictor(ckpt, "cpu", "fp32", tile=128, engine="torch").scores(image))
-    assert not np.array_equal(auto, Predictor(ckpt, "cpu", "fp32", tile=128, engine="onnx").scores(image))
+    assert not np.array_equal(auto, Predictor(ckpt, "cpu", "fp32", tile=128, engine="openvino").scores(image))
 
 
 def test_auto_timing_is_the_best_of_interleaved_calls_so_a_burst_of_load_does_not_decide(monkeypatch):
     clock, calls = [0.0], []
     monkeypatch.setattr(engines, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    costs = {"onnx": iter([5.0, 4.0, 1.0]), "torch": iter([2.0, 2.0, 2.0])}  # onnx: warm-up, a burst, then alone
+    costs = {"openvino": iter([5.0, 4.0, 1.0]), "torch": iter([2.0, 2.0, 2.0])}  # warm-up, a burst, then alone
 
     def run(name):
         calls.append(name)
         clock[0] += next(costs[name])
 
-    timing = engines._race({"onnx": lambda: run("onnx"), "torch": lambda: run("torch")})
-    assert calls == ["onnx", "torch", "onnx", "torch", "torch", "onnx"]  # warm-ups, then A B, B A
-    assert timing == {"onnx": 1.0, "torch": 2.0}  # one slowed call alone would have recorded torch
+    timing = engines._race({"openvino": lambda: run("openvino"), "torch": lambda: run("torch")})
+    assert calls == ["openvino", "torch", "openvino", "torch", "torch", "openvino"]  # warm-ups, then A B, B A
+    assert timing == {"openvino": 1.0, "torch": 2.0}  # one slowed call alone would have recorded torch
 
 
 def test_auto_runs_a_small_job_in_torch_and_exports_once_torch_has_spent_an_exports_cost(
@@ -158,11 +165,11 @@ def test_a_model_that_cannot_be_exported_runs_in_torch_with_a_note(tmp_path):
     torch.manual_seed(0)
     model = create_model("dynamic-routing-l16", 3, **TINY_BY_ARCH["dynamic-routing-l16"]).eval()
     notes = []
-    engine = make_engine("onnx", model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, notes.append)
+    engine = make_engine("openvino", model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, notes.append)
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(engine(x), model(x)) and torch.equal(engine(x), model(x))
-    assert len([n for n in notes if "cannot run in ONNX Runtime" in n and "using torch" in n]) == 1
+    assert len([n for n in notes if "cannot run in OpenVINO" in n and "using torch" in n]) == 1
 
 
 def test_auto_remembers_a_failed_export_so_later_runs_do_not_try_again(tmp_path, monkeypatch):
@@ -175,24 +182,24 @@ def test_auto_remembers_a_failed_export_so_later_runs_do_not_try_again(tmp_path,
         notes = []
         engine = make_engine("auto", model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, notes.append)
         engine.folder = tmp_path / "onnx"
-        assert engine.expects_onnx((64, 64), 3) == (run == 0)  # what --dry-run's memory formula asks
+        assert engine.expects_exported((64, 64), 3) == (run == 0)  # what --dry-run's memory formula asks
         with torch.inference_mode():
             for _ in range(2):
                 assert torch.equal(engine(x), model(x))
         runs.append(notes)
-    assert any("cannot run in ONNX Runtime" in n for n in runs[0])  # torch first, then the export failed
-    assert runs[1] == ["the model cannot run in ONNX Runtime (an earlier run's export failed): using torch"]
+    assert any("cannot run in OpenVINO" in n for n in runs[0])  # torch first, then the export failed
+    assert runs[1] == ["the model cannot run in OpenVINO (an earlier run's export failed): using torch"]
 
 
 def test_tiled_equals_whole_through_the_engine_for_a_small_receptive_field(tmp_path):
     net = small_receptive_field_net()  # receptive radius 4 = the dead zone overlap/4 of 96-px tiles
-    engine = OnnxEngine(net, {"net": "conv2"}, 1, lambda m: None, folder=tmp_path)
+    engine = OpenVinoEngine(net, {"net": "conv2"}, 1, lambda m: None, folder=tmp_path)
     image = np.random.default_rng(1).uniform(0, 255, (3, 301, 437)).astype(np.float32)
     with torch.inference_mode():
         whole = net(torch.from_numpy(image)[None])[0].numpy()
         tiled = tiled_prediction(lambda x: engine(torch.from_numpy(x)).numpy(), image)
     np.testing.assert_allclose(tiled, whole, rtol=1e-4, atol=1e-3)
-    assert isinstance(engine, OnnxEngine) and set(engine.sessions) == {(96, 96)}
+    assert isinstance(engine, OpenVinoEngine) and set(engine.sessions) == {(96, 96)}
     assert all(s is not None for s in engine.sessions.values())
 
 
@@ -203,12 +210,13 @@ def test_scales_flips_and_the_crf_run_through_the_engine_as_through_torch(tiny_c
     ckpt = load_checkpoint(tiny_checkpoint)
     image = np.random.default_rng(3).uniform(0, 255, (3, 160, 200)).astype(np.float32)
     settings = dict(tile=128, overlap=32, scales=(0.75, 1.0), flip=True, crf=CRFParams(backend="window", iterations=3))
-    onnx = Predictor(ckpt, "cpu", "fp32", engine="onnx", **settings)
-    probs = {"onnx": onnx.scores(image), "torch": Predictor(ckpt, "cpu", "fp32", engine="torch", **settings).scores(image)}
-    assert (probs["onnx"].argmax(0) == probs["torch"].argmax(0)).mean() >= 0.995
-    assert (np.abs(probs["onnx"] - probs["torch"]) <= 1 / 255).mean() >= 0.99
-    assert set(onnx.engine.sessions) == {(96, 96), (128, 128)}  # one export per scaled tile shape
-    assert all(session is not None for session in onnx.engine.sessions.values())
+    exported = Predictor(ckpt, "cpu", "fp32", engine="openvino", **settings)
+    probs = {"openvino": exported.scores(image),
+             "torch": Predictor(ckpt, "cpu", "fp32", engine="torch", **settings).scores(image)}
+    assert (probs["openvino"].argmax(0) == probs["torch"].argmax(0)).mean() >= 0.995
+    assert (np.abs(probs["openvino"] - probs["torch"]) <= 1 / 255).mean() >= 0.99
+    assert set(exported.engine.sessions) == {(128, 128)}  # 96 px tiles padded to the model's 64: one export
+    assert all(session is not None for session in exported.engine.sessions.values())
 
 
 def test_the_torch_engine_is_the_model_itself():
@@ -217,21 +225,21 @@ def test_the_torch_engine_is_the_model_itself():
     assert torch.equal(TorchEngine(net)(x), net(x))
 
 
-def test_the_memory_estimate_counts_onnx_runtimes_arena_only_where_it_will_run(tiny_checkpoint, tmp_path, monkeypatch):
+def test_the_memory_estimate_counts_openvino_only_where_it_will_run(tiny_checkpoint, tmp_path, monkeypatch):
     from bigseg.run.plan import (
         CPU_ACTIVATION_OVERHEAD,
-        ONNX_ACTIVATION_OVERHEAD,
+        OPENVINO_ACTIVATION_OVERHEAD,
         memory_estimate,
     )
 
     monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
     ckpt = load_checkpoint(tiny_checkpoint)
     by_engine = {e: memory_estimate(Predictor(ckpt, "cpu", "fp32", tile=128, engine=e), 500, 400, 3)
-                 for e in ("torch", "onnx", "auto")}
-    assert by_engine["torch"]["onnx_runtime"] == 0 and by_engine["onnx"]["onnx_runtime"] > 0
-    ratio = by_engine["onnx"]["activations"] / by_engine["torch"]["activations"]
-    assert ratio == pytest.approx(ONNX_ACTIVATION_OVERHEAD / CPU_ACTIVATION_OVERHEAD, rel=0.01)
-    assert by_engine["auto"] == by_engine["onnx"]  # not timed yet: assume the export runs
+                 for e in ("torch", "openvino", "auto")}
+    assert by_engine["torch"]["openvino"] == 0 and by_engine["openvino"]["openvino"] > 0
+    ratio = by_engine["openvino"]["activations"] / by_engine["torch"]["activations"]
+    assert ratio == pytest.approx(OPENVINO_ACTIVATION_OVERHEAD / CPU_ACTIVATION_OVERHEAD, rel=0.01)
+    assert by_engine["auto"] == by_engine["openvino"]  # not timed yet: assume the export runs
 
     monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 0.0)
     auto = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
@@ -239,6 +247,48 @@ def test_the_memory_estimate_counts_onnx_runtimes_arena_only_where_it_will_run(t
     meta = next((tmp_path / "onnx").glob("*.json"))
     record = json.loads(meta.read_text())
     (machine, _), = record["timings"].items()
-    record["timings"][machine] = {"onnx": 9.0, "torch": 0.1}
+    record["timings"][machine] = {"openvino": 9.0, "torch": 0.1}
     meta.write_text(json.dumps(record))
     assert memory_estimate(Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto"), 500, 400, 3) == by_engine["torch"]
+
+
+def test_bf16_only_where_the_cpu_has_bf16_units_and_fp32_when_asked(tiny_checkpoint, tmp_path, monkeypatch):
+    from bigseg import device
+
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
+    monkeypatch.delenv("BIGSEG_PRECISION")  # the tests pin fp32; here auto decides
+    ckpt = load_checkpoint(tiny_checkpoint)
+    for native, expected in ((False, "f32"), (True, "bf16")):
+        monkeypatch.setattr(device, "native_bf16", lambda: native)
+        auto = Predictor(ckpt, "cpu", "auto", tile=128, engine="openvino")
+        assert auto.engine.precision == expected and auto.dtype == (torch.bfloat16 if native else torch.float32)
+        forced = Predictor(ckpt, "cpu", "fp32", tile=128, engine="openvino")  # never bf16 behind the user's back
+        assert forced.engine.precision == "f32" and forced.dtype == torch.float32
+    monkeypatch.setenv("BIGSEG_PRECISION", "fp32")
+    assert Predictor(ckpt, "cpu", "auto", tile=128, engine="openvino").engine.precision == "f32"
+
+
+def test_images_of_nearby_sizes_share_one_export_and_padding_changes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
+    ckpt = load_checkpoint(tiny_checkpoint)
+    seg = Predictor(ckpt, "cpu", "fp32", tile=256, engine="openvino")
+    rng = np.random.default_rng(5)
+    for h, w in ((100, 130), (120, 150)):  # both padded to 128 x 192 (the ladder's multiple is 64)
+        image = rng.uniform(0, 255, (3, h, w)).astype(np.float32)
+        exported = seg.scores(image)
+        in_torch = Predictor(ckpt, "cpu", "fp32", tile=256, engine="torch").scores(image)
+        assert exported.shape == (3, h, w) and (exported.argmax(0) == in_torch.argmax(0)).mean() > 0.995
+    assert set(seg.engine.sessions) == {(128, 192)} and len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
+
+
+@pytest.mark.parametrize("name", sorted(TINY_BY_ARCH))
+def test_every_model_predicts_the_same_from_an_input_already_padded_to_its_multiple(name):
+    """What lets the exported engine pad tiles to the model's multiple before choosing an export."""
+    from bigseg.models.blocks import pad_to_multiple
+
+    torch.manual_seed(0)
+    model = create_model(name, 3, **TINY_BY_ARCH[name]).eval()
+    x = torch.randn(1, 3, 70, 90)
+    with torch.inference_mode():
+        padded = model(pad_to_multiple(x, model.output_multiple)[0])[..., :70, :90]
+        assert torch.equal(model(x), padded)

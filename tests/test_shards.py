@@ -112,10 +112,12 @@ def test_process_groups_wait_longer_than_torch_default(monkeypatch):
     must not time out after torch's 30 (gloo) or 10 (NCCL) minutes."""
     from datetime import timedelta
 
+    import torch.distributed as dist
+
     from bigseg import distributed
 
     seen = {}
-    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
     distributed.init(distributed.Rank(0, 2), "nccl")
     assert seen["backend"] == "nccl" and seen["timeout"] >= timedelta(days=1)

@@ -16,7 +16,9 @@ Overlap = Annotated[int | None, typer.Option(
                        "tile/4 for models that see the whole tile.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", metavar="N", help="Tiles per forward pass.")]
 Device = Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.")]
-Precision = Annotated[str, typer.Option(metavar="P", help="auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16.")]
+Precision = Annotated[str, typer.Option(
+    metavar="P", envvar="BIGSEG_PRECISION",
+    help="auto (bf16 on a GPU and on a CPU with bf16 units, e.g. AMX; fp32 elsewhere), fp32, bf16 or fp16.")]
 Scales = Annotated[str, typer.Option(metavar="S,...", help="Average softmax over these scales, e.g. 0.75,1,1.25,1.5.")]
 Flip = Annotated[bool, typer.Option("--flip", help="Also average over horizontally mirrored tiles.")]
 Crf = Annotated[str | None, typer.Option(metavar="BACKEND", help="Refine with a dense CRF: lattice or window.")]
@@ -26,8 +28,8 @@ CrfParams = Annotated[str | None, typer.Option(
 Threads = Annotated[int | None, typer.Option(metavar="N", help="Compute threads. Default: one per core.")]
 Engine = Annotated[str, typer.Option(
     metavar="NAME", envvar="BIGSEG_ENGINE",
-    help="auto (torch on a GPU; on the CPU whichever of ONNX Runtime and torch is faster here, timed once), "
-         "torch or onnx.")]
+    help="auto (torch on a GPU; on the CPU whichever of OpenVINO and torch is faster here, timed once), "
+         "torch or openvino.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 Bands = Annotated[str | None, typer.Option(metavar="B,...", help="1-based bands to use, in order, e.g. 1,2,3.")]
 ValueRange = Annotated[str | None, typer.Option(

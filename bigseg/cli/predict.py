@@ -75,20 +75,31 @@ def predict(
                               "ignored": [{"input": f.input, "why": f.error} for f in found.ignored]}, indent=2))
         return
 
-    from bigseg import distributed
-    from bigseg.checkpoint import resolve_model
-    from bigseg.predictor import Predictor
+    from bigseg.exported import exported_predictor
     from bigseg.run.batch import run_predict
     from bigseg.run.file_job import JobOptions
-    from bigseg.runtime import keep_freed_memory, set_threads
+    from bigseg.runtime import keep_freed_memory
 
-    set_threads(threads)
     if os.environ.get("BIGSEG_KEEP_FREED_MEMORY") == "1":  # faster with torch, but memory grows with width
         keep_freed_memory()
     progress = TileProgress(quiet or json_summary)
-    predictor = Predictor(resolve_model(model), distributed.device_for_rank(device, distributed.rank_from_env()),
-                          precision, tile, overlap, batch_size, scale_factors, flip, crf_settings, compile_model,
-                          engine, on_note=progress.note)
+
+    def torch_predictor():
+        from bigseg import distributed
+        from bigseg.checkpoint import resolve_model
+        from bigseg.predictor import Predictor
+        from bigseg.runtime import set_threads
+
+        set_threads(threads)
+        return Predictor(resolve_model(model), distributed.device_for_rank(device, distributed.rank_from_env()),
+                         precision, tile, overlap, batch_size, scale_factors, flip, crf_settings, compile_model,
+                         engine, on_note=progress.note)
+
+    # a model whose export is compiled and cached predicts without torch (a warm start in a second)
+    predictor = None if dry_run or rank > 0 or os.environ.get("WORLD_SIZE", "1") != "1" else exported_predictor(
+        model, device, precision, tile, overlap, batch_size, scale_factors, flip, crf_settings, compile_model, engine,
+        threads, torch_predictor, progress.note)
+    predictor = predictor or torch_predictor()
     options = JobOptions(read, write, float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5")), io_threads)
     if dry_run:
         _dry_run(predictor, inputs, out, recursive, options, estimate, json_summary, rank)

@@ -233,6 +233,8 @@ def print_plans(plans: list, as_json: bool = False) -> None:
         out.print(f"[bold]{escape(p.input)}[/bold] -> {escape(p.output)}")
         if p.model:
             out.print(f"  model     {escape(p.model)}")
+        if p.engine:
+            out.print(f"  engine    {escape(p.engine)}")
         out.print(f"  input     {p.width}x{p.height} ({p.width * p.height / 1e6:.1f} MP), {p.bands} bands used, "
                   f"read with {p.reader}")
         out.print(f"  tiles     {p.tiles} ({p.tile_rows} rows x {p.tile_cols} columns) of {p.tile} px, "

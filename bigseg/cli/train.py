@@ -33,6 +33,7 @@ def train(
                                         help="Colour cast: each of R, G, B scaled by a random 1 +- F."),
     gamma: float = typer.Option(0.0, metavar="F", help="Tone curve: intensities (0..1) raised to a random power "
                                 "in [1/(1+F), 1+F] (darker and brighter exposures)."),
+    rotate: bool = typer.Option(False, "--rotate", help="Random quarter turns too (imagery seen from above)."),
     optimizer: str = typer.Option("adam", metavar="NAME", help="adam or sgd."),
     lr: float = typer.Option(4e-4, metavar="F", help="Peak learning rate."),
     weight_decay: float = typer.Option(1e-4, metavar="F", help="Weight decay."),
@@ -116,7 +117,7 @@ def train(
         cfg = TrainConfig(data=str(data), run_dir=str(run), arch=model, arch_config=arch_config, epochs=epochs,
                           batch_size=batch_size, crop=crop, crop_schedule=parse_crop_schedule(crop_schedule or ""),
                           scale_min=scale_min, scale_max=scale_max, jitter=jitter, colour_jitter=colour_jitter,
-                          gamma=gamma, optimizer=optimizer, lr=lr,
+                          gamma=gamma, rotate=rotate, optimizer=optimizer, lr=lr,
                           weight_decay=weight_decay, schedule=schedule, class_balance=class_balance, lovasz=lovasz,
                           aux_weight=aux_weight, init=str(init) if init else None, teacher=tuple(teacher or ()),
                           teacher_scales=O.parse_scales(teacher_scales, "teacher_scales"), teacher_flip=teacher_flip,

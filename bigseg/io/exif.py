@@ -1,6 +1,7 @@
-"""The EXIF orientation of a photograph (JPEG APP1 or PNG eXIf), and the turn that shows its pixels
-as every viewer does. Phones store the sensor's rows and a tag saying how to turn them; a mask
-made from the stored rows would be transposed against the image people see."""
+"""What a photograph's header says, read without decoding it: its size (PNG, JPEG) and its EXIF
+orientation (JPEG APP1 or PNG eXIf), with the turn that shows its pixels as every viewer does.
+Phones store the sensor's rows and a tag saying how to turn them; a mask made from the stored rows
+would be transposed against the image people see."""
 from __future__ import annotations
 
 import struct
@@ -22,6 +23,29 @@ def orientation(path: str | Path) -> int:
         return 1
     tiff = _jpeg_exif(head) if head[:2] == b"\xff\xd8" else _png_exif(head) if head[:8] == b"\x89PNG\r\n\x1a\n" else None
     return _tiff_orientation(tiff) if tiff else 1
+
+
+def header_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR or a JPEG's frame header; None for other files."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return struct.unpack(">II", head[16:24])
+    if head[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(head) and head[i] == 0xFF:
+        marker, size = head[i + 1], struct.unpack(">H", head[i + 2:i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            height, width = struct.unpack(">HH", head[i + 5:i + 9])
+            return width, height
+        if marker == 0xDA:
+            return None
+        i += 2 + size
+    return None
 
 
 def apply(image: np.ndarray, value: int) -> np.ndarray:

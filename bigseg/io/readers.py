@@ -385,8 +385,11 @@ def opencv_pixel_limit() -> int:
 
 
 def beyond_opencv(path: Path) -> bool:
-    """Whether the image's header claims more pixels than OpenCV will decode (read from the header
-    by GDAL, which decodes nothing at opening)."""
+    """Whether the image's header claims more pixels than OpenCV will decode (a PNG's or JPEG's
+    header read here; other formats' by GDAL, which decodes nothing at opening)."""
+    size = exif.header_size(path)
+    if size is not None:
+        return size[0] * size[1] > opencv_pixel_limit()
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from bigseg import distributed
 from bigseg.errors import describe_failure
-from bigseg.predictor import Predictor
 from bigseg.run.discover import Failure, Job, prepare
 from bigseg.run.file_job import JobOptions, PredictResult, predict_file
 from bigseg.run.shards import predict_split
+
+if TYPE_CHECKING:  # the torch predictor, or the exported one (`bigseg.exported`) that needs no torch
+    from bigseg.predictor import Predictor
 
 Events = Callable[[str, object], None]
 

@@ -2,24 +2,29 @@
 job resumes where it stopped (`bigseg.run.journal`) with an identical result."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
 from bigseg.errors import Interrupted, OutputError
 from bigseg.geometry import Window
 from bigseg.io.gdal import gdal_env
 from bigseg.io.outputs import OutputSet, WriteOptions, writes_png
-from bigseg.io.readers import Reader, ReadOptions
-from bigseg.predictor import PREFETCH_BATCHES, Predictor
+from bigseg.io.readers import IMAGE_SUFFIXES, Reader, ReadOptions, beyond_opencv
 from bigseg.run import journal
 from bigseg.run.inputs import open_for_model
 from bigseg.runtime import check_stop, stop_handled
+from bigseg.tiling import PREFETCH_BATCHES
+
+if TYPE_CHECKING:  # a predictor may be the exported one (`bigseg.exported`), which needs no torch
+    import torch
+
+    from bigseg.predictor import Predictor
 
 JOURNAL_SECONDS = 5.0  # how often a journaled output is synced (resume granularity vs. a close/reopen)
 
@@ -79,9 +84,11 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
     say = on_event or (lambda kind, payload: None)
     dst.parent.mkdir(parents=True, exist_ok=True)  # as the CLI and `predict()` do
     if predictor.device.type == "cuda":
+        import torch
+
         torch.cuda.reset_peak_memory_stats(predictor.device)
     ckpt = predictor.checkpoint
-    with gdal_env(options.threads_for(predictor.device)), open_for_model(src, ckpt, options.read) as reader:
+    with _environment(src, dst, options, predictor.device), open_for_model(src, ckpt, options.read) as reader:
         fp = fingerprint(predictor, src, dst, options)
         resumable = not writes_png(reader.kind, dst)
         rows_done, notes = _resume_point(dst, fp, reader.height, resumable)
@@ -109,6 +116,14 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
     gpu_peak = _gpu_peak_mib(predictor.device) if predictor.device.type == "cuda" else None
     return PredictResult(src, outputs.written[0], reader.width, reader.height, len(grid), time.perf_counter() - start,
                          outputs.written[1:], notes + reader.notes + predictor.take_notes(), seams, gpu_peak)
+
+
+def _environment(src: Path, dst: Path, options: JobOptions, device):
+    """GDAL's settings for the job (`bigseg.io.gdal`); none for a photograph OpenCV reads and writes,
+    which then never loads GDAL (a quicker start for small images)."""
+    photo = src.suffix.lower() in IMAGE_SUFFIXES and dst.suffix.lower() == ".png" and options.read.engine in (
+        "auto", "opencv") and not beyond_opencv(src)
+    return contextlib.nullcontext() if photo else gdal_env(options.threads_for(device))
 
 
 def _finish_seams(outputs: OutputSet, seams: dict | None, rows_done: int) -> None:
@@ -212,6 +227,8 @@ def replay_overlay(reader: Reader, outputs: OutputSet, rows: int) -> None:
 def _gpu_peak_mib(device: torch.device) -> float:
     """The process's peak GPU memory as nvidia-smi would show it on a GPU of its own: what is used
     now (CUDA context and libraries included) plus how far torch's reserved memory peaked above now."""
+    import torch
+
     free, total = torch.cuda.mem_get_info(device)
     now = torch.cuda.memory_reserved(device)
     return (total - free - now + torch.cuda.max_memory_reserved(device)) / 2 ** 20

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bigseg.checkpoint import Checkpoint
 from bigseg.io.readers import Reader, ReadOptions, open_input
+
+if TYPE_CHECKING:  # anything with a checkpoint's input description: a Checkpoint or an exported model's card
+    from bigseg.checkpoint import Checkpoint
 
 PIXEL_SIZE_TOLERANCE = 1.5  # a ground pixel this many times larger or smaller than the model's is noted
 

@@ -11,9 +11,9 @@ C = classes, K = input bands):
       activations  peak live tensor bytes of one forward pass of B tiles, traced on the meta
                    device (no memory, no compute); on the host only when the device is the CPU,
                    then x 1.35 (CPU_ACTIVATION_OVERHEAD: oneDNN scratch and allocator slack);
-                   through ONNX Runtime x 2.3 instead (ONNX_ACTIVATION_OVERHEAD: its arena grows
-                   in doubling chunks and keeps them) plus onnx_runtime: its library and its
-                   own copy of the weights (ONNX_RUNTIME_MIB + weights)
+                   through OpenVINO x OPENVINO_ACTIVATION_OVERHEAD instead (its own memory
+                   planning) plus openvino: its library and its compiled copy of the weights
+                   (OPENVINO_RUNTIME_MIB + weights)
       scores       with several scales or flips: 2 x B x C x T^2 x 4 (running sum + one
                    prediction); otherwise 0 (the batch's logits are the forward's last activation)
       stitcher     the streaming stitcher's largest held area x (C + 1) x 4, simulated on the grid;
@@ -60,11 +60,10 @@ GDAL_CACHE_MIB = 64
 # 1.35 x the traced activations matches the measured peaks of a small and the full LDN121 (see
 # benchmarks/predict_memory.py) to within 6%.
 CPU_ACTIVATION_OVERHEAD = 1.35
-# ONNX Runtime's CPU arena extends in doubling chunks and keeps them: 2.3 x the traced activations
-# plus its library and weights matched the small config (0.93 and 1.00 at 5000 and 20000 px) and
-# LDN121 (1.09 on 3000x3000) in benchmarks/predict_memory.py with --engine onnx.
-ONNX_ACTIVATION_OVERHEAD = 2.3
-ONNX_RUNTIME_MIB = 60
+# OpenVINO plans its activation memory itself: OPENVINO_ACTIVATION_OVERHEAD x the traced activations
+# plus its library and compiled weights, measured with benchmarks/predict_memory.py --engine openvino.
+OPENVINO_ACTIVATION_OVERHEAD = 2.3
+OPENVINO_RUNTIME_MIB = 60
 
 
 class _PeakTensorBytes(TorchDispatchMode):
@@ -130,6 +129,7 @@ class Plan:
     estimate_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
     model: str = ""  # the weights the run will use (where a name resolved to)
+    engine: str = ""  # the engine and precision the run will use
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,7 +162,8 @@ def memory_estimate(predictor: Predictor, width: int, height: int, bands: int, p
     scale_max = max(predictor.scales)
     act_h, act_w = max(1, round(th * scale_max)), max(1, round(tw * scale_max))
     act = activation_bytes(ckpt, b, act_h, act_w, dtype)
-    onnx = not on_gpu and predictor.engine.name == "onnx" and predictor.engine.expects_onnx((act_h, act_w), ckpt.in_channels)
+    exported = not on_gpu and predictor.engine.name == "openvino" and \
+        predictor.engine.expects_exported((act_h, act_w), ckpt.in_channels)
     inputs = 2 * b * bands * th * tw * 4
     # one forward's output is the last live activation (counted there); averaging over scales or
     # flips keeps a running sum and one prediction beside it
@@ -171,8 +172,9 @@ def memory_estimate(predictor: Predictor, width: int, height: int, bands: int, p
     writer = writer_rows(grid) * width * (1 + (c + 1 if probs else 0))
     terms = {"runtime": RUNTIME_MIB, "checkpoint": stored / MIB, "weights": params * 4 / MIB,
              "gdal_cache": GDAL_CACHE_MIB, "inputs": inputs / MIB,
-             "activations": 0.0 if on_gpu else (ONNX_ACTIVATION_OVERHEAD if onnx else CPU_ACTIVATION_OVERHEAD) * act / MIB,
-             "onnx_runtime": ONNX_RUNTIME_MIB + params * 4 / MIB if onnx else 0.0,
+             "activations": 0.0 if on_gpu else
+             (OPENVINO_ACTIVATION_OVERHEAD if exported else CPU_ACTIVATION_OVERHEAD) * act / MIB,
+             "openvino": OPENVINO_RUNTIME_MIB + params * 4 / MIB if exported else 0.0,
              "scores": 0.0 if on_gpu else scores / MIB, "stitcher": 0.0 if blend_on_gpu else stitcher / MIB,
              "writer": writer / MIB}
     out = {k: round(v, 1) for k, v in terms.items()}
@@ -207,10 +209,27 @@ def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, e
             outputs=describe(dst, reader.kind, reader.width, reader.height, predictor.num_classes, options.write))
         plan.memory_mib = memory_estimate(predictor, reader.width, reader.height, plan.bands, options.write.probs)
         plan.model = predictor.checkpoint.source
+        plan.engine = describe_engine(predictor, (min(predictor.tile, reader.height), min(predictor.tile, reader.width)))
         plan.notes += memory_warnings(plan.memory_mib, predictor.device)
         if estimate:
             plan.estimate_seconds = _time_estimate(predictor, reader, grid)
     return plan
+
+
+def describe_engine(predictor: Predictor, shape: tuple[int, int]) -> str:
+    """The engine and precision a run will use, in words (`auto`: what it knows before running)."""
+    engine, precision = predictor.engine, str(predictor.dtype).removeprefix("torch.")
+    if engine.name != "openvino":
+        return f"torch ({precision})"
+    bands = predictor.checkpoint.in_channels
+    if not engine.choose:
+        return f"openvino ({engine.precision})"
+    if not engine.expects_exported(shape, bands):
+        return f"torch ({precision}): faster here on these tiles, or the model does not export (auto)"
+    if (engine.folder / f"{engine.key(engine.padded(shape), bands)}.onnx").is_file():
+        return f"openvino ({engine.precision}), exported and cached (auto)"
+    return (f"torch ({precision}) at first, then openvino ({engine.precision}) once torch has spent an "
+            f"export's cost on these tiles, if faster here (auto)")
 
 
 def memory_warnings(memory_mib: dict, device: torch.device) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bigseg import distributed
 from bigseg.distributed import Rank
@@ -23,7 +24,6 @@ from bigseg.errors import BigsegError
 from bigseg.geometry import Window
 from bigseg.io.gdal import gdal_env
 from bigseg.io.outputs import OutputSet, part_path
-from bigseg.predictor import PREFETCH_BATCHES, Predictor
 from bigseg.run.discover import Job
 from bigseg.run.file_job import (
     JobOptions,
@@ -33,6 +33,10 @@ from bigseg.run.file_job import (
     write_tiles,
 )
 from bigseg.run.inputs import open_for_model
+from bigseg.tiling import PREFETCH_BATCHES
+
+if TYPE_CHECKING:
+    from bigseg.predictor import Predictor
 
 ROWS_PER_COPY = 512
 

@@ -22,6 +22,7 @@ class TrainConfig:
     jitter: float = 0.0
     colour_jitter: float = 0.0     # per-channel gains in 1 +- this (white balance, dusk casts)
     gamma: float = 0.0             # tone curve x ** g, g log-uniform in [1 / (1 + this), 1 + this] (exposure)
+    rotate: bool = False           # random quarter turns (aerial imagery)
     optimizer: str = "adam"        # adam | sgd
     lr: float = 4e-4
     weight_decay: float = 1e-4

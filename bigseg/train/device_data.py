@@ -86,6 +86,8 @@ def augment_on_device(image: torch.Tensor, label: torch.Tensor, aug: Augment, d:
     x, label = x[0, :, d.y:d.y + c, d.x:d.x + c], label[d.y:d.y + c, d.x:d.x + c]
     if d.flip:
         x, label = x.flip(-1), label.flip(-1)
+    if d.turns:  # as np.rot90: counter-clockwise, in the image plane
+        x, label = torch.rot90(x, d.turns, (-2, -1)), torch.rot90(label, d.turns, (-2, -1))
     if d.jitter is not None:
         x = _jitter(x, d.jitter)
     if d.gains is not None:

@@ -315,7 +315,7 @@ class Run:
 def augmentation(cfg: TrainConfig, epoch: int) -> Augment:
     """The augmentation of `epoch` (0-based): its crop under the crop schedule, the run's ranges."""
     return Augment(crop_at(cfg, epoch), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter, cfg.colour_jitter,
-                   cfg.gamma)
+                   cfg.gamma, cfg.rotate)
 
 
 @torch.no_grad()

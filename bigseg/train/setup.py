@@ -91,7 +91,7 @@ class Environment:
 
 def environment(cfg: TrainConfig) -> Environment:
     device = resolve_device(cfg.device)
-    dtype = resolve_precision(cfg.precision, device)
+    dtype = resolve_precision(cfg.precision, device, cpu_bf16=False)
     threads = set_threads(cfg.threads)
     d = D.rank_from_env()
     D.init(d, "nccl" if device.type == "cuda" else "gloo")

@@ -1,5 +1,6 @@
 """Training augmentation as in the ladder/SwiftNet papers: random scale (0.5 to 2), random crop
-with ignore padding, horizontal flip, optional photometric jitter, colour cast and tone curve (gamma).
+with ignore padding, horizontal flip, optional photometric jitter, colour cast and tone curve
+(gamma), and for imagery seen from above optional quarter turns (`--rotate`).
 
 Each sample draws from its own generator seeded by (seed, epoch, index), so the augmented batch
 is the same whatever the number of worker processes and after a resume. A whole image is scaled,
@@ -25,6 +26,7 @@ class Augment:
     jitter: float = 0.0  # max relative change of brightness, contrast and saturation
     colour: float = 0.0  # max relative change of each channel's gain (white balance, colour cast)
     gamma: float = 0.0  # tone curve: intensities raised to a power in [1 / (1 + gamma), 1 + gamma]
+    rotate: bool = False  # a random quarter turn (imagery seen from above has no "up")
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -36,7 +38,7 @@ class Draw:
     """One sample's augmentation: its scale and scaled size (w, h), the crop's top-left corner in
     the scaled image (padded with ignore to at least the crop), a flip, the jitter factors
     (brightness, contrast, saturation) or None, the R, G, B gains or None, and the tone curve's
-    exponent or None."""
+    exponent or None, and the quarter turns (0..3) of the crop."""
     scale: float
     size: tuple[int, int]
     y: int
@@ -45,6 +47,7 @@ class Draw:
     jitter: tuple[float, float, float] | None
     gains: tuple[float, float, float] | None = None
     gamma: float | None = None
+    turns: int = 0
 
 
 def draw(aug: Augment, rng: np.random.Generator, height: int, width: int, bands: int = 3) -> Draw:
@@ -71,7 +74,8 @@ def _photometric(aug: Augment, rng: np.random.Generator, bands: int) -> tuple:
     gains = tuple(float(v) for v in rng.uniform(1 - aug.colour, 1 + aug.colour, bands)) if aug.colour > 0 else None
     # log-uniform: darkening and brightening as likely (x ** g and x ** (1 / g) equally probable)
     gamma = float(np.exp(rng.uniform(-np.log1p(aug.gamma), np.log1p(aug.gamma)))) if aug.gamma > 0 else None
-    return flip, jitter, gains, gamma
+    turns = int(rng.integers(4)) if aug.rotate else 0  # with the flip: all eight turns and mirrors of a square
+    return flip, jitter, gains, gamma, turns
 
 
 def augment(image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.Generator,
@@ -103,6 +107,8 @@ def apply(image: np.ndarray, label: np.ndarray, aug: Augment, d: Draw,
     image, label = image[d.y:d.y + c, d.x:d.x + c], label[d.y:d.y + c, d.x:d.x + c]
     if d.flip:
         image, label = image[:, ::-1], label[:, ::-1]
+    if d.turns:  # crops are square: the shapes stay
+        image, label = np.rot90(image, d.turns), np.rot90(label, d.turns)
     if d.jitter is not None:
         image = _jitter(image, d.jitter)
     if d.gains is not None:
@@ -123,6 +129,8 @@ def _geometry(target: np.ndarray, d: Draw, crop: int) -> np.ndarray:
     target = target[d.y:d.y + crop, d.x:d.x + crop]
     if d.flip:
         target = target[:, ::-1]
+    if d.turns:
+        target = np.rot90(target, d.turns)
     return np.ascontiguousarray(target.transpose(2, 0, 1))
 
 

@@ -1,0 +1,79 @@
+"""bigseg's cache folder and the keys of what it holds, without torch: a warm start finds its
+exported model here before (or without) importing torch."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+OPSET = 18  # the ONNX opset of every export
+
+
+def cache_dir() -> Path:
+    """`$BIGSEG_CACHE`, else the platform's user cache folder (XDG on Linux)."""
+    if os.environ.get("BIGSEG_CACHE"):
+        return Path(os.environ["BIGSEG_CACHE"])
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "bigseg"
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "bigseg" / "Cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bigseg"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def export_key(identity: dict, shape: tuple[int, int], bands: int) -> str:
+    """The cache key of a model's export for inputs of `shape`: everything that shapes it (the
+    weights and architecture in `identity`, bands, shape, opset, the torch and exporter versions,
+    read from the installed packages' metadata, not by importing them)."""
+    facts = {**identity, "bands": bands, "shape": tuple(shape), "opset": OPSET, "torch": _version("torch"),
+             "onnxscript": _version("onnxscript")}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (a cache shared across machines keeps one timing per CPU)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(threads: int, precision: str) -> str:
+    """What an engine timing holds for: CPU model, threads, precision, allocator setting."""
+    from bigseg.runtime import keeps_freed_memory
+
+    return f"{cpu_name()}, {threads} threads, {precision}{', freed memory kept' if keeps_freed_memory() else ''}"
+
+
+def default_threads() -> int:
+    """The compute threads torch uses here by default, as the torch predictor recorded it (before
+    torch is imported, the cache says), else the CPU count."""
+    try:
+        return max(1, int((cache_dir() / "threads").read_text()))
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
+def record_default_threads(threads: int) -> None:
+    from bigseg.atomic import write_text
+
+    try:
+        if default_threads() != threads or not (cache_dir() / "threads").is_file():
+            cache_dir().mkdir(parents=True, exist_ok=True)
+            write_text(cache_dir() / "threads", str(threads))
+    except OSError:
+        pass

@@ -16,7 +16,7 @@ LAYERS = [
     {"run", "train"},
     {"predictor"},
     {"io", "tiling", "device", "crf", "distributed", "runtime", "examples", "engines", "exported", "cache",
-     "compiled"},
+     "compiled", "polygons", "areas"},
     {"checkpoint", "metrics", "geometry"},
     {"models"},
     {"errors", "atomic", "catalogue", "manifest", "palette"},

@@ -21,7 +21,7 @@ prefer_passive_waiting()  # before torch loads: OpenMP threads sleep instead of 
 import typer
 
 from bigseg import __version__
-from bigseg.cli import evaluate, listing, predict, train
+from bigseg.cli import evaluate, listing, predict, train, vectorize
 from bigseg.cli.render import error_line, note
 from bigseg.errors import BigsegError
 
@@ -64,6 +64,7 @@ def _guarded(command):
 app.command(name="predict", short_help="Segment images of any size into class masks.")(_guarded(predict.predict))
 app.command(name="train", short_help="Train a model (resumable).")(_guarded(train.train))
 app.command(name="eval", short_help="Score a model on a labelled split (mIoU).")(_guarded(evaluate.evaluate))
+app.command(name="vectorize", short_help="Polygons and areas of class masks.")(_guarded(vectorize.vectorize))
 app.command(name="models", short_help="List architectures and shipped weights.")(_guarded(listing.models))
 
 

@@ -35,6 +35,18 @@ Bands = Annotated[str | None, typer.Option(metavar="B,...", help="1-based bands 
 ValueRange = Annotated[str | None, typer.Option(
     metavar="LOW,HIGH", help="Map LOW..HIGH to the model's 0..255 for non-8-bit imagery (default: each band's "
                              "2nd..98th percentile).")]
+# polygons and areas (predict --vector / --areas, vectorize)
+Areas = Annotated[bool, typer.Option("--areas", help="Also write NAME.areas.csv: pixels, square metres, hectares "
+                                                     "and share of each class (and areas in --json).")]
+VectorClasses = Annotated[str | None, typer.Option(
+    "--classes", metavar="NAME|VALUE,...", help="Polygons of these classes only (default: all).")]
+MinArea = Annotated[float, typer.Option(
+    metavar="M2", help="Drop regions smaller than this many square metres (pixels without a CRS).")]
+Simplify = Annotated[float, typer.Option(
+    metavar="UNITS", help="Simplify each polygon with this tolerance in map units (0: exact pixel edges; "
+                          "neighbours' shared edges may part by up to it).")]
+Connectivity = Annotated[int, typer.Option(metavar="4|8", help="Pixels touching at a corner are one region with 8.")]
+
 # raster scenes as data (train and eval)
 ClassField = Annotated[str | None, typer.Option(
     metavar="FIELD", help="Vector labels: the attribute holding each polygon's class (a value or a class name).")]

@@ -31,9 +31,8 @@ def predict(
     batch_size: O.BatchSize = 4,
     device: O.Device = "auto",
     precision: O.Precision = "auto",
-    bands: str | None = typer.Option(None, metavar="B,...", help="1-based bands to use, in order, e.g. 1,2,3."),
-    value_range: str | None = typer.Option(None, metavar="LOW,HIGH",
-                                              help="Map LOW..HIGH to 0..255 for non-8-bit input."),
+    bands: O.Bands = None,
+    value_range: O.ValueRange = None,
     reader: str = typer.Option("auto", metavar="NAME", help="auto, gdal, tifffile or opencv."),
     scales: O.Scales = "1",
     flip: O.Flip = False,
@@ -49,6 +48,14 @@ def predict(
                                              help="GDAL threads decoding input and compressing output blocks. "
                                                   "Default: 1 on the CPU, up to 8 with a GPU."),
     seams: bool = typer.Option(False, "--seams", help="Report how often neighbouring tiles disagree in their overlaps."),
+    vector: str | None = typer.Option(
+        None, "--vector", metavar="FORMAT", help="Also write the mask's polygons as NAME.polygons.gpkg (gpkg, "
+        "geojson, fgb or shp), with class, area, perimeter and source."),
+    areas: O.Areas = False,
+    vector_classes: O.VectorClasses = None,
+    min_area: O.MinArea = 0.0,
+    simplify: O.Simplify = 0.0,
+    connectivity: O.Connectivity = 4,
     quiet: O.Quiet = False,
     json_summary: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tiles, outputs, peak memory) and stop."),
@@ -57,6 +64,12 @@ def predict(
     """Segment images of any size into class masks, tile by tile, in bounded memory."""
     read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader)
     write = WriteOptions(probs, overlay, cog, seams)
+    polygons = None
+    if vector is not None:
+        from bigseg.run.vectorize import VectorOptions
+
+        polygons = VectorOptions(vector, O.parse_names(vector_classes) or None, min_area, simplify, connectivity)
+        polygons.check()
     scale_factors, crf_settings = O.parse_scales(scales), parse_crf(crf, crf_params)
     O.check_threads(threads)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 speaks for everyone
@@ -100,7 +113,7 @@ def predict(
         model, device, precision, tile, overlap, batch_size, scale_factors, flip, crf_settings, compile_model, engine,
         threads, torch_predictor, progress.note)
     predictor = predictor or torch_predictor()
-    options = JobOptions(read, write, float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5")), io_threads)
+    options = JobOptions(read, write, float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5")), io_threads, areas, polygons)
     if dry_run:
         _dry_run(predictor, inputs, out, recursive, options, estimate, json_summary, rank)
         return
@@ -163,6 +176,7 @@ def _report(summary, quiet: bool, as_json: bool) -> None:
             "done": [{"input": str(r.input), "output": str(r.output), "extras": [str(p) for p in r.extras],
                       "width": r.width, "height": r.height, "tiles": r.tiles, "seconds": round(r.seconds, 3),
                       "notes": r.notes, **({"seams": r.seams} if r.seams is not None else {}),
+                      **({"areas": r.areas.to_dict()} if r.areas is not None else {}),
                       **({"gpu_peak_mib": round(r.gpu_peak_mib, 1)} if r.gpu_peak_mib is not None else {})}
                      for r in summary.done],
             "skipped": [{"input": str(j.input), "output": str(j.output)} for j in summary.skipped],

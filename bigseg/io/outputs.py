@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bigseg.areas import AreaStats
 from bigseg.errors import InputError
 from bigseg.geometry import Window
 from bigseg.io.readers import IMAGE_SUFFIXES, Georef
@@ -25,7 +26,7 @@ from bigseg.io.writers import (
 )
 
 MASK_SUFFIXES = (".tif", ".tiff", ".png")
-_OURS = (".mask.", ".probs.", ".overlay.", ".partial")
+_OURS = (".mask.", ".probs.", ".overlay.", ".polygons.", ".areas.", ".partial")
 BIGTIFF_BYTES = 4e9 / 1.1  # GDAL's BIGTIFF=IF_SAFER threshold
 
 
@@ -52,7 +53,7 @@ def output_kind(path: Path) -> str | None:
     (by its name, or by the tag in a GeoTIFF renamed since), else None."""
     name = path.name
     for part, kind in ((".partial", "a partial file"), (".overlay.", "an overlay"), (".probs.", "probabilities"),
-                       (".mask.", "a mask")):
+                       (".polygons.", "polygons"), (".areas.", "an areas table"), (".mask.", "a mask")):
         if part in name:
             return kind
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -137,6 +138,7 @@ class OutputSet:
         self.keep_partial = False     # set when a journal points into the partial files
         self.written: list[Path] = []
         self.styles: tuple[list[str], list[list[int]]] | None = None  # class names for GIS tools
+        self.areas: AreaStats | None = None  # per-class areas, counted as the mask is written
 
     @classmethod
     def create(cls, dst: Path, kind: str, width: int, height: int, georef: Georef | None,
@@ -202,6 +204,8 @@ class OutputSet:
             window = Window(window.col_off, window.row_off - self.row_offset, window.width, window.height)
         if valid is not None:
             labels[~valid] = NODATA
+        if self.areas is not None:
+            self.areas.add(window.row_off, labels)
         self.writers["mask"].write(window, labels)
         if "probs" in self.writers:
             if valid is not None:
@@ -212,6 +216,8 @@ class OutputSet:
 
     def write_nodata(self, window: Window) -> None:
         """A finished rectangle without a single valid pixel (nothing was predicted there)."""
+        if self.areas is not None:
+            self.areas.nodata_pixels += window.width * window.height
         if self.row_offset:
             window = Window(window.col_off, window.row_off - self.row_offset, window.width, window.height)
         for writer in self.writers.values():

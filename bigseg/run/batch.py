@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from bigseg import distributed
+from bigseg.atomic import write_text
 from bigseg.errors import describe_failure
 from bigseg.run.discover import Failure, Job, prepare
 from bigseg.run.file_job import JobOptions, PredictResult, predict_file
+from bigseg.run.vectorize import VectorOptions, mask_areas, vector_paths, vectorize_file
 from bigseg.run.shards import predict_split
 
 if TYPE_CHECKING:  # the torch predictor, or the exported one (`bigseg.exported`) that needs no torch
@@ -38,14 +40,15 @@ class Summary:
 
 
 def run_jobs(jobs: list[Job], work: Callable[[Job, Events], PredictResult | None], overwrite: bool,
-             on_event: Events, speak: bool = True) -> Summary:
-    """The job loop: `work(job, on_event)` for every job whose output is missing (or all with
-    `overwrite`). Events (when `speak`): start(job), tile((done, total)), note(message),
-    done(result), skip(job), fail(failure)."""
+             on_event: Events, speak: bool = True, finished: Callable[[Job], bool] = lambda job: job.output.exists()
+             ) -> Summary:
+    """The job loop: `work(job, on_event)` for every job not `finished` (or all with `overwrite`).
+    Events (when `speak`): start(job), tile((done, total)), note(message), done(result), skip(job),
+    fail(failure)."""
     summary = Summary()
     say = on_event if speak else (lambda kind, payload: None)
     for job in jobs:
-        if job.output.exists() and not overwrite:
+        if finished(job) and not overwrite:
             if speak:
                 summary.skipped.append(job)
             say("skip", job)
@@ -64,6 +67,40 @@ def run_jobs(jobs: list[Job], work: Callable[[Job, Events], PredictResult | None
             summary.done.append(result)
             say("done", result)
     return summary
+
+
+def extra_paths(mask: Path, options: JobOptions) -> list[Path]:
+    """The files `--vector` and `--areas` add beside a mask."""
+    if options.vector is None and not options.areas:
+        return []
+    polygons, csv = vector_paths(mask, options.vector or VectorOptions())
+    return ([polygons] if options.vector is not None else []) + ([csv] if options.areas else [])
+
+
+def add_extras(result: PredictResult, options: JobOptions) -> PredictResult:
+    """A finished mask's polygons and areas table (areas counted as it was written, or read back)."""
+    if options.vector is None and not options.areas:
+        return result
+    polygons, csv = vector_paths(result.output, options.vector or VectorOptions())
+    if options.areas:
+        result.areas = result.areas or mask_areas(result.output)
+        write_text(csv, result.areas.csv())
+        result.extras.append(csv)
+    if options.vector is not None:
+        done = vectorize_file(result.output, polygons, options.vector)
+        result.extras.append(done.output)
+        result.notes += done.notes + [f"{done.polygons} polygons in {done.output.name} ({done.seconds:.1f} s)"]
+    return result
+
+
+def extras_of_mask(src: Path, mask: Path, options: JobOptions) -> PredictResult:
+    """The polygons and areas of a mask an earlier run wrote (the image is not segmented again)."""
+    import rasterio
+
+    with rasterio.open(mask) as ds:
+        width, height = ds.width, ds.height
+    result = PredictResult(src, mask, width, height, 0, 0.0, notes=["the mask was there: polygons and areas from it"])
+    return add_extras(result, options)
 
 
 def _message(job: Job, e: Exception) -> str:
@@ -89,17 +126,26 @@ def run_predict(predictor: Predictor, jobs: list[Job], failed: list[Failure] = (
     `ignored`: bigseg's own outputs among the inputs (reported, not segmented)."""
     summary = Summary(failed=list(failed), ignored=list(ignored))
     rank = distributed.rank_from_env()
-    one_file = lambda job, say: predict_file(predictor, job.input, job.output, options, say)
+
+    def one_file(job: Job, say: Events) -> PredictResult:
+        if job.output.exists() and not overwrite:  # the mask is there: only its polygons or areas are missing
+            return extras_of_mask(job.input, job.output, options)
+        return add_extras(predict_file(predictor, job.input, job.output, options, say), options)
+
+    finished = lambda job: job.output.exists() and all(p.exists() for p in extra_paths(job.output, options))
     if not rank.active:
-        summary.add(run_jobs(jobs, one_file, overwrite, on_event))
+        summary.add(run_jobs(jobs, one_file, overwrite, on_event, finished=finished))
         return summary
     # under torchrun: this rank's share, then everyone's outcome (gloo carries only small objects)
     distributed.init(rank, "gloo")
     if len(jobs) >= rank.world:
-        mine = run_jobs(jobs[rank.rank::rank.world], one_file, overwrite, on_event)
+        mine = run_jobs(jobs[rank.rank::rank.world], one_file, overwrite, on_event, finished=finished)
     else:
-        mine = run_jobs(jobs, lambda job, say: predict_split(predictor, job, rank, options), overwrite,
-                        on_event, speak=rank.main)
+        def split(job: Job, say: Events) -> PredictResult | None:  # one raster cut into parts; the main rank reports
+            result = predict_split(predictor, job, rank, options)
+            return None if result is None else add_extras(result, options)
+
+        mine = run_jobs(jobs, split, overwrite, on_event, speak=rank.main, finished=finished)
     for other in distributed.gather(rank, mine):
         summary.add(other)
     distributed.shutdown(rank)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from bigseg.areas import AreaStats, Ground
 from bigseg.errors import Interrupted, OutputError
 from bigseg.geometry import Window
 from bigseg.io.gdal import gdal_env
@@ -18,6 +19,7 @@ from bigseg.io.outputs import OutputSet, WriteOptions, writes_png
 from bigseg.io.readers import IMAGE_SUFFIXES, Reader, ReadOptions, beyond_opencv
 from bigseg.run import journal
 from bigseg.run.inputs import open_for_model
+from bigseg.run.vectorize import VectorOptions
 from bigseg.runtime import check_stop, stop_handled
 from bigseg.tiling import PREFETCH_BATCHES
 
@@ -39,6 +41,8 @@ class JobOptions:
     write: WriteOptions = WriteOptions()
     journal_seconds: float = JOURNAL_SECONDS
     io_threads: int | None = None
+    areas: bool = False  # count each class's area as the mask is written (PredictResult.areas, NAME.areas.csv)
+    vector: VectorOptions | None = None  # polygons of the finished mask (NAME.polygons.gpkg)
 
     def threads_for(self, device: torch.device) -> int:
         if self.io_threads is not None:
@@ -58,6 +62,7 @@ class PredictResult:
     notes: list[str] = field(default_factory=list)
     seams: dict | None = None  # overlap pixels compared / disagreeing (with WriteOptions.seams)
     gpu_peak_mib: float | None = None  # peak GPU memory of this process during the file (on a GPU)
+    areas: AreaStats | None = None  # per-class pixels and areas (with JobOptions.areas)
 
     @property
     def megapixels(self) -> float:
@@ -100,6 +105,7 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
         advance = journal.Advance(dst, fp, reader.height, options.journal_seconds if resumable else None, rows_done)
         try:
             with outputs:
+                outputs.areas = _area_stats(options, reader, ckpt.classes, outputs, rows_done)
                 if rows_done:
                     outputs.keep_partial = True
                     journal.write_journal(dst, fp, rows_done, reader.height)
@@ -115,7 +121,8 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
         journal.remove_journal(dst)
     gpu_peak = _gpu_peak_mib(predictor.device) if predictor.device.type == "cuda" else None
     return PredictResult(src, outputs.written[0], reader.width, reader.height, len(grid), time.perf_counter() - start,
-                         outputs.written[1:], notes + reader.notes + predictor.take_notes(), seams, gpu_peak)
+                         outputs.written[1:], notes + reader.notes + predictor.take_notes(), seams, gpu_peak,
+                         outputs.areas)
 
 
 def _environment(src: Path, dst: Path, options: JobOptions, device):
@@ -208,6 +215,20 @@ def write_tiles(stream, outputs: OutputSet, after_tile: Callable[[], None] | Non
             outputs.write(window, arrays["labels"], arrays.get("probs"), valid)
         if after_tile is not None:
             after_tile()
+
+
+def _area_stats(options: JobOptions, reader: Reader, classes: list[str], outputs: OutputSet,
+                rows_done: int) -> AreaStats | None:
+    """The per-class areas counted as the mask is written; a resumed job first counts the rows it
+    wrote before from the partial mask (those tiles are not run again)."""
+    if not options.areas:
+        return None
+    g = reader.georef
+    stats = AreaStats(list(classes), Ground(g.crs, g.transform) if g is not None and g.crs is not None else Ground())
+    for top in range(0, rows_done, 512):
+        window = Window(0, top, reader.width, min(512, rows_done - top))
+        stats.add(top, outputs.writers["mask"].read(window)[0])
+    return stats
 
 
 def replay_overlay(reader: Reader, outputs: OutputSet, rows: int) -> None:

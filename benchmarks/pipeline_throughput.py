@@ -199,7 +199,10 @@ def cli_run(src: Path, dst: Path, model: str, args, engine: str, checkout: Path 
     cmd = [sys.executable, "-m", "bigseg", "predict", str(src), "-m", model, "-o", str(dst), "--overwrite",
            "--device", args.device, "--tile", str(args.tile), "--batch-size", str(args.batch), "--json"]
     if checkout is None:
-        cmd += ["--engine", engine]
+        name, _, precision = engine.partition(":")
+        if name == "onnxruntime":  # the baseline runtime is an engine of bigseg's own
+            name = "onnx"
+        cmd += ["--engine", name] + (["--precision", {"f32": "fp32"}.get(precision, precision)] if precision else [])
     rss, seconds, _ = peak_rss_mb(cmd, env, checkout)
     return rss, seconds
 

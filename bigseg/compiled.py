@@ -1,5 +1,7 @@
-"""OpenVINO's compiled models of cached ONNX exports, without torch (the torch engine,
-`bigseg.engines`, and the warm start without torch, `bigseg.exported`, share it)."""
+"""The runtimes that run cached ONNX exports on the CPU, without torch (the engines of
+`bigseg.engines` and the warm start without torch, `bigseg.exported`, share them): OpenVINO
+(compiled at fp32 or bf16, its compiled blobs cached) and ONNX Runtime (fp32). Each opened export
+is a function from a normalised (n, bands, h, w) float32 array to the logits."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +9,32 @@ import os
 from pathlib import Path
 
 _CORES: dict[str, object] = {}
+RUNTIMES = ("openvino", "onnx")
+NAMES = {"openvino": "OpenVINO", "onnx": "ONNX Runtime", "torch": "torch"}
+
+
+def available(runtime: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec({"openvino": "openvino", "onnx": "onnxruntime"}[runtime]) is not None
+
+
+def open_export(path: Path, runtime: str, precision: str, threads: int, compiled_cache: Path | None):
+    """The export at `path` through `runtime` ("openvino" or "onnx"; ONNX Runtime computes in fp32)."""
+    if runtime == "openvino":
+        compiled = compile_export(path, precision, threads, compiled_cache)
+        return lambda x: compiled(x)[0]
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # idle threads sleep instead of spinning, like torch's here: less CPU time and no slower alone,
+    # far better beside the reader's and writer's threads or any other load
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"x": x})[0]
 
 
 def compile_export(path: Path, precision: str, threads: int, compiled_cache: Path | None):

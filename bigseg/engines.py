@@ -1,32 +1,34 @@
 """Inference engines: the model as a function from normalised (n, bands, h, w) tensors to logits.
 
 - `torch`: the model itself (any device).
-- `openvino`: the model exported to ONNX (torch's exporter, batch left dynamic, one export per tile
-  shape) and compiled by OpenVINO for the CPU at the run's precision: fp32, or bf16 where the CPU
-  multiplies bf16 natively (AMX, AVX-512 BF16; `bigseg.device.native_bf16`); OpenVINO would pick
-  bf16 on such a CPU by itself, so the precision is always set explicitly. Tiles are padded (as the
-  models pad them, reflecting) to the model's `output_multiple` first, so images whose sizes differ
-  by less than that share one export. Exports are cached in the user's cache folder under a key of
-  everything that shapes them (weights digest, architecture and config, bands, padded tile shape,
-  opset, torch and exporter versions), written atomically and readable by others (a shared cache);
-  OpenVINO keeps its compiled blobs beside them (`openvino/`), so a warm start does not compile. An
-  entry whose recorded sha256 does not match, or that OpenVINO refuses, is exported again with a
-  note, never trusted blindly. A fresh export is checked against torch on a random batch before
-  use. A model that cannot be exported (e.g. data-dependent routing) falls back to torch, said once.
-  OpenVINO replaced ONNX Runtime: it was as fast or faster on every CPU measured (AVX2 EPYC and AMX
-  Xeon, `benchmarks/pipeline_throughput.py`) and its wheels cover Linux, macOS and Windows on x86-64
-  and Linux and macOS on arm64; where it is not installed (Windows on arm64) the CPU engine is torch.
+- `openvino` and `onnx`: the model exported to ONNX (torch's exporter, batch left dynamic, one export
+  per tile shape) and run on the CPU by OpenVINO, at the run's precision (fp32, or bf16 where the
+  CPU multiplies bf16 natively: AMX, AVX-512 BF16, `bigseg.runtime.native_bf16`; OpenVINO would
+  pick bf16 on such a CPU by itself, so the precision is always set), or by ONNX Runtime (fp32).
+  On an AMX Xeon OpenVINO's bf16 is several times faster than either at fp32; on an AVX2 EPYC
+  measured here ONNX Runtime was 6% faster than OpenVINO at fp32 (interleaved, 1.84 against 1.97
+  CPU s per MP, ladder-dn121 on 1024-px tiles), and it serves Windows on arm64, where OpenVINO has
+  no wheels; so both stay, and `auto` chooses. Tiles are padded (as the models pad them,
+  reflecting) to the model's `output_multiple` first, so images whose sizes differ by less than
+  that share one export. Exports are cached in the user's cache folder under a key of everything
+  that shapes them (weights digest, architecture and config, bands, padded tile shape, opset,
+  torch and exporter versions), written atomically and readable by others (a shared cache);
+  OpenVINO keeps its compiled blobs beside them (`openvino/`), so a warm start does not compile.
+  An entry whose recorded sha256 does not match, or that a runtime refuses, is exported again (or
+  run elsewhere) with a note, never trusted blindly. A fresh export is checked against torch on a
+  random batch before use. A model that cannot be exported (e.g. data-dependent routing) falls back
+  to torch, said once.
 - `auto` (the default; `$BIGSEG_ENGINE` changes it): `torch` on a GPU; on the CPU whichever of
-  OpenVINO and torch runs the tile shape faster on this machine, timed once when the shape is
-  exported (best of interleaved calls, so that a burst of other load does not decide) and kept with
-  the cache entry, per CPU model, thread count, precision and allocator setting.
+  OpenVINO, ONNX Runtime and torch runs the tile shape fastest on this machine, timed once when
+  the shape is exported (best of interleaved calls, so that a burst of other load does not decide)
+  and kept with the cache entry, per CPU model, thread count, precision and allocator setting.
   An export costs tens of seconds (45 s for LDN121 here) and pays off only over many tiles, so
   `auto` first runs a shape with no cached export in torch and exports it only once torch has
   spent `AUTO_EXPORT_AFTER_S` on it (the ski-rental rule: never more than about twice the better
   choice's time), saying so before the export starts: a single photo takes seconds, not a minute;
-  a large raster or a folder of photos is exported after its first tiles and runs in the faster
-  engine from then on. The torch time is kept in the cache per shape, so separate runs (a shell loop
-  over rasters) add up too.
+  a large raster or a folder of photos is exported after its first tiles and runs in the fastest
+  engine from then on. The torch time is kept in the cache per shape, so separate runs (a shell
+  loop over rasters) add up too.
 """
 from __future__ import annotations
 
@@ -50,11 +52,13 @@ from torch import nn
 
 from bigseg.atomic import remove, write_text
 from bigseg.cache import OPSET, cache_dir, export_key, machine
-from bigseg.compiled import compile_export, shareable
+from bigseg.compiled import NAMES, RUNTIMES, available, open_export, shareable
+from bigseg.runtime import native_bf16
 from bigseg.errors import InputError
 from bigseg.manifest import sha256
 
-ENGINES = ("auto", "torch", "openvino")
+ENGINES = ("auto", "torch", "openvino", "onnx")
+PACKAGES = {"openvino": "openvino", "onnx": "onnxruntime"}
 MAX_BATCH = 4096
 STALE_SECONDS = 3600  # a temporary export file this old belongs to no running export
 CHECK_TOLERANCE = 1e-3  # relative to the logits' range: a fresh export must match torch this well
@@ -65,12 +69,6 @@ UNEXPORTABLE = "unexportable"  # kept instead of the torch seconds once an expor
 def default_engine() -> str:
     """`$BIGSEG_ENGINE` (auto, torch or openvino) when set, else auto."""
     return os.environ.get("BIGSEG_ENGINE") or "auto"
-
-
-def openvino_available() -> str | None:
-    """None when OpenVINO and the ONNX exporter can be used, else what is missing."""
-    missing = [m for m in ("openvino", "onnxscript") if _missing(m)]
-    return None if not missing else f"{' and '.join(missing)} not installed (pip install openvino onnxscript)"
 
 
 def _missing(module: str) -> bool:
@@ -91,26 +89,31 @@ class TorchEngine:
         return self.model(x)
 
 
-class OpenVinoEngine:
-    """The model through OpenVINO on the CPU, one cached export per padded input shape (h, w).
+class ExportedEngine:
+    """The model exported to ONNX and run by OpenVINO or ONNX Runtime on the CPU, one cached export
+    per padded input shape (h, w).
 
     `identity`: what identifies the weights and architecture in the cache key; `note`: says
-    something once (an export, a rebuilt cache entry, a fallback to torch); `choose` (auto): run
-    each shape in whichever of OpenVINO and torch is faster on this machine; `precision`: "f32" or
-    "bf16" (OpenVINO's inference precision); `multiple`: the model's padding multiple."""
-
-    name = "openvino"
+    something once (an export, a rebuilt cache entry, a fallback to torch); `runtimes`: the
+    runtimes to use ("openvino", "onnx"); `choose` (auto): run each shape in whichever of them and
+    torch is fastest on this machine; `precision`: "f32" or "bf16" (OpenVINO's; ONNX Runtime and
+    the check compute in fp32); `multiple`: the model's padding multiple."""
 
     def __init__(self, model: nn.Module, identity: dict, threads: int, note: Callable[[str], None],
-                 folder: Path | None = None, choose: bool = False, precision: str = "f32", multiple: int = 1):
+                 folder: Path | None = None, choose: bool = False, precision: str = "f32", multiple: int = 1,
+                 runtimes: tuple[str, ...] = ("openvino",)):
         self.model, self.identity, self.threads, self.note, self.choose = model, identity, threads, note, choose
-        self.precision, self.multiple = precision, multiple
+        self.precision, self.multiple, self.runtimes = precision, multiple, tuple(runtimes)
+        self.name = "auto" if choose else self.runtimes[0]
         self.folder = (folder or cache_dir()) / "onnx"
         self.compiled_cache = (folder or cache_dir()) / "openvino"
-        self.sessions: dict[tuple[int, int], object | None] = {}  # None: this shape runs in torch
+        self.sessions: dict[tuple[int, int], Callable | None] = {}  # None: this shape runs in torch
+        self.chosen: dict[tuple[int, int], str] = {}  # the runtime of each shape ("torch" too)
         self.exportable = True  # False once an export failed: every shape then runs in torch
         self.export_after = AUTO_EXPORT_AFTER_S if choose else 0.0
         self.torch_seconds: dict[tuple[int, int], float] = {}  # auto: torch time per shape not yet exported
+        if precision == "bf16" and "openvino" in self.runtimes and not native_bf16():
+            note("this CPU has no bf16 units (AMX or AVX-512 BF16): OpenVINO computes in fp32 here")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         h, w = int(x.shape[-2]), int(x.shape[-1])
@@ -125,54 +128,60 @@ class OpenVinoEngine:
             return y[..., :h, :w]
         if shape not in self.sessions:
             self.sessions[shape] = self._choose(shape, bands) if self.exportable else None
-        compiled = self.sessions[shape]
-        if compiled is None:
+        run = self.sessions[shape]
+        if run is None:
             return self.model(x)[..., :h, :w]
-        out = compiled(np.ascontiguousarray(x.float().numpy()))[0]
-        return torch.from_numpy(np.array(out[..., :h, :w]))
+        return torch.from_numpy(np.array(run(np.ascontiguousarray(x.float().numpy()))[..., :h, :w]))
 
     def key(self, shape: tuple[int, int], bands: int) -> str:
         return export_key(self.identity, shape, bands)
 
-    def _session(self, shape: tuple[int, int], bands: int):
-        """The compiled model for inputs of `shape`, from the cache or a fresh export; None to use torch."""
+    def _export_path(self, shape: tuple[int, int], bands: int) -> Path | None:
+        """The checked export of `shape`, from the cache or made now; None where the model cannot be
+        exported (it then runs in torch, said once)."""
         key = self.key(shape, bands)
         path, meta = self.folder / f"{key}.onnx", self.folder / f"{key}.json"
-        if path.is_file():
-            session = self._open_cached(path, meta)
-            if session is not None:
-                return session
+        if path.is_file() and self._intact(path, meta):
+            return path
         took = _recorded_export_seconds(self.folder)
-        self.note(f"exporting the model for OpenVINO, {shape[0]}x{shape[1]} tiles: once, "
-                  + (f"about {took:.0f} s here" if took else "tens of seconds")
+        self.note(f"exporting the model for {' and '.join(NAMES[r] for r in self.runtimes)}, {shape[0]}x{shape[1]} "
+                  f"tiles: once, " + (f"about {took:.0f} s here" if took else "tens of seconds")
                   + f"; cached in {self.folder} for every later run")
         try:
             start = time.perf_counter()
             self._export(path, meta, shape, bands)
             _record_export_seconds(self.folder, time.perf_counter() - start)
-            return self._open(path)
+            return path
         except Exception as e:  # export or check failed: this model runs in torch
             remove(path)
             self.exportable = False
             reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split(". ")[0].splitlines()[0][:100]
-            self.note(f"the model cannot run in OpenVINO ({type(e).__name__}: {reason}): using torch")
+            self.note(f"the model cannot be exported ({type(e).__name__}: {reason}): using torch")
             if self.choose:  # later runs of auto do not try again
                 with contextlib.suppress(OSError):
                     write_text(self._rent_path(shape, bands), UNEXPORTABLE)
             return None
 
-    def _open_cached(self, path: Path, meta: Path):
+    def _intact(self, path: Path, meta: Path) -> bool:
         try:
             recorded = json.loads(meta.read_text())["sha256"]
         except (OSError, ValueError, KeyError):
             recorded = None
         if recorded != sha256(path):
             self.note(f"the cached export {path.name} is damaged or incomplete: exporting it again")
-            return None
+            return False
+        return True
+
+    def _open(self, path: Path, runtime: str, precision: str | None = None, cached: bool = True):
+        return open_export(path, runtime, precision or self.precision, self.threads,
+                           self.compiled_cache if cached else None)
+
+    def _run(self, path: Path, runtime: str):
+        """The export through `runtime`, or None (and a note) where the runtime cannot load it."""
         try:
-            return self._open(path)
-        except Exception:  # OpenVINO raises its own types for unreadable models
-            self.note(f"OpenVINO cannot load the cached export {path.name}: exporting it again")
+            return self._open(path, runtime)
+        except Exception:  # each runtime raises its own types for a model it refuses
+            self.note(f"{NAMES[runtime]} cannot load the cached export {path.name}: using another engine")
             return None
 
     def _defer(self, shape: tuple[int, int], bands: int) -> bool:
@@ -185,7 +194,7 @@ class OpenVinoEngine:
             spent = self._rent(shape, bands)
             if spent is None:
                 self.exportable = False
-                self.note("the model cannot run in OpenVINO (an earlier run's export failed): using torch")
+                self.note("the model cannot be exported (an earlier run's export failed): using torch")
                 return False
             self.torch_seconds[shape] = spent
         return self.torch_seconds[shape] < self.export_after
@@ -217,56 +226,70 @@ class OpenVinoEngine:
         m = self.multiple
         return -(-shape[0] // m) * m, -(-shape[1] // m) * m
 
-    def expects_exported(self, shape: tuple[int, int], bands: int) -> bool:
-        """Whether `shape` will run in OpenVINO, as far as is known before running it: False for a
+    def expected_runtime(self, shape: tuple[int, int], bands: int) -> str | None:
+        """The runtime `shape` will run in, as far as is known before running it; None for torch: a
         model that failed to export (here or, with auto, in an earlier run) or (auto) a shape
         recorded as faster in torch here."""
         shape = self.padded(shape)
         if not self.exportable or self.sessions.get(shape, True) is None:
-            return False
+            return None
+        if shape in self.chosen:
+            return None if self.chosen[shape] == "torch" else self.chosen[shape]
         if not self.choose:
-            return True
+            return self.runtimes[0]
         if self._rent(shape, bands) is None:  # an earlier run's export failed: torch
-            return False
-        timing = _recorded_timing(self.folder / f"{self.key(shape, bands)}.json", self._machine())
-        return timing is None or timing["openvino"] <= timing["torch"]
+            return None
+        timing = _recorded_timing(self.folder / f"{self.key(shape, bands)}.json", self._machine(), self.runtimes)
+        if timing is None:
+            return self.runtimes[0]  # not timed yet: assume the first runtime
+        best = min(timing, key=timing.get)
+        return None if best == "torch" else best
 
     def _machine(self) -> str:
         return machine(self.threads, self.precision)
 
     def _choose(self, shape: tuple[int, int], bands: int):
-        """The compiled model for `shape`, or None where torch runs it: a model that cannot be
-        exported, or (auto) a shape that torch runs faster on this machine."""
-        if not self.choose:
-            return self._session(shape, bands)
+        """The runner of `shape`, or None where torch runs it: a model that cannot be exported, or
+        (auto) a shape that torch runs fastest on this machine."""
         meta = self.folder / f"{self.key(shape, bands)}.json"
-        machine = self._machine()
-        timing = _recorded_timing(meta, machine)
-        if timing is not None and timing["torch"] < timing["openvino"]:
+        timing = _recorded_timing(meta, self._machine(), self.runtimes) if self.choose else None
+        if timing is not None and min(timing, key=timing.get) == "torch":
+            self.chosen[shape] = "torch"
             return None  # known: no need to load the export at all
-        session = self._session(shape, bands)
-        if session is None or timing is not None:
-            return session
+        path = self._export_path(shape, bands)
+        if path is None:
+            return None
+        if not self.choose:
+            self.chosen[shape] = self.runtimes[0]
+            return self._run(path, self.runtimes[0])
+        if timing is not None:
+            best = min(timing, key=timing.get)
+            self.chosen[shape] = best
+            return self._run(path, best)
+        return self._race(shape, bands, path, meta)
+
+    def _race(self, shape: tuple[int, int], bands: int, path: Path, meta: Path):
+        """Time every runtime and torch on this shape once, keep the timing with the cache entry
+        (per machine), and run the fastest."""
+        runners = {r: run for r in self.runtimes if (run := self._run(path, r)) is not None}
         example = torch.randn(2, bands, *shape, generator=torch.Generator().manual_seed(1))
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
 
         def in_torch():
             with autocast:
                 self.model(example.contiguous(memory_format=torch.channels_last))
-        timing = _race({"openvino": lambda: session(example.numpy()), "torch": in_torch})
+        x = example.numpy()
+        timing = _race({**{r: (lambda run=run: run(x)) for r, run in runners.items()}, "torch": in_torch})
         with contextlib.suppress(OSError, ValueError):  # kept with the entry it was measured on
             record = json.loads(meta.read_text())
-            record.setdefault("timings", {})[machine] = timing
+            record.setdefault("timings", {})[self._machine()] = timing
             write_text(meta, json.dumps(record, default=str))
-        faster = "OpenVINO" if timing["openvino"] <= timing["torch"] else "torch"
-        self.note(f"{faster} is faster here on {shape[0]}x{shape[1]} tiles (OpenVINO {timing['openvino']:.2f} s, "
-                  f"torch {timing['torch']:.2f} s a batch of 2, {self.precision}): using it (measured once; "
-                  f"--engine chooses)")
-        return session if timing["openvino"] <= timing["torch"] else None
-
-    def _open(self, path: Path, precision: str | None = None, cached: bool = True):
-        """OpenVINO's compiled model of the export at `path`, at the run's precision."""
-        return compile_export(path, precision or self.precision, self.threads, self.compiled_cache if cached else None)
+        best = min(timing, key=timing.get)
+        self.chosen[shape] = best
+        self.note(f"{NAMES[best]} is fastest here on {shape[0]}x{shape[1]} tiles ("
+                  + ", ".join(f"{NAMES[k]} {v:.2f} s" for k, v in timing.items())
+                  + f" a batch of 2, {self.precision}): using it (measured once; --engine chooses)")
+        return runners.get(best)
 
     def _export(self, path: Path, meta: Path, shape: tuple[int, int], bands: int) -> None:
         """Export, check against torch on a random batch, then commit the file and its record."""
@@ -301,7 +324,7 @@ class OpenVinoEngine:
         """The export computes what torch computes (at fp32, whatever the run's precision)."""
         with torch.inference_mode():
             expected = self.model(example).float().numpy()
-        got = self._open(path, "f32", cached=False)(example.numpy())[0]  # a temporary file: no cache entry
+        got = self._open(path, self.runtimes[0], "f32", cached=False)(example.numpy())  # a temporary file: uncached
         scale = max(float(np.abs(expected).max()), 1e-6)
         if got.shape != expected.shape or float(np.abs(got - expected).max()) > CHECK_TOLERANCE * scale:
             raise ValueError("its outputs differ from torch's")
@@ -329,14 +352,16 @@ def _record_export_seconds(folder: Path, seconds: float) -> None:
         write_text(folder / "export-seconds", f"{seconds:.1f}")
 
 
-def _recorded_timing(meta: Path, machine: str) -> dict | None:
-    """The engines' timing recorded in a cache entry's record for `machine`, if any."""
+def _recorded_timing(meta: Path, machine: str, runtimes: tuple[str, ...]) -> dict | None:
+    """The timing of torch and `runtimes` recorded in a cache entry's record for `machine`, if it
+    holds them all."""
     try:
         timing = json.loads(meta.read_text()).get("timings", {}).get(machine)
     except (OSError, ValueError, AttributeError):
         return None
-    ok = isinstance(timing, dict) and all(isinstance(timing.get(k), (int, float)) for k in ("openvino", "torch"))
-    return timing if ok else None
+    wanted = ("torch", *runtimes)
+    ok = isinstance(timing, dict) and all(isinstance(timing.get(k), (int, float)) for k in wanted)
+    return {k: timing[k] for k in wanted} if ok else None
 
 
 def _race(runs: dict[str, Callable[[], object]], rounds: int = 2) -> dict[str, float]:
@@ -374,22 +399,20 @@ def _quiet():
 
 
 def make_engine(name: str, model: nn.Module, device: torch.device, identity: dict, threads: int,
-                note: Callable[[str], None], precision: str = "f32") -> TorchEngine | OpenVinoEngine:
-    """The engine `name` (auto, torch or openvino) for `model` on `device`; `precision` ("f32" or
-    "bf16") is OpenVINO's inference precision."""
-    if name == "onnx":
-        raise InputError("onnx (ONNX Runtime) was replaced by openvino, as fast or faster on every CPU "
-                         "measured; use --engine openvino or auto", param="engine")
+                note: Callable[[str], None], precision: str = "f32") -> TorchEngine | ExportedEngine:
+    """The engine `name` (auto, torch, openvino or onnx) for `model` on `device`; `precision` ("f32"
+    or "bf16") is OpenVINO's inference precision."""
     if name not in ENGINES:
         raise InputError(f"takes {', '.join(ENGINES)}, got {name!r}", param="engine")
     if name == "torch" or (name == "auto" and device.type != "cpu"):
         return TorchEngine(model)
     if device.type != "cpu":
-        raise InputError(f"openvino runs on the CPU; the device is {device}", param="engine")
-    missing = openvino_available()
-    if missing is not None:
-        if name == "openvino":
-            raise InputError(f"openvino needs {missing}", param="engine")
-        return TorchEngine(model)  # a platform without OpenVINO's wheels (Windows on arm64): torch
-    return OpenVinoEngine(model, identity, threads, note, choose=name == "auto", precision=precision,
-                          multiple=getattr(model, "output_multiple", 1))
+        raise InputError(f"{name} runs on the CPU; the device is {device}", param="engine")
+    runtimes = tuple(r for r in RUNTIMES if (name == "auto" or r == name) and available(r))
+    if _missing("onnxscript") or not runtimes:
+        if name != "auto":
+            raise InputError(f"{name} needs {'onnxscript' if _missing('onnxscript') else PACKAGES[name]} "
+                             f"(pip install {PACKAGES[name]} onnxscript)", param="engine")
+        return TorchEngine(model)  # no exported runtime installed here: torch
+    return ExportedEngine(model, identity, threads, note, choose=name == "auto", precision=precision,
+                          multiple=getattr(model, "output_multiple", 1), runtimes=runtimes)

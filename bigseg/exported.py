@@ -1,5 +1,5 @@
-"""A warm start without torch: a model already exported and compiled by OpenVINO (`bigseg.engines`)
-predicts from bigseg's cache alone. Importing torch takes longer than predicting a small image, so
+"""A warm start without torch: a model already exported (`bigseg.engines`) predicts from bigseg's
+cache alone, through OpenVINO or ONNX Runtime. Importing torch takes longer than predicting a small image, so
 a `bigseg predict` whose model, tile shapes and precision are in the cache runs here: the model's
 card (what its checkpoint says: classes, palette, normalisation, padding multiple, ...), written
 by the torch predictor the first time, and the compiled export. The tiling, stitching, outputs and
@@ -7,8 +7,8 @@ resume are the torch predictor's own (`bigseg.tiling`, `bigseg.run`), with numpy
 shape that is not cached goes to the torch predictor, built (and torch imported) only then.
 
 Only the plain case runs here: the CPU, one scale, no flip, no CRF, no torch.compile, the
-`openvino` or `auto` engine (auto only where a timing of this machine chose OpenVINO); anything
-else is the torch predictor's from the start.
+`openvino`, `onnx` or `auto` engine (auto only where a timing of this machine chose one of them);
+anything else is the torch predictor's from the start.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from bigseg.atomic import write_text
 from bigseg.cache import cache_dir, default_threads, export_key, machine
-from bigseg.compiled import compile_export
+from bigseg.compiled import RUNTIMES, available, open_export
 from bigseg.geometry import TileGrid, Window, choose_overlap
 from bigseg.manifest import find_entry, sha256, weights_dir
 from bigseg.runtime import native_bf16
@@ -30,6 +30,9 @@ from bigseg.tiling import NUMPY, Pipeline, stream_tiles
 
 NODATA = 255
 CARDS = "models"
+# Larger images go to the torch predictor (torch imported then): its stitcher blends and reduces in
+# torch, faster than numpy here, and a second and a half of start-up is nothing to a large raster.
+MAX_PIXELS = 4_000_000
 
 
 @dataclass
@@ -118,12 +121,13 @@ class Arrays(dict):
 
 
 class ExportedPredictor:
-    """The predictor of `bigseg.run`'s file jobs for a model compiled by OpenVINO, in numpy: the
-    torch predictor's interface, its results (fp32 labels equal; probabilities within 1/255)."""
+    """The predictor of `bigseg.run`'s file jobs for an exported model, in numpy: the torch
+    predictor's interface, its results (fp32 labels equal; probabilities within 1/255)."""
 
     def __init__(self, card: ModelCard, precision: str, tile: int, overlap: int | None, batch_size: int,
-                 threads: int, auto: bool, fallback: Callable[[], Any], on_note: Callable[[str], None] | None):
-        self.checkpoint, self.precision, self.threads, self.auto = card, precision, threads, auto
+                 threads: int, engine: str, fallback: Callable[[], Any], on_note: Callable[[str], None] | None):
+        self.checkpoint, self.precision, self.threads = card, precision, threads
+        self.auto, self.runtime = engine == "auto", engine
         self.tile, self.batch_size = tile, batch_size
         self.overlap, self.overlap_from = choose_overlap(overlap, card.context_margin, tile)
         self.scales, self.flip, self.crf = (1.0,), False, None
@@ -132,12 +136,13 @@ class ExportedPredictor:
         self.fill = np.asarray(card.normalization.mean, np.float32).reshape(-1, 1, 1)
         self._mean = self.fill.reshape(1, -1, 1, 1)
         self._std = np.asarray(card.normalization.std, np.float32).reshape(1, -1, 1, 1)
-        self.engine = _EngineName()
+        self.engine = _EngineName(engine)
         self.weights_digest = card.weights
         self.notes: list[str] = []
         self.on_note = on_note
         self._compiled: dict[tuple[int, int], Any] = {}
         self._fallback, self._torch = fallback, None
+        self._probs = False
 
     @property
     def num_classes(self) -> int:
@@ -171,15 +176,20 @@ class ExportedPredictor:
             record = json.loads(meta.read_text())
         except (OSError, ValueError):
             return None
-        if self.auto:
+        runtime = self.runtime
+        if self.auto:  # the runtime this machine's timing chose (torch: the torch predictor's)
             timing = record.get("timings", {}).get(machine(self.threads, self.precision))
-            if not isinstance(timing, dict) or not timing.get("openvino", 1e9) <= timing.get("torch", 0):
+            wanted = ("torch", *(r for r in RUNTIMES if available(r)))
+            if not isinstance(timing, dict) or not all(isinstance(timing.get(k), (int, float)) for k in wanted):
+                return None
+            runtime = min(wanted, key=timing.get)
+            if runtime == "torch":
                 return None
         if not path.is_file() or record.get("sha256") != sha256(path):
             return None  # the torch engine says what is wrong and exports it again
         try:
-            return compile_export(path, self.precision, self.threads, cache_dir() / "openvino")
-        except Exception:  # OpenVINO cannot load it: the torch engine says so and exports it again
+            return open_export(path, runtime, self.precision, self.threads, cache_dir() / "openvino")
+        except Exception:  # the runtime cannot load it: the torch engine says so and exports it again
             return None
 
     # --- the torch predictor's interface -------------------------------------------------------
@@ -195,7 +205,7 @@ class ExportedPredictor:
         ph, pw = shape[0] - h, shape[1] - w
         if ph or pw:  # as the models pad (bigseg.models.blocks.pad_to_multiple)
             x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="reflect" if ph < h and pw < w else "edge")
-        return np.ascontiguousarray(np.asarray(compiled(x)[0])[..., :h, :w], np.float32)
+        return np.ascontiguousarray(np.asarray(compiled(x))[..., :h, :w], np.float32)
 
     def torch(self):
         """The torch predictor with the same settings (torch imported now)."""
@@ -209,6 +219,8 @@ class ExportedPredictor:
         return TileGrid(width, height, self.tile, self.overlap)
 
     def labels_and_probabilities(self, probs: bool) -> Callable:
+        self._probs = probs  # what a large image's torch stitching finishes with too
+
         def finish(window: Window, block: np.ndarray, valid: np.ndarray):
             out = Arrays(labels=NUMPY.labels(block))
             if probs:
@@ -219,6 +231,9 @@ class ExportedPredictor:
 
     def stream(self, grid: TileGrid, read: Callable, finish: Callable | None = None, prefetch: int = 0,
                **options: Any):
+        if grid.width * grid.height > MAX_PIXELS:  # a large image: the torch predictor's stitching
+            torch_side = self.torch()
+            return torch_side.stream(grid, read, torch_side.labels_and_probabilities(self._probs), prefetch, **options)
         pipeline = Pipeline(self.predict, self.num_classes, self.fill, self.batch_size, NUMPY, finish, 0, prefetch)
         return stream_tiles(grid, read, pipeline, **options)
 
@@ -227,7 +242,7 @@ class ExportedPredictor:
         card = self.checkpoint
         return {"weights": card.weights, "arch": card.arch, "config": card.config, "classes": card.classes,
                 "tile": self.tile, "overlap": self.overlap, "scales": self.scales, "flip": self.flip, "crf": None,
-                "precision": self.dtype, "device": "cpu", "engine": "openvino"}
+                "precision": self.dtype, "device": "cpu", "engine": self.engine.name}
 
     def note(self, message: str) -> None:
         if message not in self.notes:
@@ -248,7 +263,8 @@ class _Cpu:
 
 
 class _EngineName:
-    name = "openvino"
+    def __init__(self, name: str):
+        self.name = name
 
 
 def exported_predictor(model: str, device: str, precision: str, tile: int, overlap: int | None, batch_size: int,
@@ -257,7 +273,7 @@ def exported_predictor(model: str, device: str, precision: str, tile: int, overl
                        on_note: Callable[[str], None] | None = None) -> ExportedPredictor | None:
     """The predictor without torch where the run is the plain case and its model card is cached;
     else None (the caller builds the torch predictor)."""
-    if device not in ("auto", "cpu") or engine not in ("auto", "openvino") or scales != (1.0,) or flip or crf or compile:
+    if device not in ("auto", "cpu") or engine not in ("auto", *RUNTIMES) or scales != (1.0,) or flip or crf or compile:
         return None
     if device == "auto" and _has_cuda():
         return None
@@ -265,19 +281,13 @@ def exported_predictor(model: str, device: str, precision: str, tile: int, overl
         return None  # the torch predictor says what is wrong
     precision = cpu_precision(precision)
     found = model_file(model)
-    if precision is None or found is None or _missing("openvino"):
+    if precision is None or found is None or (engine != "auto" and not available(engine)):
         return None
     card = read_card(found[1], str(found[0]))
     if card is None:
         return None
-    return ExportedPredictor(card, precision, tile, overlap, batch_size, threads or default_threads(),
-                             engine == "auto", fallback, on_note)
-
-
-def _missing(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is None
+    return ExportedPredictor(card, precision, tile, overlap, batch_size, threads or default_threads(), engine,
+                             fallback, on_note)
 
 
 def _has_cuda() -> bool:

@@ -76,7 +76,7 @@ class Predictor:
         self._std = torch.tensor(norm.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.fill = np.asarray(norm.mean, np.float32).reshape(-1, 1, 1)
         self.fitting_batch: int | None = None
-        if self.engine.name == "openvino":
+        if self.engine.name != "torch":
             keep_card(self)
 
     @property

@@ -108,3 +108,25 @@ def test_the_exported_predictor_resumes_what_the_torch_one_began_and_refuses_wha
     for refused in (dict(scales=(1.0, 1.5)), dict(flip=True), dict(compile=True), dict(engine="torch"),
                     dict(device="cuda"), dict(precision="fp16"), dict(model=str(tmp_path / "other.pt"))):
         assert build(**refused) is None, refused
+
+
+def test_a_large_image_goes_to_the_torch_predictors_stitching_with_the_same_labels(tmp_path, tiny_checkpoint,
+                                                                                   monkeypatch):
+    from bigseg import exported
+    from bigseg.run.file_job import predict_file
+    from tests.conftest import write_geotiff
+
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path / "cache"))
+    src = write_geotiff(tmp_path / "a.tif", 300, 200)
+    ckpt = load_checkpoint(tiny_checkpoint)
+    make = lambda: Predictor(ckpt, "cpu", "fp32", tile=128, engine="openvino")
+    reference = predict_file(make(), src, tmp_path / "torch.tif")  # exports, keeps the card
+    monkeypatch.setattr(exported, "MAX_PIXELS", 10_000)
+    built = []
+    light = exported_predictor(str(tiny_checkpoint), "cpu", "fp32", 128, None, 4, (1.0,), False, None, False,
+                               "openvino", None, lambda: built.append(1) or make())
+    result = predict_file(light, src, tmp_path / "light.tif")
+    import rasterio
+
+    a, b = (rasterio.open(p).read(1) for p in (reference.output, result.output))
+    assert built == [1] and np.array_equal(a, b)

@@ -11,9 +11,9 @@ C = classes, K = input bands):
       activations  peak live tensor bytes of one forward pass of B tiles, traced on the meta
                    device (no memory, no compute); on the host only when the device is the CPU,
                    then x 1.35 (CPU_ACTIVATION_OVERHEAD: oneDNN scratch and allocator slack);
-                   through OpenVINO x OPENVINO_ACTIVATION_OVERHEAD instead (its own memory
-                   planning) plus openvino: its library and its compiled copy of the weights
-                   (OPENVINO_RUNTIME_MIB + weights)
+                   through an exported runtime (OpenVINO, ONNX Runtime) x its own overhead
+                   instead plus exported: its library and its copy of the weights
+                   (EXPORTED_MEMORY: overhead, MiB + weights)
       scores       with several scales or flips: 2 x B x C x T^2 x 4 (running sum + one
                    prediction); otherwise 0 (the batch's logits are the forward's last activation)
       stitcher     the streaming stitcher's largest held area x (C + 1) x 4, simulated on the grid;
@@ -60,10 +60,13 @@ GDAL_CACHE_MIB = 64
 # 1.35 x the traced activations matches the measured peaks of a small and the full LDN121 (see
 # benchmarks/predict_memory.py) to within 6%.
 CPU_ACTIVATION_OVERHEAD = 1.35
-# OpenVINO plans its activation memory itself: OPENVINO_ACTIVATION_OVERHEAD x the traced activations
-# plus its library and compiled weights, measured with benchmarks/predict_memory.py --engine openvino.
-OPENVINO_ACTIVATION_OVERHEAD = 2.3
-OPENVINO_RUNTIME_MIB = 60
+# An exported runtime holds x OVERHEAD the traced activations plus its library and its own copy of
+# the weights (MIB + weights), measured with benchmarks/predict_memory.py --engine NAME: ONNX
+# Runtime's CPU arena extends in doubling chunks and keeps them (2.3 matched the small config at
+# 0.93 and 1.00 at 5000 and 20000 px and LDN121 at 1.09 on 3000x3000); OpenVINO keeps more (3.0
+# matched LDN121 on a 4000x4000 crop of the orthomosaic at 0.99: 3609 MiB measured, 1024-px tiles,
+# batch 4; ONNX Runtime 2876 measured against 2947 estimated).
+EXPORTED_MEMORY = {"onnx": (2.3, 60), "openvino": (3.0, 60)}
 
 
 class _PeakTensorBytes(TorchDispatchMode):
@@ -162,8 +165,10 @@ def memory_estimate(predictor: Predictor, width: int, height: int, bands: int, p
     scale_max = max(predictor.scales)
     act_h, act_w = max(1, round(th * scale_max)), max(1, round(tw * scale_max))
     act = activation_bytes(ckpt, b, act_h, act_w, dtype)
-    exported = not on_gpu and predictor.engine.name == "openvino" and \
-        predictor.engine.expects_exported((act_h, act_w), ckpt.in_channels)
+    runtime = None if on_gpu or predictor.engine.name == "torch" else \
+        predictor.engine.expected_runtime((act_h, act_w), ckpt.in_channels)
+    exported = runtime is not None
+    overhead, runtime_mib = EXPORTED_MEMORY.get(runtime, (CPU_ACTIVATION_OVERHEAD, 0))
     inputs = 2 * b * bands * th * tw * 4
     # one forward's output is the last live activation (counted there); averaging over scales or
     # flips keeps a running sum and one prediction beside it
@@ -172,9 +177,8 @@ def memory_estimate(predictor: Predictor, width: int, height: int, bands: int, p
     writer = writer_rows(grid) * width * (1 + (c + 1 if probs else 0))
     terms = {"runtime": RUNTIME_MIB, "checkpoint": stored / MIB, "weights": params * 4 / MIB,
              "gdal_cache": GDAL_CACHE_MIB, "inputs": inputs / MIB,
-             "activations": 0.0 if on_gpu else
-             (OPENVINO_ACTIVATION_OVERHEAD if exported else CPU_ACTIVATION_OVERHEAD) * act / MIB,
-             "openvino": OPENVINO_RUNTIME_MIB + params * 4 / MIB if exported else 0.0,
+             "activations": 0.0 if on_gpu else overhead * act / MIB,
+             "exported": runtime_mib + params * 4 / MIB if exported else 0.0,
              "scores": 0.0 if on_gpu else scores / MIB, "stitcher": 0.0 if blend_on_gpu else stitcher / MIB,
              "writer": writer / MIB}
     out = {k: round(v, 1) for k, v in terms.items()}
@@ -219,17 +223,19 @@ def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, e
 def describe_engine(predictor: Predictor, shape: tuple[int, int]) -> str:
     """The engine and precision a run will use, in words (`auto`: what it knows before running)."""
     engine, precision = predictor.engine, str(predictor.dtype).removeprefix("torch.")
-    if engine.name != "openvino":
+    if engine.name == "torch":
         return f"torch ({precision})"
     bands = predictor.checkpoint.in_channels
+    in_runtime = lambda r: f"{r} ({engine.precision if r == 'openvino' else 'float32'})"
     if not engine.choose:
-        return f"openvino ({engine.precision})"
-    if not engine.expects_exported(shape, bands):
-        return f"torch ({precision}): faster here on these tiles, or the model does not export (auto)"
+        return in_runtime(engine.name)
+    runtime = engine.expected_runtime(shape, bands)
+    if runtime is None:
+        return f"torch ({precision}): fastest here on these tiles, or the model does not export (auto)"
     if (engine.folder / f"{engine.key(engine.padded(shape), bands)}.onnx").is_file():
-        return f"openvino ({engine.precision}), exported and cached (auto)"
-    return (f"torch ({precision}) at first, then openvino ({engine.precision}) once torch has spent an "
-            f"export's cost on these tiles, if faster here (auto)")
+        return f"{in_runtime(runtime)}, exported and cached (auto)"
+    return (f"torch ({precision}) at first, then whichever of {', '.join(engine.runtimes)} and torch is fastest "
+            f"here once torch has spent an export's cost on these tiles (auto)")
 
 
 def memory_warnings(memory_mib: dict, device: torch.device) -> list[str]:

@@ -4,7 +4,7 @@ tiler and MONAI's sliding window, in one run.
 (0) ceiling (CPU): fp32 4096x4096 matmuls in torch and numpy, the faster's GFLOP per CPU-second
     (all threads counted);
 (a) bare model per engine and precision (`--engines torch,torch:bf16,openvino:f32,openvino:bf16,
-    onnxruntime`; onnxruntime is ONNX Runtime on OpenVINO's cached export, the engine it replaced,
+    onnxruntime`; onnxruntime is ONNX Runtime on the same cached export,
     when installed): batches of normalised tiles, no reading or writing; MP/s, CPU seconds per
     megapixel and the achieved GFLOP per CPU-second as a share of (0);
 (b) end to end per engine: `predict_file` on a synthetic GeoTIFF and (`--ortho FILE`) a crop of

@@ -211,10 +211,10 @@ def _run_checkpoint_model(path: Path, raw: dict) -> dict:
 def resolve_model(spec: str, folder: Path | None = None) -> Checkpoint:
     """`--model` semantics: an existing file path, else a manifest name (or an architecture that
     has shipped weights), verified against its sha256."""
-    folder = folder or weights_dir()
     path = Path(spec).expanduser()
     if path.is_file():
         return load_checkpoint(path)
+    folder = folder or weights_dir()
     entries = read_manifest(folder)
     entry = find_entry(spec, folder)
     if entry is None:

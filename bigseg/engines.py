@@ -67,7 +67,7 @@ UNEXPORTABLE = "unexportable"  # kept instead of the torch seconds once an expor
 
 
 def default_engine() -> str:
-    """`$BIGSEG_ENGINE` (auto, torch or openvino) when set, else auto."""
+    """`$BIGSEG_ENGINE` (auto, torch, openvino or onnx) when set, else auto."""
     return os.environ.get("BIGSEG_ENGINE") or "auto"
 
 

@@ -1,6 +1,9 @@
 """Training data on the device: the same augmentation as the worker path, from frames decoded once."""
+import json
+
 import numpy as np
 import pytest
+import rasterio
 import torch
 
 from bigseg.errors import TrainingError
@@ -65,7 +68,7 @@ def test_device_augmentation_makes_the_worker_paths_crops(scales):
 def test_batches_follow_the_indices_and_drop_the_incomplete_last_batch():
     data = DeviceData(Frames(n=5).split(), torch.device("cpu"))
     aug = Augment(64, 0.75, 1.25, True, 0.0)
-    batches = list(data.batches([4, 2, 0, 1, 3], aug, seed=1, epoch=0, batch_size=2))
+    batches = list(data.batches(None, [4, 2, 0, 1, 3], aug, seed=1, epoch=0, batch_size=2))
     assert len(batches) == 2 and batches[0][0].shape == (2, 3, 64, 64)
     x, y = data.sample(0, aug, sample_rng(1, 0, 0))
     assert torch.equal(batches[1][0][0], x) and torch.equal(batches[1][1][0], y)
@@ -139,3 +142,79 @@ def test_quarter_turns_move_image_label_and_targets_together_on_both_paths():
         assert np.array_equal(y, expected) and np.array_equal(t.argmax(0), expected % 4)
         dx, dy = data.sample(i, turned, sample_rng(7, 0, i))
         assert np.array_equal(dy.numpy(), y) and np.abs(dx.numpy() - x).max() < 1e-3
+
+
+def _scenes(tmp_path, one_scene=False):
+    from bigseg.train.data import DataSet, DataSettings, SplitSettings
+    from tests.test_train_data import classes_csv, learnable_scene
+
+    learnable_scene(tmp_path, "a", 300, 260, nodata=0)
+    if not one_scene:
+        learnable_scene(tmp_path, "b", 240, 200, seed=1)
+        learnable_scene(tmp_path, "c", 200, 220, seed=2)
+    classes_csv(tmp_path / "classes.csv")
+    for path in (tmp_path / "labels").glob("*.tif"):  # an unlabelled corner in each scene
+        with rasterio.open(path, "r+") as f:
+            label = f.read(1)
+            label[:40, :50] = 255
+            f.write(label, 1)
+    with rasterio.open(tmp_path / "images" / "a.tif", "r+") as f:  # and the image's nodata in one
+        image = f.read()
+        image[:, -30:, -60:] = 0
+        f.write(image)
+    return DataSet(tmp_path, DataSettings(split=SplitSettings(block=96, buffer=8)))
+
+
+@pytest.mark.parametrize("one_scene", [False, True], ids=["whole scenes", "blocks of one scene"])
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.6, 1.6)], ids=["same", "scaled"])
+def test_scene_windows_cut_on_the_device_are_the_worker_paths_windows(tmp_path, one_scene, scales):
+    from bigseg.train.data import EpochView, RandomWindows
+
+    train = _scenes(tmp_path, one_scene).split("train")
+    data = DeviceData(train, torch.device("cpu"))
+    assert len(data) == len(train.regions) and data.nbytes == sum(
+        b.width * b.height * 4 for b in map(train.source.bounds, train.regions))
+    sampler = RandomWindows(train.source, train.regions, 24)
+    aug = Augment(64, *scales, True, 0.2, 0.1, 0.0, rotate=True)
+    view = EpochView(train.source, sampler, sampler.epoch(3, 1), aug, 3, 1)
+    batch = next(data.batches(sampler, view.keys, aug, 3, 1, 2))
+    assert torch.equal(batch[1][1], data._sample(sampler, 1, aug, sample_rng(3, 1, 1))[1])
+    for k in range(24):
+        image, label = view[k]
+        x, y = data._sample(sampler, k, aug, sample_rng(3, 1, k))
+        same = (y.numpy() == label).mean()
+        diff = np.abs(x.numpy() - image)
+        if scales == (1.0, 1.0):  # no resampling: the same pixels, the same ignore
+            assert same == 1 and diff.max() < 1e-3, k
+        else:
+            assert same > 0.99 and diff.mean() < 3, k
+    # the scene with nodata: its ignore travels to the device
+    assert any((data.labels[key] == IGNORE).any() for key in data.labels)
+
+
+def test_scenes_too_large_for_the_gpu_are_refused_before_any_is_read(tmp_path, monkeypatch):
+    train = _scenes(tmp_path).split("train")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (200_000, 800_000))
+    monkeypatch.setattr(type(train.source), "read", lambda *a, **k: pytest.fail("read before the size check"))
+    with pytest.raises(TrainingError, match=r"training scenes need .* without --data-on-device"):
+        DeviceData(train, torch.device("cuda"))
+
+
+def test_training_on_scenes_held_on_the_device_equals_training_from_workers(tmp_path, capsys):
+    """At scale 1 and without photometric jitter (whose float rounding differs by 1e-5 between the
+    paths, enough to flip the sign of Adam's first update of a near-zero gradient) the two paths make
+    the same batches, so the same run gives the same model."""
+    from tests.cli_helpers import run_cli
+    from tests.test_train_data import MODEL_CONFIG
+
+    _scenes(tmp_path / "data")
+    losses = []
+    for extra in ([], ["--data-on-device"]):
+        run = tmp_path / f"run{len(extra)}"
+        code, _, err = run_cli(capsys, "train", "--data", tmp_path / "data", "--run", run, "--device", "cpu",
+                               "--crop", "64", "--batch-size", "2", "--workers", "0", "--epochs", "2",
+                               "--windows-per-epoch", "4", "--scale-min", "1", "--scale-max", "1", "--rotate",
+                               "--eval-every", "0", "--model-config", MODEL_CONFIG, *extra)
+        assert code == 0, err
+        losses.append([e["train_loss"] for e in json.loads((run / "log.json").read_text())])
+    assert losses[0] == losses[1] and len(losses[0]) == 2

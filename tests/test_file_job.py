@@ -236,7 +236,7 @@ real = predictor.forward
 predictor.forward = lambda batch: (tiles.append(len(batch)), real(batch))[1]
 start = time.perf_counter()
 predict_file(predictor, Path(sys.argv[2]), Path(sys.argv[3]))
-print(sum(tiles), round(time.perf_counter() - start, 2), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(sum(tiles), round(time.perf_counter() - start, 2), int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]))
 """
 
 

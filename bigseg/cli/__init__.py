@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 
 from bigseg.runtime import (
     prefer_passive_waiting,
@@ -17,6 +18,9 @@ from bigseg.runtime import (
 )
 
 prefer_passive_waiting()  # before torch loads: OpenMP threads sleep instead of spinning when idle
+# rasterio warns on every open of a raster without georeferencing (a photo, a pixel-grid mosaic):
+# bigseg handles those, and its outputs then carry no georeferencing either
+warnings.filterwarnings("ignore", message=r"(Dataset has no geotransform|The given matrix is equal to Affine)")
 
 import typer
 

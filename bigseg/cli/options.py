@@ -28,8 +28,8 @@ CrfParams = Annotated[str | None, typer.Option(
 Threads = Annotated[int | None, typer.Option(metavar="N", help="Compute threads. Default: one per core.")]
 Engine = Annotated[str, typer.Option(
     metavar="NAME", envvar="BIGSEG_ENGINE",
-    help="auto (torch on a GPU; on the CPU whichever of OpenVINO and torch is faster here, timed once), "
-         "torch or openvino.")]
+    help="auto (torch on a GPU; on the CPU whichever of OpenVINO, ONNX Runtime and torch is faster here, "
+         "timed once), torch, openvino or onnx.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 Bands = Annotated[str | None, typer.Option(metavar="B,...", help="1-based bands to use, in order, e.g. 1,2,3.")]
 ValueRange = Annotated[str | None, typer.Option(

@@ -64,12 +64,7 @@ def predict(
     """Segment images of any size into class masks, tile by tile, in bounded memory."""
     read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader)
     write = WriteOptions(probs, overlay, cog, seams)
-    polygons = None
-    if vector is not None:
-        from bigseg.run.vectorize import VectorOptions
-
-        polygons = VectorOptions(vector, O.parse_names(vector_classes) or None, min_area, simplify, connectivity)
-        polygons.check()
+    polygons = _vector_options(vector, vector_classes, min_area, simplify, connectivity)
     scale_factors, crf_settings = O.parse_scales(scales), parse_crf(crf, crf_params)
     O.check_threads(threads)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 speaks for everyone
@@ -79,13 +74,7 @@ def predict(
         if not quiet:
             note(f"note: {skipped.error}")
     if not found.jobs:
-        for failure in found.failed:
-            failure_line(failure)
-        if found.failed or not found.ignored:
-            raise typer.Exit(1)
-        if json_summary:  # only bigseg's own outputs were named: nothing to do, and nothing wrong
-            print(json.dumps({"done": [], "skipped": [], "failed": [],
-                              "ignored": [{"input": f.input, "why": f.error} for f in found.ignored]}, indent=2))
+        _nothing_to_do(found, json_summary)
         return
 
     from bigseg.exported import exported_predictor
@@ -125,6 +114,28 @@ def predict(
     _report(summary, quiet, json_summary and rank == 0)
     if not summary.ok:
         raise typer.Exit(1)
+
+
+def _vector_options(vector, vector_classes, min_area, simplify, connectivity):
+    """--vector and its settings, checked before any work; None without --vector."""
+    if vector is None:
+        return None
+    from bigseg.run.vectorize import VectorOptions
+
+    polygons = VectorOptions(vector, O.parse_names(vector_classes) or None, min_area, simplify, connectivity)
+    polygons.check()
+    return polygons
+
+
+def _nothing_to_do(found, as_json: bool) -> None:
+    """No input left to segment: the failures said, exit 1; only bigseg's own outputs named: fine."""
+    for failure in found.failed:
+        failure_line(failure)
+    if found.failed or not found.ignored:
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps({"done": [], "skipped": [], "failed": [],
+                          "ignored": [{"input": f.input, "why": f.error} for f in found.ignored]}, indent=2))
 
 
 def _dry_run(predictor, inputs, out, recursive, options, estimate: bool, as_json: bool, rank: int) -> None:

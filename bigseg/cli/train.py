@@ -71,7 +71,8 @@ def train(
     workers: int = typer.Option(2, metavar="N", help="Data loading processes."),
     data_on_device: bool = typer.Option(
         False, "--data-on-device",
-        help="Decode the training images once onto the device and augment them there (small data sets on a GPU)."),
+        help="Decode the training images or scenes once onto the device and cut and augment them there "
+             "(data sets that fit in half the GPU's free memory)."),
     seed: int = typer.Option(0, metavar="N", help="Random seed (data order, augmentation, initialisation)."),
     train_split: str = typer.Option(
         "train", metavar="SPLIT",

@@ -20,7 +20,7 @@ def batches(view: EpochView, cfg: TrainConfig, start: int, data: DeviceData | No
     from the images already there (`--data-on-device`), with the same random choices."""
     if data is None:
         return _loaded(_loader(view, cfg, start))
-    return data.batches(view.keys[start:], view.aug, view.seed, view.epoch, cfg.batch_size)
+    return data.batches(view.sampler, view.keys[start:], view.aug, view.seed, view.epoch, cfg.batch_size)
 
 
 def _loader(view: EpochView, cfg: TrainConfig, start: int) -> torch.utils.data.DataLoader:

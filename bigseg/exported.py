@@ -25,6 +25,7 @@ from bigseg.cache import cache_dir, default_threads, export_key, machine
 from bigseg.compiled import RUNTIMES, available, open_export
 from bigseg.geometry import TileGrid, Window, choose_overlap
 from bigseg.manifest import find_entry, sha256, weights_dir
+from bigseg.notes import Notes
 from bigseg.runtime import native_bf16
 from bigseg.tiling import NUMPY, Pipeline, stream_tiles
 
@@ -120,7 +121,7 @@ class Arrays(dict):
         return self
 
 
-class ExportedPredictor:
+class ExportedPredictor(Notes):
     """The predictor of `bigseg.run`'s file jobs for an exported model, in numpy: the torch
     predictor's interface, its results (fp32 labels equal; probabilities within 1/255)."""
 
@@ -243,16 +244,6 @@ class ExportedPredictor:
         return {"weights": card.weights, "arch": card.arch, "config": card.config, "classes": card.classes,
                 "tile": self.tile, "overlap": self.overlap, "scales": self.scales, "flip": self.flip, "crf": None,
                 "precision": self.dtype, "device": "cpu", "engine": self.engine.name}
-
-    def note(self, message: str) -> None:
-        if message not in self.notes:
-            self.notes.append(message)
-            if self.on_note is not None:
-                self.on_note(message)
-
-    def take_notes(self) -> list[str]:
-        taken, self.notes = self.notes, []
-        return taken
 
 
 class _Cpu:

@@ -28,6 +28,7 @@ from bigseg.errors import InputError
 from bigseg.exported import ModelCard, Normalisation, write_card
 from bigseg.geometry import TileGrid, Window, choose_overlap, default_overlap, stitcher_peak_pixels
 from bigseg.manifest import sha256
+from bigseg.notes import Notes
 from bigseg.tiling import NUMPY, PREFETCH_BATCHES, Pipeline, stream_tiles
 
 DEFAULT_TILE = 1024
@@ -35,7 +36,7 @@ DEFAULT_BATCH = 4
 NODATA = 255          # the label of pixels without valid input
 
 
-class Predictor:
+class Predictor(Notes):
     """A trained model ready to predict tiles of images (the CLI's `predict` and `eval` use it)."""
 
     def __init__(self, checkpoint: Checkpoint, device: str = "auto", precision: str = "auto",
@@ -226,18 +227,6 @@ class Predictor:
         if self._digest is None:
             self._digest = weights_digest(self.checkpoint)
         return self._digest
-
-    def note(self, message: str) -> None:
-        """Say `message` once (collected by the job that runs, see `take_notes`; `on_note` hears
-        it at once)."""
-        if message not in self.notes:
-            self.notes.append(message)
-            if self.on_note is not None:
-                self.on_note(message)
-
-    def take_notes(self) -> list[str]:
-        taken, self.notes = self.notes, []
-        return taken
 
 
 def keep_card(predictor: Predictor) -> None:

@@ -19,7 +19,7 @@ LAYERS = [
      "compiled", "polygons", "areas"},
     {"checkpoint", "metrics", "geometry"},
     {"models"},
-    {"errors", "atomic", "catalogue", "manifest", "palette"},
+    {"errors", "atomic", "catalogue", "manifest", "notes", "palette"},
 ]
 LEVEL = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 READABLE = ("predictor.py", "tiling.py", "geometry.py", "io/", "run/", "cli/predict.py", "train/")

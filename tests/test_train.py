@@ -934,3 +934,35 @@ def test_a_resumed_epoch_reports_all_its_steps_and_a_finished_run_says_so(tmp_pa
     code, _, err = run_cli(capsys, "train", "--run", tmp_path / "b", "--resume")
     assert code == 0 and "the run has finished its 1 epochs (4 steps): nothing to train" in err
     assert "resuming from" not in err and "already finished: 1 epochs, 4 steps" in err and "best.pt" in err
+
+
+def test_ema_saves_the_average_of_the_steps_weights_and_resumes_exactly(tmp_path, capsys):
+    data = make_generic_dataset(tmp_path / "data", n=6)
+    decay = 0.5
+    # the trained weights after each step, from runs stopped after 1, 2 and 3 steps
+    steps = [torch.load(tmp_path / f"s{n}" / "last.pt", weights_only=True)["model"]
+             for n in (1, 2, 3) if train(tiny_config(data, tmp_path / f"s{n}", max_steps=n, eval_every=0))]
+    full = train(tiny_config(data, tmp_path / "a", max_steps=3, eval_every=0, ema=decay))
+    state = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    for key, w1 in steps[0].items():
+        if not w1.is_floating_point():
+            continue
+        expected = (w1 * decay + steps[1][key] * (1 - decay)) * decay + steps[2][key] * (1 - decay)
+        assert torch.allclose(state["average"][f"module.{key}"], expected, atol=1e-6), key
+        assert torch.equal(state["model"][key], steps[2][key]), key  # training itself is unchanged
+
+    first = train(tiny_config(data, tmp_path / "b", max_steps=2, eval_every=0, ema=decay))
+    second = train(tiny_config(data, tmp_path / "b", max_steps=3, eval_every=0, ema=decay), resume=True)
+    assert full.losses == first.losses + second.losses
+    resumed = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["average"]
+    for key, value in state["average"].items():
+        assert torch.equal(resumed[key], value), key
+
+    finished = train(tiny_config(data, tmp_path / "c", epochs=1, eval_every=0, ema=decay))
+    saved = load_checkpoint(tmp_path / "c" / "final.pt").state_dict
+    average = torch.load(tmp_path / "c" / "last.pt", weights_only=True)["average"]
+    assert finished.stopped == "finished"
+    assert all(torch.equal(saved[k], average[f"module.{k}"]) for k in saved if saved[k].is_floating_point())
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "s", "--ema", "1", "--device", "cpu")
+    assert code == 1 and "--ema is a decay per step, at least 0 (off) and below 1, got 1.0" in err
+    assert not (tmp_path / "s" / "last.pt").exists()

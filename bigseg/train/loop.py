@@ -24,6 +24,7 @@ from bigseg.io.gdal import gdal_env
 from bigseg.models.blocks import set_grad_checkpointing
 from bigseg.predictor import Predictor
 from bigseg.runtime import check_stop, stop_handled, whole_step
+from bigseg.train.averaging import WeightAverage
 from bigseg.train.batches import batches, data_failure
 from bigseg.train.config import TrainConfig, crop_at
 from bigseg.train.data import EpochView
@@ -104,13 +105,14 @@ def start(cfg: TrainConfig, resume: bool, on_event: Callable[[str, dict], None])
     opt = optimizer(cfg, net, pretrained)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg, data.steps_per_epoch * cfg.epochs))
     scaler = torch.amp.GradScaler(env.device.type, enabled=env.dtype is torch.float16)
+    average = WeightAverage(net, cfg.ema)
     at = Progress()
     if state is not None:
-        at = restore(state, net, opt, scheduler, scaler)
+        at = restore(state, net, opt, scheduler, scaler, average)
         data.prepared = dict(state.get("prepared", {}))
         on_event("resume", {"epoch": at.epoch, "step": at.step_in_epoch, "global_step": at.global_step,
                             "finished": at.epoch >= cfg.epochs, "epochs": cfg.epochs})
-    run = Run(cfg, env, data, net, opt, scheduler, scaler, at, on_event)
+    run = Run(cfg, env, data, net, opt, scheduler, scaler, average, at, on_event)
     run.begin(checkpointing)
     return run
 
@@ -119,9 +121,9 @@ class Run:
     """A training run under way: its settings, data, model and optimisation, and where it is."""
 
     def __init__(self, cfg: TrainConfig, env: Environment, data: TrainingData, net: nn.Module, opt, scheduler,
-                 scaler, at: Progress, on_event: Callable[[str, dict], None]):
+                 scaler, average: WeightAverage, at: Progress, on_event: Callable[[str, dict], None]):
         self.cfg, self.env, self.data, self.net, self.at, self.on_event = cfg, env, data, net, at, on_event
-        self.opt, self.scheduler, self.scaler = opt, scheduler, scaler
+        self.opt, self.scheduler, self.scaler, self.average = opt, scheduler, scaler, average
         self.run_dir = Path(cfg.run_dir)
         self.last_path = self.run_dir / "last.pt"
         self.total_steps = data.steps_per_epoch * cfg.epochs
@@ -222,6 +224,7 @@ class Run:
             self.scaler.step(self.opt)
             self.scaler.update()
             self.scheduler.step()
+            self.average.update()
             at.global_step += 1
             at.step_in_epoch += 1
             self.losses.append(loss.item())
@@ -231,9 +234,9 @@ class Run:
     # --- models and checkpoints ----------------------------------------------------------------
 
     def describe(self, metrics: dict | None = None) -> Checkpoint:
-        """The model as a self-describing checkpoint (what predict loads)."""
+        """The model (the weight average with `--ema`) as a self-describing checkpoint (what predict loads)."""
         cfg, data = self.cfg, self.data
-        return from_model(self.net, cfg.arch, data.train.classes, data.train.palette, data.normalization, training={
+        return from_model(self.average.model, cfg.arch, data.train.classes, data.train.palette, data.normalization, training={
             "data": str(cfg.data), "config": asdict(cfg), "epochs": self.at.epoch, "steps": self.at.global_step,
             "metrics": metrics or {}, **({"prepared": data.prepared} if data.prepared else {})}, input=data.input)
 
@@ -264,7 +267,7 @@ class Run:
         if self.env.rank.main:
             described = {k: v for k, v in self.describe().to_dict().items() if k not in ("state_dict", "training")}
             save_run(self.last_path, self.cfg, self.at, self.net, self.opt, self.scheduler, self.scaler,
-                     self.data.prepared, described)
+                     self.average, self.data.prepared, described)
 
     # --- the end -------------------------------------------------------------------------------
 
@@ -296,7 +299,7 @@ class Run:
         elif d.main:
             metrics = at.history[-1] if at.history else {}
             if cfg.recompute_bn > 0:
-                recompute_batchnorm(self.net, self.data, augmentation(cfg, cfg.epochs - 1), cfg, self.env.device,
+                recompute_batchnorm(self.average.model, self.data, augmentation(cfg, cfg.epochs - 1), cfg, self.env.device,
                                     self.mean, self.std)
                 if self.data.val is not None:
                     metrics = {**metrics, **self.validate(), "bn_recomputed": True}

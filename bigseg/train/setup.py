@@ -58,6 +58,7 @@ def check_settings(cfg: TrainConfig) -> None:
     need(cfg.class_balance in BALANCING, "class_balance",
          f"must be one of {', '.join(BALANCING)}, got {cfg.class_balance!r}")
     need(0 <= cfg.lovasz <= 10, "lovasz", f"is a loss weight from 0 to 10, got {cfg.lovasz}")
+    need(0 <= cfg.ema < 1, "ema", f"is a decay per step, at least 0 (off) and below 1, got {cfg.ema}")
     for name, scales in (("val_scales", cfg.val_scales), ("teacher_scales", cfg.teacher_scales if cfg.teacher else (1.0,))):
         need(bool(scales) and all(0.1 <= s <= 4 for s in scales), name,
              f"must be factors between 0.1 and 4, got {scales}")

@@ -62,8 +62,8 @@ def load_run_state(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     return state
 
 
-def save_run(path: Path, cfg: TrainConfig, at: Progress, net, optimizer, scheduler, scaler, prepared: dict,
-             described: dict) -> None:
+def save_run(path: Path, cfg: TrainConfig, at: Progress, net, optimizer, scheduler, scaler, average,
+             prepared: dict, described: dict) -> None:
     """Write the run checkpoint atomically; `described`: the model's checkpoint fields but its
     weights (so `predict --model last.pt` works)."""
     state = {"format": RUN_FORMAT, "config": asdict(cfg), "model": net.state_dict(), "checkpoint": described,
@@ -71,13 +71,16 @@ def save_run(path: Path, cfg: TrainConfig, at: Progress, net, optimizer, schedul
              "rng": _rng_state(), "epoch": at.epoch, "step_in_epoch": at.step_in_epoch,
              "global_step": at.global_step, "best_miou": at.best, "history": at.history, "prepared": prepared,
              "epoch_losses": list(at.epoch_losses), "epoch_seconds": at.epoch_seconds}
+    if average.state_dict() is not None:
+        state["average"] = average.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def restore(state: dict[str, Any], net, optimizer, scheduler, scaler) -> Progress:
+def restore(state: dict[str, Any], net, optimizer, scheduler, scaler, average) -> Progress:
     """Load a run checkpoint into the run's objects and RNG; returns where the run was."""
     net.load_state_dict(state["model"])
+    average.load_state_dict(state.get("average"))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

@@ -202,8 +202,17 @@ def _run_checkpoint_model(path: Path, raw: dict) -> dict:
     if not isinstance(described, dict):
         raise CheckpointError(f"{path} is a run checkpoint (the state of `bigseg train` for --resume) written before "
                               f"they described their model: predict with best.pt or final.pt beside it")
-    return {**described, "format": FORMAT, "state_dict": raw["model"],
+    return {**described, "format": FORMAT, "state_dict": _validated_weights(raw),
             "training": {"run_checkpoint": str(path), "epochs": raw.get("epoch"), "steps": raw.get("global_step")}}
+
+
+def _validated_weights(raw: dict) -> dict:
+    """The weights a run validates: its weight average when it keeps one (`--ema`), else the
+    trained model's."""
+    average = raw.get("average")
+    if not isinstance(average, dict):
+        return raw["model"]
+    return {key.removeprefix("module."): value for key, value in average.items() if key.startswith("module.")}
 
 
 # --- shipped weights ---------------------------------------------------------------------------

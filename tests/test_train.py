@@ -963,6 +963,8 @@ def test_ema_saves_the_average_of_the_steps_weights_and_resumes_exactly(tmp_path
     average = torch.load(tmp_path / "c" / "last.pt", weights_only=True)["average"]
     assert finished.stopped == "finished"
     assert all(torch.equal(saved[k], average[f"module.{k}"]) for k in saved if saved[k].is_floating_point())
+    from_last = load_checkpoint(tmp_path / "c" / "last.pt").state_dict  # `predict --model last.pt`: the average too
+    assert from_last.keys() == saved.keys() and all(torch.equal(from_last[k], saved[k]) for k in saved)
     code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "s", "--ema", "1", "--device", "cpu")
     assert code == 1 and "--ema is a decay per step, at least 0 (off) and below 1, got 1.0" in err
     assert not (tmp_path / "s" / "last.pt").exists()

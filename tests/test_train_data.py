@@ -309,6 +309,29 @@ def test_peak_memory_training_on_a_large_sparse_raster_does_not_grow_with_its_si
     assert peaks[16384] < peaks[4096] + 64, peaks
 
 
+def test_a_run_from_init_keeps_the_normalisation_its_weights_were_trained_with(tmp_path, capsys, monkeypatch):
+    """Band statistics are estimated from random windows, so another seed estimates others: a
+    fine-tune from --init must feed its weights inputs normalised as they were trained."""
+    from bigseg.checkpoint import load_checkpoint
+
+    monkeypatch.setattr("bigseg.train.setup.STATISTICS_SIDE", 32)  # windows smaller than the scenes
+
+    data = tmp_path / "data"
+    learnable_scene(data, "a", 160, 128)
+    learnable_scene(data, "b", 160, 128, seed=1)
+    classes_csv(data / "classes.csv")
+    common = ["--data", data, "--device", "cpu", "--crop", "64", "--batch-size", "4", "--workers", "0",
+              "--epochs", "1", "--windows-per-epoch", "8", "--model-config", MODEL_CONFIG, "--eval-every", "0"]
+    runs = {}
+    for name, extra in (("first", ["--seed", "1"]), ("other-seed", ["--seed", "2"]),
+                        ("fine-tune", ["--seed", "2", "--init", tmp_path / "first" / "final.pt"])):
+        code, _, err = run_cli(capsys, "train", "--run", tmp_path / name, *common, *extra)
+        assert code == 0, err
+        runs[name] = load_checkpoint(tmp_path / name / "final.pt").normalization
+    assert runs["other-seed"].mean != runs["first"].mean  # the estimate depends on the windows drawn
+    assert (runs["fine-tune"].mean, runs["fine-tune"].std) == (runs["first"].mean, runs["first"].std)
+
+
 def test_a_model_trained_on_four_bands_predicts_four_band_input_with_its_stored_statistics(tmp_path, capsys):
     from bigseg.checkpoint import load_checkpoint
 

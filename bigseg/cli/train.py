@@ -46,7 +46,8 @@ def train(
                               "0: off)."),
     aux_weight: float = typer.Option(0.4, metavar="F", help="Weight of the auxiliary losses (ladder models)."),
     init: Path | None = typer.Option(None, metavar="FILE", help="Start from this checkpoint's weights "
-                                        "(same architecture and classes; new optimiser and schedule)."),
+                                        "and normalisation (same architecture and classes; new optimiser and "
+                                        "schedule)."),
     teacher: list[str] | None = typer.Option(
         None, metavar="MODEL", help="Distil this model (a shipped name or a .pt file): the student learns its "
         "probabilities, averaged over --teacher-scales and flips, beside the labels. Repeat it to distil the "

@@ -170,12 +170,13 @@ def input_description(train: DataSplit, cfg: TrainConfig) -> dict[str, Any]:
             "label_values": list(source.table.codes)}
 
 
-def prepare(data: TrainingData, cfg: TrainConfig, net: nn.Module) -> dict[str, Any]:
+def prepare(data: TrainingData, cfg: TrainConfig, net: nn.Module, computed_normalization: bool = True) -> dict[str, Any]:
     """What is computed from the training data once, before the first step of a new run: a model's
     fitted parts (DUpsampling's W), the class weights, and for raster scenes the bands' mean and
-    spread (images from folders keep the ImageNet normalisation the backbones were made for)."""
+    spread (images from folders keep the ImageNet normalisation the backbones were made for; a run
+    from `--init` takes its checkpoint's instead, `computed_normalization=False`)."""
     prepared = net.prepare_training(LabelWindows(data.train), cfg.seed) if hasattr(net, "prepare_training") else {}
-    if not data.source.whole_images:
+    if computed_normalization and not data.source.whole_images:
         prepared = {**prepared, "normalization": band_statistics(data, cfg.seed)}
     weights = class_weights(*label_statistics(data.source, data.train.regions, len(data.train.classes)),
                             cfg.class_balance)
@@ -240,14 +241,17 @@ def build_model(cfg: TrainConfig, data: TrainingData, new: bool) -> tuple[nn.Mod
     if cfg.backbone_weights:
         pretrained = set(load_backbone_weights(net, cfg.backbone_weights))
     if new:
-        data.prepared = prepare(data, cfg, net)
+        data.prepared = prepare(data, cfg, net, computed_normalization=not cfg.init)
         if cfg.init:
-            load_init(net, cfg, data.train.classes)
+            norm = load_init(net, cfg, data.train.classes)
+            data.prepared["normalization"] = {"mean": list(norm.mean), "std": list(norm.std)}
     return net, pretrained
 
 
-def load_init(net: nn.Module, cfg: TrainConfig, classes: list[str]) -> None:
-    """Start from the weights of a bigseg checkpoint (same architecture and classes)."""
+def load_init(net: nn.Module, cfg: TrainConfig, classes: list[str]) -> Normalization:
+    """Start from the weights of a bigseg checkpoint (same architecture and classes); returns the
+    normalisation those weights were trained with, which the run keeps (its inputs must look as
+    they did to the weights)."""
     ckpt = load_checkpoint(cfg.init)
     if ckpt.arch != cfg.arch or ckpt.classes != classes:
         raise TrainingError(f"init {cfg.init} is a {ckpt.arch} for {len(ckpt.classes)} classes "
@@ -257,6 +261,7 @@ def load_init(net: nn.Module, cfg: TrainConfig, classes: list[str]) -> None:
     if source.config.to_dict() != net.config.to_dict() or ckpt.in_channels != net.in_channels:
         raise TrainingError(f"init {cfg.init} was built with another {cfg.arch} configuration")
     net.load_state_dict(source.state_dict())
+    return ckpt.normalization
 
 
 def schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:

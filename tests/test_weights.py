@@ -46,8 +46,11 @@ def test_shipped_score_on_camvid_test_is_reproduced(shared_data):
 
 
 @needs_weights
-def test_the_model_cards_learning_curve_ends_at_the_shipped_scores_and_draws(tmp_path, monkeypatch):
-    """weights/curve.json (the figures curves.png draws) ends where the manifest's scores are."""
+@pytest.mark.parametrize("name, spec_name", [("ladder-dn121-camvid", "curve.json"),
+                                             ("landcover-dubai", "landcover-dubai-curve.json")])
+def test_the_model_cards_learning_curve_ends_at_the_shipped_scores_and_draws(tmp_path, monkeypatch, name, spec_name):
+    """A card's curve spec (the figures its png draws) ends where the manifest's scores are, has a
+    stage per training command, and draws."""
     import importlib.util
     import json
     from pathlib import Path
@@ -55,17 +58,18 @@ def test_the_model_cards_learning_curve_ends_at_the_shipped_scores_and_draws(tmp
     import cv2
 
     folder = Path(__file__).resolve().parents[1] / "weights"
-    curve = json.loads((folder / "curve.json").read_text())
-    entry = next(e for e in SHIPPED if e["name"] == "ladder-dn121-camvid")
+    curve = json.loads((folder / spec_name).read_text())
+    entry = next(e for e in SHIPPED if e["name"] == name)
     _, val, test = curve["stages"][-1]["points"][-1]
-    assert (val, test) == (round(100 * entry["metrics"]["val"]["miou"], 2), round(100 * entry["metrics"]["test"]["miou"], 2))
+    shipped = {split: round(100 * m["miou"], 2) for split, m in entry["metrics"].items()}
+    assert (val, test) == (shipped["val"], shipped.get("test"))
     starts = [s["start"] for s in curve["stages"]]
     assert starts == sorted(starts) and len(entry["training_commands"]) == len(curve["stages"])
     spec = importlib.util.spec_from_file_location("plot_curve", folder / "plot_curve.py")
     plot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot)
-    (tmp_path / "curve.json").write_text(json.dumps(curve))
+    (tmp_path / spec_name).write_text(json.dumps(curve))
     monkeypatch.setattr(plot, "HERE", tmp_path)
-    plot.main()
-    image = cv2.imread(str(tmp_path / "curves.png"))
+    image = cv2.imread(str(plot.main(spec_name)))
     assert image.shape == (plot.H, plot.W, 3) and (image == plot.VAL[::-1]).all(-1).any()
+    assert (tmp_path / curve["png"]).exists() and (folder / curve["png"]).exists()

@@ -1,35 +1,45 @@
-"""Draw `curves.png`, the learning curve of the shipped CamVid model's long run, from `curve.json`
-(the figures recorded in README.md): val and test mIoU by epoch over all stages, the parts tried
-after the shipped file, and the test target. OpenCV only, as `bigseg train` draws its curves.
+"""Draw a shipped model's learning curve over its training stages from its spec: val (and, where
+the model has one, test) mIoU by epoch counted over the stages, the parts tried and not shipped,
+and the target. OpenCV only, as `bigseg train` draws its curves.
 
-    python weights/plot_curve.py
+    python weights/plot_curve.py                              # curve.json -> curves.png (CamVid)
+    python weights/plot_curve.py landcover-dubai-curve.json   # -> landcover-dubai-curve.png
+
+A spec holds `stages` and `after` (each part a `name`, the epoch it `start`s from and its `points`,
+[epoch, val, test] with null for a split not scored), `target_val` and/or `target_test`, the
+`png` it is drawn to, and optionally `labels` for the legend and `range` [low, high] of the mIoU axis.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-W, H, PAD, LO, HI = 960, 420, 60, 30.0, 70.0
+W, H, PAD = 960, 420, 60
 VAL, TEST, AFTER, GREY = (40, 140, 40), (30, 60, 200), (150, 150, 150), (200, 200, 200)
+LABELS = {"val": "val mIoU", "test": "test mIoU", "after": "parts tried after the shipped file (not shipped)"}
 
 
-def main() -> None:
-    spec = json.loads((HERE / "curve.json").read_text())
+def main(spec_name: str = "curve.json") -> Path:
+    spec = json.loads((HERE / spec_name).read_text())
+    lo, hi = spec.get("range", [30.0, 70.0])
+    labels = {**LABELS, **spec.get("labels", {})}
     last = max(s["start"] + p[0] for group in ("stages", "after") for s in spec[group] for p in s["points"])
     x = lambda epoch: int(PAD + epoch / last * (W - 2 * PAD))
-    y = lambda miou: int(H - PAD - (miou - LO) / (HI - LO) * (H - 1.5 * PAD))
+    y = lambda miou: int(H - PAD - (miou - lo) / (hi - lo) * (H - 1.5 * PAD))
     img = np.full((H, W, 3), 255, np.uint8)
     text = lambda s, at, colour=(0, 0, 0): cv2.putText(img, s, at, cv2.FONT_HERSHEY_SIMPLEX, 0.42, colour, 1, cv2.LINE_AA)
-    for m in range(int(LO), int(HI) + 1, 5):
+    for m in range(int(lo), int(hi) + 1, 5):
         cv2.line(img, (PAD, y(m)), (W - PAD, y(m)), GREY, 1)
         text(f"{m}", (PAD - 28, y(m) + 4))
-    target = spec["target_test"]
-    cv2.line(img, (PAD, y(target)), (W - PAD, y(target)), TEST, 1, cv2.LINE_4)
-    text(f"test target {target:g}", (PAD + 6, y(target) - 6), TEST)
+    for split, colour in (("val", VAL), ("test", TEST)):
+        if (target := spec.get(f"target_{split}")) is not None:
+            cv2.line(img, (PAD, y(target)), (W - PAD, y(target)), colour, 1, cv2.LINE_4)
+            text(f"{split} target {target:g}", (PAD + 6, y(target) - 6), colour)
     for stage in spec["stages"]:
         cv2.line(img, (x(stage["start"]), PAD // 2), (x(stage["start"]), H - PAD), GREY, 1)
         text(f"stage {stage['name']}", (x(stage["start"]) + 4, PAD // 2 + 12))
@@ -47,11 +57,16 @@ def main() -> None:
                 text(part["name"], (x(part["start"] + epoch) + 6, y(miou) + 4), AFTER)
     cv2.rectangle(img, (PAD, PAD // 2), (W - PAD, H - PAD), (0, 0, 0), 1)
     text("epoch (over the stages)", (W // 2 - 80, H - PAD + 22))
-    text("val mIoU", (PAD, H - 12), VAL)
-    text("test mIoU (62 frames)", (PAD + 90, H - 12), TEST)
-    text("parts tried after the shipped file (not shipped): val above, test below", (PAD + 280, H - 12), AFTER)
-    cv2.imwrite(str(HERE / "curves.png"), img)
+    has_test = any(p[2] is not None for s in spec["stages"] for p in s["points"])
+    legend = [(labels["val"], VAL)] + ([(labels["test"], TEST)] if has_test else []) + [(labels["after"], AFTER)]
+    at = PAD
+    for words, colour in legend:
+        text(words, (at, H - 12), colour)
+        at += 10 + cv2.getTextSize(words, cv2.FONT_HERSHEY_SIMPLEX, 0.42, 1)[0][0]
+    out = HERE / spec["png"]
+    cv2.imwrite(str(out), img)
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    print(main(*sys.argv[1:2]))

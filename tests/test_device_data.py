@@ -165,16 +165,18 @@ def _scenes(tmp_path, one_scene=False):
     return DataSet(tmp_path, DataSettings(split=SplitSettings(block=96, buffer=8)))
 
 
-@pytest.mark.parametrize("one_scene", [False, True], ids=["whole scenes", "blocks of one scene"])
+@pytest.mark.parametrize("one_scene, rare", [(False, 0.0), (True, 0.0), (False, 0.1)],
+                         ids=["whole scenes", "blocks of one scene", "rare-class sampling"])
 @pytest.mark.parametrize("scales", [(1.0, 1.0), (0.6, 1.6)], ids=["same", "scaled"])
-def test_scene_windows_cut_on_the_device_are_the_worker_paths_windows(tmp_path, one_scene, scales):
+def test_scene_windows_cut_on_the_device_are_the_worker_paths_windows(tmp_path, one_scene, rare, scales):
     from bigseg.train.data import EpochView, RandomWindows
 
     train = _scenes(tmp_path, one_scene).split("train")
     data = DeviceData(train, torch.device("cpu"))
     assert len(data) == len(train.regions) and data.nbytes == sum(
         b.width * b.height * 4 for b in map(train.source.bounds, train.regions))
-    sampler = RandomWindows(train.source, train.regions, 24)
+    sampler = RandomWindows(train.source, train.regions, 24, 1, rare, len(train.classes))
+    assert (sampler.class_probabilities is not None) == bool(rare)
     aug = Augment(64, *scales, True, 0.2, 0.1, 0.0, rotate=True)
     view = EpochView(train.source, sampler, sampler.epoch(3, 1), aug, 3, 1)
     batch = next(data.batches(sampler, view.keys, aug, 3, 1, 2))

@@ -968,3 +968,14 @@ def test_ema_saves_the_average_of_the_steps_weights_and_resumes_exactly(tmp_path
     code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "s", "--ema", "1", "--device", "cpu")
     assert code == 1 and "--ema is a decay per step, at least 0 (off) and below 1, got 1.0" in err
     assert not (tmp_path / "s" / "last.pt").exists()
+
+
+def test_rare_class_sampling_is_refused_for_image_folders_and_out_of_range(tmp_path, capsys):
+    data = make_camvid_dataset(tmp_path / "data", n=4)
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "r", "--rare-class-sampling", "0.1",
+                           "--device", "cpu", "--workers", "0", "--max-steps", "1")
+    assert code == 1 and "--rare-class-sampling draws windows of raster scenes" in err
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "s", "--rare-class-sampling", "-1",
+                           "--device", "cpu")
+    assert code == 1 and "--rare-class-sampling is a temperature, 0 (off) or above, at most 10, got -1.0" in err
+    assert not (tmp_path / "r" / "last.pt").exists() and not (tmp_path / "s" / "last.pt").exists()

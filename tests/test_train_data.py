@@ -207,6 +207,49 @@ def test_the_spatial_split_of_one_scene_has_no_pixel_in_both_sides_and_windows_s
                    for r in train.regions), window
 
 
+def test_rare_class_sampling_centres_windows_on_the_rare_class_and_says_how_often(tmp_path):
+    from bigseg.train.config import TrainConfig
+    from bigseg.train.data import RandomWindows
+    from bigseg.train.setup import open_data
+    from bigseg.train.transforms import sample_rng
+
+    for name, seed in (("a", 0), ("b", 1)):
+        label = np.zeros((400, 500), np.uint8)
+        label[:, 250:] = 1
+        if name == "a":
+            label[350:390, 10:50] = 2  # 0.4% of the pixels, in one corner of one scene
+        image = np.stack([label * 80 + 20] * 3).astype(np.uint8)
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "labels").mkdir(exist_ok=True)
+        write_geotiff(tmp_path / "images" / f"{name}.tif", 500, 400, 3, data=image, crs=CRS)
+        write_labels(tmp_path / "labels" / f"{name}.tif", label)
+    classes_csv(tmp_path / "classes.csv")
+    train = DataSet(tmp_path).split("train")
+
+    def rare_share(sampler, n=400):
+        hits = 0
+        for k in range(n):
+            item, window, _ = sampler.draw(sample_rng(0, 0, k), 64, 1.0, 1.0)
+            hits += bool((train.source.read_label(item, window) == 2).any())
+        return hits / n
+
+    by_area = RandomWindows(train.source, train.regions, 400)
+    rare = RandomWindows(train.source, train.regions, 400, 1, 0.1, 3)
+    assert by_area.class_probabilities is None
+    # shares 49.8%, 49.8%, 0.4%: exp((1 - share) / 0.1) gives the rare class about 99%
+    assert rare.class_probabilities[2] > 0.98 and rare.class_probabilities.sum() == pytest.approx(1)
+    assert rare_share(by_area) < 0.05 and rare_share(rare) > 0.9
+    first = rare.draw(sample_rng(5, 1, 7), 64, 0.5, 2.0)
+    assert rare.draw(sample_rng(5, 1, 7), 64, 0.5, 2.0) == first  # a sample's choices are its seed's
+    # a high temperature draws the classes nearly evenly
+    even = RandomWindows(train.source, train.regions, 400, 1, 10.0, 3).class_probabilities
+    assert np.allclose(even, 1 / 3, atol=0.02)
+
+    data = open_data(TrainConfig(data=str(tmp_path), run_dir=str(tmp_path / "run"), rare_class_sampling=0.1,
+                                 batch_size=2, crop=64))
+    assert any(n.startswith("rare-class sampling: windows centred on water 1%, field 1%, road 99%") for n in data.notes)
+
+
 def test_an_unknown_label_value_is_an_error_naming_it_and_the_file(tmp_path):
     image, label = learnable_scene(tmp_path, "a", 80, 60)
     learnable_scene(tmp_path, "b", 80, 60, seed=1)

@@ -41,6 +41,9 @@ def train(
     class_balance: str = typer.Option("none", metavar="NAME", help="Class-balanced loss: none, median-frequency or enet."),
     lovasz: float = typer.Option(0.0, metavar="F", help="Add F x the Lovász-softmax loss (a direct mIoU surrogate) "
                                  "to the cross-entropy, e.g. 1 to fine-tune."),
+    rare_class_sampling: float = typer.Option(
+        0.0, metavar="T", help="Raster scenes: centre each window on a class drawn with probability ~ exp((1 - "
+        "its pixel share) / T), rare classes more often (e.g. 0.1; 0: windows in proportion to area)."),
     ema: float = typer.Option(0.0, metavar="F", help="Validate and save an exponential moving average of the "
                               "weights and batchnorm statistics, decay F per step (e.g. 0.99 averages ~100 steps; "
                               "0: off)."),
@@ -124,6 +127,7 @@ def train(
                           scale_min=scale_min, scale_max=scale_max, jitter=jitter, colour_jitter=colour_jitter,
                           gamma=gamma, rotate=rotate, optimizer=optimizer, lr=lr,
                           weight_decay=weight_decay, schedule=schedule, class_balance=class_balance, lovasz=lovasz, ema=ema,
+                          rare_class_sampling=rare_class_sampling,
                           aux_weight=aux_weight, init=str(init) if init else None, teacher=tuple(teacher or ()),
                           teacher_scales=O.parse_scales(teacher_scales, "teacher_scales"), teacher_flip=teacher_flip,
                           teacher_reduction=teacher_reduction, distil=distil,

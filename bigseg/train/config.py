@@ -34,6 +34,7 @@ class TrainConfig:
     aux_weight: float = 0.4
     class_balance: str = "none"    # none | median-frequency | enet (train/losses.py)
     lovasz: float = 0.0            # weight of the Lovász-softmax (mIoU) loss added to the CE
+    rare_class_sampling: float = 0.0  # temperature of rare-class window sampling, raster scenes (0: off)
     ema: float = 0.0               # decay per step of the weight average validated and saved (0: off)
     crop_schedule: tuple[tuple[int, float], ...] = ()  # (crop, until this fraction of the epochs), then `crop`
     channels_last: bool = True

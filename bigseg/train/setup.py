@@ -58,6 +58,8 @@ def check_settings(cfg: TrainConfig) -> None:
     need(cfg.class_balance in BALANCING, "class_balance",
          f"must be one of {', '.join(BALANCING)}, got {cfg.class_balance!r}")
     need(0 <= cfg.lovasz <= 10, "lovasz", f"is a loss weight from 0 to 10, got {cfg.lovasz}")
+    need(0 <= cfg.rare_class_sampling <= 10, "rare_class_sampling",
+         f"is a temperature, 0 (off) or above, at most 10, got {cfg.rare_class_sampling}")
     need(0 <= cfg.ema < 1, "ema", f"is a decay per step, at least 0 (off) and below 1, got {cfg.ema}")
     for name, scales in (("val_scales", cfg.val_scales), ("teacher_scales", cfg.teacher_scales if cfg.teacher else (1.0,))):
         need(bool(scales) and all(0.1 <= s <= 4 for s in scales), name,
@@ -143,19 +145,26 @@ def open_data(cfg: TrainConfig, world: int = 1) -> TrainingData:
         raise TrainingError(f"--val-split {cfg.val_split} overlaps --train-split {cfg.train_split}: its mIoU would "
                             f"select on training images; use --eval-every 0 (the last epoch is the model) "
                             f"or another --val-split")
+    notes: list[str] = []
     if train.source.whole_images:
+        if cfg.rare_class_sampling:
+            raise TrainingError("--rare-class-sampling draws windows of raster scenes; the images of a folder are read whole "
+                                "(--class-balance weighs rare classes in the loss instead)")
         sampler: WholeImages | RandomWindows = WholeImages(train.regions)
         unit = "images"
     else:
         align = cfg.teacher_reduction if cfg.teacher else 1
-        sampler = RandomWindows(train.source, train.regions, 1, align)
+        sampler = RandomWindows(train.source, train.regions, 1, align, cfg.rare_class_sampling, len(train.classes))
         sampler.per_epoch = cfg.windows_per_epoch or max(cfg.batch_size * world, round(sampler.labelled / cfg.crop ** 2))
         unit = "windows"
+        if sampler.class_probabilities is not None:
+            notes.append("rare-class sampling: windows centred on " + ", ".join(
+                f"{name} {p:.0%}" for name, p in zip(train.classes, sampler.class_probabilities)))
     steps = len(sampler) // (cfg.batch_size * world)
     if steps == 0:
         raise TrainingError(f"{len(sampler)} training {unit} are fewer than one batch of {cfg.batch_size} x {world} "
                             f"process(es); lower --batch-size" + (" or raise --windows-per-epoch" if unit == "windows" else ""))
-    return TrainingData(train, val, sampler, steps, list(dataset.notes), input_description(train, cfg))
+    return TrainingData(train, val, sampler, steps, list(dataset.notes) + notes, input_description(train, cfg))
 
 
 def input_description(train: DataSplit, cfg: TrainConfig) -> dict[str, Any]:

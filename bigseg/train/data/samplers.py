@@ -6,7 +6,11 @@ data set, picklable for data workers).
 - `RandomWindows`: raster scenes. Each sample draws a region in proportion to its labelled area,
   a scale, then a window of the crop's size / scale inside that region, centred on a cell drawn in
   proportion to its labelled pixels (a coarse coverage map made once, so no read is wasted on a
-  nodata or unlabelled area); a window that is still mostly unlabelled is drawn again.
+  nodata or unlabelled area); a window that is still mostly unlabelled is drawn again. With
+  rare-class sampling (a temperature T) each sample first draws a class, class c with probability
+  proportional to exp((1 - f_c) / T) where f_c is its share of the training pixels (DAFormer's
+  rare class sampling, Hoyer et al. 2022), then a region and a cell in proportion to that class's
+  pixels: windows are centred on rare classes far more often than their area would have them.
 - `GridWindows` (in `source.region_windows`): a non-overlapping grid for statistics; evaluation
   runs the tiled predictor over each whole validation region.
 
@@ -40,12 +44,19 @@ class Coverage:
     bounds: Window
     cell: int
     counts: np.ndarray  # int32 (rows, cols)
+    class_counts: np.ndarray | None = None  # int32 (classes, rows, cols), for rare-class sampling
 
     def __post_init__(self):
         self.cumulative = np.cumsum(self.counts.ravel(), dtype=np.int64)
         table = np.zeros((self.counts.shape[0] + 1, self.counts.shape[1] + 1), np.int64)
         table[1:, 1:] = self.counts.cumsum(0).cumsum(1)
         self.table = table
+        self.class_cumulative = None if self.class_counts is None else np.cumsum(
+            self.class_counts.reshape(len(self.class_counts), -1), axis=1, dtype=np.int64)
+
+    def class_pixels(self) -> np.ndarray:
+        """Pixels of each class in the region (int64, one per class)."""
+        return self.class_cumulative[:, -1] if self.class_cumulative.shape[1] else np.zeros(len(self.class_counts), np.int64)
 
     @property
     def labelled(self) -> int:
@@ -62,22 +73,30 @@ class Coverage:
         return float(labelled) / max(area, 1)
 
 
-def coverage(source: Source, region: Region, scan: int = 2048) -> Coverage:
-    """The coverage map of `region`, from one pass over its labels in windows of about `scan` px."""
+def coverage(source: Source, region: Region, scan: int = 2048, classes: int = 0) -> Coverage:
+    """The coverage map of `region`, from one pass over its labels in windows of about `scan` px;
+    with `classes`, each class's pixels per cell too (a coarser cell, at most MAX_CELLS // classes)."""
     b = source.bounds(region)
-    cell = max(MIN_CELL, math.ceil(math.sqrt(b.width * b.height / MAX_CELLS) / MIN_CELL) * MIN_CELL)
+    cells = MAX_CELLS // max(classes, 1)
+    cell = max(MIN_CELL, math.ceil(math.sqrt(b.width * b.height / cells) / MIN_CELL) * MIN_CELL)
     rows, cols = -(-b.height // cell), -(-b.width // cell)
     counts = np.zeros((rows, cols), np.int32)
+    class_counts = np.zeros((classes, rows, cols), np.int32) if classes else None
     step = max(cell, scan // cell * cell)
+
+    def per_cell(mask: np.ndarray) -> np.ndarray:
+        h, wd = mask.shape
+        padded = np.pad(mask.astype(np.int32), ((0, -h % cell), (0, -wd % cell)))
+        return padded.reshape(padded.shape[0] // cell, cell, padded.shape[1] // cell, cell).sum((1, 3))
+
     for w in region_windows(b, step):
-        labelled = (source.read_label(region.item, w) != IGNORE).astype(np.int32)
-        h, wd = labelled.shape
-        ph, pw = -h % cell, -wd % cell
-        padded = np.pad(labelled, ((0, ph), (0, pw)))
-        per_cell = padded.reshape((h + ph) // cell, cell, (wd + pw) // cell, cell).sum((1, 3))
+        label = source.read_label(region.item, w)
         r0, c0 = (w.row_off - b.row_off) // cell, (w.col_off - b.col_off) // cell
-        counts[r0:r0 + per_cell.shape[0], c0:c0 + per_cell.shape[1]] = per_cell
-    return Coverage(b, cell, counts)
+        labelled = per_cell(label != IGNORE)
+        counts[r0:r0 + labelled.shape[0], c0:c0 + labelled.shape[1]] = labelled
+        for c in range(classes):
+            class_counts[c, r0:r0 + labelled.shape[0], c0:c0 + labelled.shape[1]] = per_cell(label == c)
+    return Coverage(b, cell, counts, class_counts)
 
 
 class WholeImages:
@@ -98,14 +117,24 @@ class RandomWindows:
     """`per_epoch` random windows of the regions' labelled areas; window corners and sides are
     multiples of `align` (a teacher's reduction, so its kept targets slice exactly)."""
 
-    def __init__(self, source: Source, regions: list[Region], per_epoch: int, align: int = 1):
-        self.maps = [coverage(source, r) for r in regions]
+    def __init__(self, source: Source, regions: list[Region], per_epoch: int, align: int = 1,
+                 rare_classes: float = 0.0, classes: int = 0):
+        """`rare_classes`: the temperature T of rare-class sampling over `classes` classes (0: off)."""
+        self.maps = [coverage(source, r, classes=classes if rare_classes else 0) for r in regions]
         self.regions = [r for r, m in zip(regions, self.maps) if m.labelled > 0]
         self.maps = [m for m in self.maps if m.labelled > 0]
         if not self.regions:
             raise DatasetError(f"{source.name}: the training scenes hold no labelled pixel where the images have data")
         self.weights = np.cumsum([m.labelled for m in self.maps], dtype=np.float64)
         self.per_epoch, self.align = per_epoch, align
+        self.class_probabilities = self.class_weights = None
+        if rare_classes:
+            pixels = np.stack([m.class_pixels() for m in self.maps])  # (regions, classes)
+            share = pixels.sum(0) / pixels.sum()
+            logits = np.where(share > 0, (1 - share) / rare_classes, -np.inf)
+            probabilities = np.exp(logits - logits.max())
+            self.class_probabilities = probabilities / probabilities.sum()
+            self.class_weights = np.cumsum(pixels.T, axis=1, dtype=np.float64)  # (classes, regions)
 
     @property
     def labelled(self) -> int:
@@ -121,15 +150,21 @@ class RandomWindows:
     def draw(self, rng: np.random.Generator, crop: int, scale_min: float, scale_max: float
              ) -> tuple[int, Window, float]:
         """(item, window, scale): the window is crop / scale pixels (less where the region is)."""
-        k = int(np.searchsorted(self.weights, rng.random() * self.weights[-1], side="right"))
+        if self.class_probabilities is None:
+            c = None
+            k = int(np.searchsorted(self.weights, rng.random() * self.weights[-1], side="right"))
+        else:
+            c = int(rng.choice(len(self.class_probabilities), p=self.class_probabilities))
+            k = int(np.searchsorted(self.class_weights[c], rng.random() * self.class_weights[c, -1], side="right"))
         region, cover = self.regions[k], self.maps[k]
+        cells = cover.cumulative if c is None else cover.class_cumulative[c]
         b, a = cover.bounds, self.align
         scale = rng.uniform(scale_min, scale_max)
         side = max(a, round(crop / scale / a) * a)
         w, h = min(side, b.width // a * a or b.width), min(side, b.height // a * a or b.height)
         best, best_share = None, -1.0
         for _ in range(TRIES):
-            cell = int(np.searchsorted(cover.cumulative, rng.random() * cover.cumulative[-1], side="right"))
+            cell = int(np.searchsorted(cells, rng.random() * cells[-1], side="right"))
             cy, cx = divmod(cell, cover.counts.shape[1])
             y = b.row_off + (cy + rng.random()) * cover.cell - h / 2
             x = b.col_off + (cx + rng.random()) * cover.cell - w / 2

@@ -163,6 +163,13 @@ def test_training_lowers_the_loss_and_writes_a_predict_ready_model(tmp_path, cap
     assert code == 0, err
     report = json.loads((tmp_path / "ev.json").read_text())
     assert report["miou"] == pytest.approx(result.best_miou, abs=0.02) and "mIoU" in out
+    # each validation's IoU per class: a mapping in log.json, one column a class in log.csv
+    best = max(history, key=lambda r: r["val_miou"])
+    assert set(best["val_iou"]) == set(CLASSES)
+    assert np.nanmean([np.nan if v is None else v for v in best["val_iou"].values()]) == pytest.approx(best["val_miou"])
+    header, *rows = (tmp_path / "run" / "log.csv").read_text().split("\n")[:7]
+    assert {f"val_iou_{c}" for c in CLASSES} <= set(header.split(",")) and len(rows) == 6
+    assert all(len(row.split(",")) == len(header.split(",")) for row in rows)
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):

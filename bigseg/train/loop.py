@@ -247,7 +247,8 @@ class Run:
         predictor = Predictor(self.describe(), str(device), "fp32" if device.type == "cpu" else "auto",
                               tile=self.cfg.val_tile, scales=tuple(self.cfg.val_scales), engine="torch")
         result = evaluate(predictor, self.data.val)
-        return {"val_miou": result.scores["miou"], "val_pixel_accuracy": result.scores["pixel_accuracy"]}
+        return {"val_miou": result.scores["miou"], "val_pixel_accuracy": result.scores["pixel_accuracy"],
+                "val_iou": result.scores["iou"]}
 
     def keep_if_best(self, metrics: dict) -> bool:
         if self.at.best is not None and metrics["val_miou"] <= self.at.best:

@@ -11,11 +11,19 @@ from bigseg.train.plot import plot_curves
 
 
 def write_logs(run_dir: Path, history: list[dict]) -> None:
-    keys = sorted({k for r in history for k in r})
-    lines = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) for r in history]
+    """log.json as recorded (`val_iou` per class a mapping), log.csv flat (`val_iou_<class>` columns)."""
+    flat = [_flat(r) for r in history]
+    keys = sorted({k for r in flat for k in r})
+    lines = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) for r in flat]
     write_text(run_dir / "log.csv", "\n".join(lines) + "\n")
     write_text(run_dir / "log.json", json.dumps(history, indent=1))
     plot_curves(history, run_dir / "curves.png")
+
+
+def _flat(record: dict) -> dict:
+    return {f"{key}_{inner}" if isinstance(value, dict) else key: v
+            for key, value in record.items()
+            for inner, v in (value.items() if isinstance(value, dict) else [(None, value)])}
 
 
 def write_data_description(run_dir: Path, train: DataSplit, val: DataSplit | None, notes: list[str],

@@ -984,5 +984,5 @@ def test_rare_class_sampling_is_refused_for_image_folders_and_out_of_range(tmp_p
     assert code == 1 and "--rare-class-sampling draws windows of raster scenes" in err
     code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "s", "--rare-class-sampling", "-1",
                            "--device", "cpu")
-    assert code == 1 and "--rare-class-sampling is a temperature, 0 (off) or above, at most 10, got -1.0" in err
+    assert code == 1 and "--rare-class-sampling is a temperature from 0 (off) to 10, got -1.0" in err
     assert not (tmp_path / "r" / "last.pt").exists() and not (tmp_path / "s" / "last.pt").exists()

@@ -59,7 +59,7 @@ def check_settings(cfg: TrainConfig) -> None:
          f"must be one of {', '.join(BALANCING)}, got {cfg.class_balance!r}")
     need(0 <= cfg.lovasz <= 10, "lovasz", f"is a loss weight from 0 to 10, got {cfg.lovasz}")
     need(0 <= cfg.rare_class_sampling <= 10, "rare_class_sampling",
-         f"is a temperature, 0 (off) or above, at most 10, got {cfg.rare_class_sampling}")
+         f"is a temperature from 0 (off) to 10, got {cfg.rare_class_sampling}")
     need(0 <= cfg.ema < 1, "ema", f"is a decay per step, at least 0 (off) and below 1, got {cfg.ema}")
     for name, scales in (("val_scales", cfg.val_scales), ("teacher_scales", cfg.teacher_scales if cfg.teacher else (1.0,))):
         need(bool(scales) and all(0.1 <= s <= 4 for s in scales), name,

@@ -167,9 +167,15 @@ def test_training_lowers_the_loss_and_writes_a_predict_ready_model(tmp_path, cap
     best = max(history, key=lambda r: r["val_miou"])
     assert set(best["val_iou"]) == set(CLASSES)
     assert np.nanmean([np.nan if v is None else v for v in best["val_iou"].values()]) == pytest.approx(best["val_miou"])
-    header, *rows = (tmp_path / "run" / "log.csv").read_text().split("\n")[:7]
-    assert {f"val_iou_{c}" for c in CLASSES} <= set(header.split(",")) and len(rows) == 6
-    assert all(len(row.split(",")) == len(header.split(",")) for row in rows)
+    import csv
+
+    header, *rows = list(csv.reader((tmp_path / "run" / "log.csv").open()))
+    assert {f"val_iou_{c}" for c in CLASSES} <= set(header) and len(rows) == 6
+    assert all(len(row) == len(header) for row in rows)
+    column = header.index(f"val_iou_{CLASSES[0]}")
+    for row, record in zip(rows, history):
+        expected = record["val_iou"][CLASSES[0]]
+        assert (row[column] == "") if expected is None else float(row[column]) == pytest.approx(expected)
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):

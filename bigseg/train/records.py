@@ -2,6 +2,8 @@
 and `data.json` (how the data was read and split, its classes, what was computed from it)."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -14,8 +16,11 @@ def write_logs(run_dir: Path, history: list[dict]) -> None:
     """log.json as recorded (`val_iou` per class a mapping), log.csv flat (`val_iou_<class>` columns)."""
     flat = [_flat(r) for r in history]
     keys = sorted({k for r in flat for k in r})
-    lines = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) for r in flat]
-    write_text(run_dir / "log.csv", "\n".join(lines) + "\n")
+    table = io.StringIO()
+    rows = csv.writer(table, lineterminator="\n")  # quotes a class name with a comma
+    rows.writerow(keys)
+    rows.writerows(["" if r.get(k) is None else r.get(k) for k in keys] for r in flat)
+    write_text(run_dir / "log.csv", table.getvalue())
     write_text(run_dir / "log.json", json.dumps(history, indent=1))
     plot_curves(history, run_dir / "curves.png")
 

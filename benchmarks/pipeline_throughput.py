@@ -391,7 +391,6 @@ print(json.dumps(marks))
 
 def startup(args, model: str) -> None:
     """(h) A small image's predict: its stages in a fresh process, then the whole command per engine."""
-    import json
     import subprocess
 
     for engine in ("torch", "openvino", "auto"):

@@ -39,7 +39,6 @@ import logging
 import math
 import os
 import re
-import sys
 import tempfile
 import time
 import warnings

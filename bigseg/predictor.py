@@ -29,7 +29,7 @@ from bigseg.exported import ModelCard, Normalisation, write_card
 from bigseg.geometry import TileGrid, Window, choose_overlap, default_overlap, stitcher_peak_pixels
 from bigseg.manifest import sha256
 from bigseg.notes import Notes
-from bigseg.tiling import NUMPY, PREFETCH_BATCHES, Pipeline, stream_tiles
+from bigseg.tiling import NUMPY, Pipeline, stream_tiles
 
 DEFAULT_TILE = 1024
 DEFAULT_BATCH = 4
@@ -257,7 +257,7 @@ def model_image(image: np.ndarray, valid: np.ndarray | None, bands: int, note: C
     if image.ndim != 3:
         raise InputError(f"takes (bands, height, width); got a {image.ndim}-D {shape} array", param="image")
     if image.shape[0] != bands:
-        hint = (f"; it looks like (height, width, bands): pass np.moveaxis(image, -1, 0)"
+        hint = ("; it looks like (height, width, bands): pass np.moveaxis(image, -1, 0)"
                 if image.shape[-1] == bands else "")
         raise InputError(f"has {image.shape[0]} band(s) first ({shape}); the model takes {bands}{hint}",
                          param="image")

@@ -56,7 +56,7 @@ class Coverage:
 
     def class_pixels(self) -> np.ndarray:
         """Pixels of each class in the region (int64, one per class)."""
-        return self.class_cumulative[:, -1] if self.class_cumulative.shape[1] else np.zeros(len(self.class_counts), np.int64)
+        return self.class_cumulative[:, -1]
 
     @property
     def labelled(self) -> int:
@@ -92,10 +92,13 @@ def coverage(source: Source, region: Region, scan: int = 2048, classes: int = 0)
     for w in region_windows(b, step):
         label = source.read_label(region.item, w)
         r0, c0 = (w.row_off - b.row_off) // cell, (w.col_off - b.col_off) // cell
-        labelled = per_cell(label != IGNORE)
+        if classes:  # labels are 0 .. classes - 1 or IGNORE: the labelled count is the classes' sum
+            per_class = np.stack([per_cell(label == c) for c in range(classes)])
+            class_counts[:, r0:r0 + per_class.shape[1], c0:c0 + per_class.shape[2]] = per_class
+            labelled = per_class.sum(0)
+        else:
+            labelled = per_cell(label != IGNORE)
         counts[r0:r0 + labelled.shape[0], c0:c0 + labelled.shape[1]] = labelled
-        for c in range(classes):
-            class_counts[c, r0:r0 + labelled.shape[0], c0:c0 + labelled.shape[1]] = per_cell(label == c)
     return Coverage(b, cell, counts, class_counts)
 
 
@@ -127,13 +130,14 @@ class RandomWindows:
             raise DatasetError(f"{source.name}: the training scenes hold no labelled pixel where the images have data")
         self.weights = np.cumsum([m.labelled for m in self.maps], dtype=np.float64)
         self.per_epoch, self.align = per_epoch, align
-        self.class_probabilities = self.class_weights = None
+        self.class_probabilities = self.class_weights = self.class_choice = None
         if rare_classes:
             pixels = np.stack([m.class_pixels() for m in self.maps])  # (regions, classes)
             share = pixels.sum(0) / pixels.sum()
             logits = np.where(share > 0, (1 - share) / rare_classes, -np.inf)
             probabilities = np.exp(logits - logits.max())
             self.class_probabilities = probabilities / probabilities.sum()
+            self.class_choice = np.cumsum(self.class_probabilities)
             self.class_weights = np.cumsum(pixels.T, axis=1, dtype=np.float64)  # (classes, regions)
 
     @property
@@ -154,7 +158,7 @@ class RandomWindows:
             c = None
             k = int(np.searchsorted(self.weights, rng.random() * self.weights[-1], side="right"))
         else:
-            c = int(rng.choice(len(self.class_probabilities), p=self.class_probabilities))
+            c = int(np.searchsorted(self.class_choice, rng.random() * self.class_choice[-1], side="right"))
             k = int(np.searchsorted(self.class_weights[c], rng.random() * self.class_weights[c, -1], side="right"))
         region, cover = self.regions[k], self.maps[k]
         cells = cover.cumulative if c is None else cover.class_cumulative[c]

@@ -383,6 +383,25 @@ def test_init_starts_from_a_checkpoints_weights_with_a_new_schedule(tmp_path):
         train(tiny_config(other, tmp_path / "c", eval_every=0, init=str(tmp_path / "a" / "final.pt")))
 
 
+def test_freeze_bn_keeps_the_init_models_batchnorm_statistics_while_the_weights_learn(tmp_path, capsys):
+    data = make_generic_dataset(tmp_path / "data", n=4)
+    train(tiny_config(data, tmp_path / "a", epochs=1, eval_every=0))
+    source = load_checkpoint(tmp_path / "a" / "final.pt").state_dict
+    runs = {}
+    for name, freeze in (("free", False), ("frozen", True)):
+        train(tiny_config(data, tmp_path / name, max_steps=2, eval_every=0, init=str(tmp_path / "a" / "final.pt"),
+                          freeze_bn=freeze))
+        runs[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
+    stats = [k for k in source if k.endswith(("running_mean", "running_var"))]
+    affine = [k[: -len("running_mean")] + "weight" for k in stats if k.endswith("running_mean")]
+    assert stats and all(torch.equal(runs["frozen"][k], source[k]) for k in stats)
+    assert not all(torch.equal(runs["free"][k], source[k]) for k in stats)  # training mode moves them
+    assert not all(torch.equal(runs["frozen"][k], source[k]) for k in affine)  # scale and shift learn
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "s", "--freeze-bn", "--device", "cpu")
+    assert code == 1 and "--freeze-bn keeps a trained model's batchnorm statistics: it needs --init" in err
+    assert not (tmp_path / "s" / "last.pt").exists()
+
+
 def test_gradient_checkpointing_is_off_on_the_cpu_unless_asked_and_says_so(tmp_path):
     data = make_generic_dataset(tmp_path / "data", n=4)
     events = []
@@ -983,7 +1002,7 @@ def test_ema_saves_the_average_of_the_steps_weights_and_resumes_exactly(tmp_path
     assert not (tmp_path / "s" / "last.pt").exists()
 
 
-def test_rare_class_sampling_is_refused_for_image_folders_and_out_of_range(tmp_path, capsys):
+def test_rare_class_sampling_and_scene_balance_are_refused_for_image_folders_and_out_of_range(tmp_path, capsys):
     data = make_camvid_dataset(tmp_path / "data", n=4)
     code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "r", "--rare-class-sampling", "0.1",
                            "--device", "cpu", "--workers", "0", "--max-steps", "1")
@@ -992,3 +1011,10 @@ def test_rare_class_sampling_is_refused_for_image_folders_and_out_of_range(tmp_p
                            "--device", "cpu")
     assert code == 1 and "--rare-class-sampling is a temperature from 0 (off) to 10, got -1.0" in err
     assert not (tmp_path / "r" / "last.pt").exists() and not (tmp_path / "s" / "last.pt").exists()
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "t", "--scene-balance", "1",
+                           "--device", "cpu", "--workers", "0", "--max-steps", "1")
+    assert code == 1 and "--scene-balance weighs raster scenes against each other" in err
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "u", "--scene-balance", "2",
+                           "--device", "cpu")
+    assert code == 1 and "--scene-balance is from 0 (scenes drawn by area) to 1 (every scene alike), got 2.0" in err
+    assert not (tmp_path / "t" / "last.pt").exists() and not (tmp_path / "u" / "last.pt").exists()

@@ -250,6 +250,36 @@ def test_rare_class_sampling_centres_windows_on_the_rare_class_and_says_how_ofte
     assert any(n.startswith("rare-class sampling: windows centred on water 1%, field 1%, road 99%") for n in data.notes)
 
 
+def test_scene_balance_draws_a_small_scene_as_often_as_a_large_one_and_says_so(tmp_path):
+    from bigseg.train.config import TrainConfig
+    from bigseg.train.data import RandomWindows
+    from bigseg.train.setup import open_data
+    from bigseg.train.transforms import sample_rng
+
+    learnable_scene(tmp_path, "large", 500, 400)
+    learnable_scene(tmp_path, "small", 100, 80, seed=1)  # 25 times fewer pixels
+    learnable_scene(tmp_path, "held", 64, 64, seed=2)
+    classes_csv(tmp_path / "classes.csv")
+    train = DataSet(tmp_path, DataSettings(split=SplitSettings(("held",)))).split("train")
+    small = next(r.item for r in train.regions if train.source.item_id(r.item).endswith("small.tif"))
+
+    def small_share(sampler, n=600):
+        return np.mean([sampler.draw(sample_rng(0, 0, k), 32, 1.0, 1.0)[0] == small for k in range(n)])
+
+    shares = {}
+    for balance in (0.0, 0.5, 1.0):
+        sampler = RandomWindows(train.source, train.regions, 10, scene_balance=balance)
+        shares[balance] = sampler.scene_shares()[small]
+        assert small_share(sampler) == pytest.approx(shares[balance], abs=0.04)
+    # area ratio 25: by area 1/26, by its square root 1/6, alike 1/2
+    assert shares[0.0] == pytest.approx(1 / 26) and shares[0.5] == pytest.approx(1 / 6) and shares[1.0] == pytest.approx(1 / 2)
+    rare = RandomWindows(train.source, train.regions, 10, 1, 10.0, 3, scene_balance=1.0)  # with rare classes too
+    assert small_share(rare) > 0.4
+    data = open_data(TrainConfig(data=str(tmp_path), run_dir=str(tmp_path / "run"), scene_balance=1.0,
+                                 batch_size=2, crop=32, val_scenes=("held",)))
+    assert "scene balance 1: windows from large 50%, small 50%" in data.notes
+
+
 def test_an_unknown_label_value_is_an_error_naming_it_and_the_file(tmp_path):
     image, label = learnable_scene(tmp_path, "a", 80, 60)
     learnable_scene(tmp_path, "b", 80, 60, seed=1)

@@ -44,6 +44,11 @@ def train(
     rare_class_sampling: float = typer.Option(
         0.0, metavar="T", help="Raster scenes: centre each window on a class drawn with probability ~ exp((1 - "
         "its pixel share) / T), rare classes more often (e.g. 0.1; 0: windows in proportion to area)."),
+    scene_balance: float = typer.Option(
+        0.0, metavar="B", help="Raster scenes: draw each scene in proportion to its labelled area ^ (1 - B): 0 by "
+        "area, 1 every scene alike (small scenes as often as large ones)."),
+    freeze_bn: bool = typer.Option(False, "--freeze-bn", help="With --init: keep its batchnorm statistics (the "
+                                   "layers' scale and shift still learn), for fine-tuning on small batches."),
     ema: float = typer.Option(0.0, metavar="F", help="Validate and save an exponential moving average of the "
                               "weights and batchnorm statistics, decay F per step (e.g. 0.99 averages ~100 steps; "
                               "0: off)."),
@@ -127,7 +132,7 @@ def train(
                           scale_min=scale_min, scale_max=scale_max, jitter=jitter, colour_jitter=colour_jitter,
                           gamma=gamma, rotate=rotate, optimizer=optimizer, lr=lr,
                           weight_decay=weight_decay, schedule=schedule, class_balance=class_balance, lovasz=lovasz, ema=ema,
-                          rare_class_sampling=rare_class_sampling,
+                          rare_class_sampling=rare_class_sampling, scene_balance=scene_balance, freeze_bn=freeze_bn,
                           aux_weight=aux_weight, init=str(init) if init else None, teacher=tuple(teacher or ()),
                           teacher_scales=O.parse_scales(teacher_scales, "teacher_scales"), teacher_flip=teacher_flip,
                           teacher_reduction=teacher_reduction, distil=distil,

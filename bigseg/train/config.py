@@ -35,6 +35,8 @@ class TrainConfig:
     class_balance: str = "none"    # none | median-frequency | enet (train/losses.py)
     lovasz: float = 0.0            # weight of the Lovász-softmax (mIoU) loss added to the CE
     rare_class_sampling: float = 0.0  # temperature of rare-class window sampling, raster scenes (0: off)
+    scene_balance: float = 0.0     # raster scenes drawn ~ labelled area ** (1 - this): 0 by area, 1 each alike
+    freeze_bn: bool = False        # batchnorm keeps the --init model's statistics (its scale and shift still learn)
     ema: float = 0.0               # decay per step of the weight average validated and saved (0: off)
     crop_schedule: tuple[tuple[int, float], ...] = ()  # (crop, until this fraction of the epochs), then `crop`
     channels_last: bool = True

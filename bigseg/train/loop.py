@@ -170,6 +170,8 @@ class Run:
         keys = D.shard(self.data.sampler.epoch(cfg.seed, at.epoch), d, cfg.batch_size)
         view = EpochView(self.data.source, self.data.sampler, keys, aug, cfg.seed, at.epoch, self.data.targets)
         self.net.train()
+        if cfg.freeze_bn:
+            freeze_batchnorm(self.net)
         self.epoch_start, done_before = time.perf_counter(), len(at.epoch_losses)  # a resumed epoch goes on
         for images, labels, *teacher in batches(view, cfg, at.step_in_epoch * cfg.batch_size, self.data.device_data):
             check_stop()
@@ -320,6 +322,15 @@ def augmentation(cfg: TrainConfig, epoch: int) -> Augment:
     """The augmentation of `epoch` (0-based): its crop under the crop schedule, the run's ranges."""
     return Augment(crop_at(cfg, epoch), cfg.scale_min, cfg.scale_max, cfg.flip, cfg.jitter, cfg.colour_jitter,
                    cfg.gamma, cfg.rotate)
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Batchnorm layers normalise with their running statistics and keep them (`--freeze-bn`); their
+    scale and shift still learn. A fine-tune on small batches drawn from scenes unlike the ones
+    the model will see then cannot move the statistics the model was selected with."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 @torch.no_grad()

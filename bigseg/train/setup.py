@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -60,6 +61,10 @@ def check_settings(cfg: TrainConfig) -> None:
     need(0 <= cfg.lovasz <= 10, "lovasz", f"is a loss weight from 0 to 10, got {cfg.lovasz}")
     need(0 <= cfg.rare_class_sampling <= 10, "rare_class_sampling",
          f"is a temperature from 0 (off) to 10, got {cfg.rare_class_sampling}")
+    need(0 <= cfg.scene_balance <= 1, "scene_balance",
+         f"is from 0 (scenes drawn by area) to 1 (every scene alike), got {cfg.scene_balance}")
+    need(not cfg.freeze_bn or bool(cfg.init), "freeze_bn", "keeps a trained model's batchnorm statistics: "
+         "it needs --init (a new model's statistics are 0 and 1)")
     need(0 <= cfg.ema < 1, "ema", f"is a decay per step, at least 0 (off) and below 1, got {cfg.ema}")
     for name, scales in (("val_scales", cfg.val_scales), ("teacher_scales", cfg.teacher_scales if cfg.teacher else (1.0,))):
         need(bool(scales) and all(0.1 <= s <= 4 for s in scales), name,
@@ -150,13 +155,20 @@ def open_data(cfg: TrainConfig, world: int = 1) -> TrainingData:
         if cfg.rare_class_sampling:
             raise TrainingError("--rare-class-sampling draws windows of raster scenes; the images of a folder are read whole "
                                 "(--class-balance weighs rare classes in the loss instead)")
+        if cfg.scene_balance:
+            raise TrainingError("--scene-balance weighs raster scenes against each other; the images of a folder are "
+                                "each read once an epoch")
         sampler: WholeImages | RandomWindows = WholeImages(train.regions)
         unit = "images"
     else:
         align = cfg.teacher_reduction if cfg.teacher else 1
-        sampler = RandomWindows(train.source, train.regions, 1, align, cfg.rare_class_sampling, len(train.classes))
+        sampler = RandomWindows(train.source, train.regions, 1, align, cfg.rare_class_sampling, len(train.classes),
+                                cfg.scene_balance)
         sampler.per_epoch = cfg.windows_per_epoch or max(cfg.batch_size * world, round(sampler.labelled / cfg.crop ** 2))
         unit = "windows"
+        if cfg.scene_balance and sampler.class_probabilities is None:
+            notes.append(f"scene balance {cfg.scene_balance:g}: windows from " + ", ".join(
+                f"{Path(train.source.item_id(item)).stem} {p:.0%}" for item, p in sampler.scene_shares().items()))
         if sampler.class_probabilities is not None:
             notes.append("rare-class sampling: windows centred on " + ", ".join(
                 f"{name} {p:.0%}" for name, p in zip(train.classes, sampler.class_probabilities)))

@@ -11,6 +11,8 @@ data set, picklable for data workers).
   proportional to exp((1 - f_c) / T) where f_c is its share of the training pixels (DAFormer's
   rare class sampling, Hoyer et al. 2022), then a region and a cell in proportion to that class's
   pixels: windows are centred on rare classes far more often than their area would have them.
+  With scene balance B, scene s is drawn in proportion to (its labelled area)^(1 - B) instead: 0
+  by area, 1 every scene alike (a small scene unlike the large ones is not drowned by them).
 - `GridWindows` (in `source.region_windows`): a non-overlapping grid for statistics; evaluation
   runs the tiled predictor over each whole validation region.
 
@@ -121,14 +123,19 @@ class RandomWindows:
     multiples of `align` (a teacher's reduction, so its kept targets slice exactly)."""
 
     def __init__(self, source: Source, regions: list[Region], per_epoch: int, align: int = 1,
-                 rare_classes: float = 0.0, classes: int = 0):
-        """`rare_classes`: the temperature T of rare-class sampling over `classes` classes (0: off)."""
+                 rare_classes: float = 0.0, classes: int = 0, scene_balance: float = 0.0):
+        """`rare_classes`: the temperature T of rare-class sampling over `classes` classes (0: off);
+        `scene_balance` B: each scene's pixels weigh (its labelled area)^-B (0: by area, 1: scenes alike)."""
         self.maps = [coverage(source, r, classes=classes if rare_classes else 0) for r in regions]
         self.regions = [r for r, m in zip(regions, self.maps) if m.labelled > 0]
         self.maps = [m for m in self.maps if m.labelled > 0]
         if not self.regions:
             raise DatasetError(f"{source.name}: the training scenes hold no labelled pixel where the images have data")
-        self.weights = np.cumsum([m.labelled for m in self.maps], dtype=np.float64)
+        scene_pixels: dict[int, int] = {}
+        for r, m in zip(self.regions, self.maps):  # a scene's blocks are one scene
+            scene_pixels[r.item] = scene_pixels.get(r.item, 0) + m.labelled
+        factor = np.array([float(scene_pixels[r.item]) ** -scene_balance for r in self.regions])
+        self.weights = np.cumsum([m.labelled * f for m, f in zip(self.maps, factor)], dtype=np.float64)
         self.per_epoch, self.align = per_epoch, align
         self.class_probabilities = self.class_weights = self.class_choice = None
         if rare_classes:
@@ -138,11 +145,19 @@ class RandomWindows:
             probabilities = np.exp(logits - logits.max())
             self.class_probabilities = probabilities / probabilities.sum()
             self.class_choice = np.cumsum(self.class_probabilities)
-            self.class_weights = np.cumsum(pixels.T, axis=1, dtype=np.float64)  # (classes, regions)
+            self.class_weights = np.cumsum(pixels.T * factor, axis=1, dtype=np.float64)  # (classes, regions)
+
+    def scene_shares(self) -> dict[int, float]:
+        """The share of windows drawn from each scene (item), without rare-class sampling."""
+        drawn = np.diff(self.weights, prepend=0.0) / self.weights[-1]
+        shares: dict[int, float] = {}
+        for r, p in zip(self.regions, drawn):
+            shares[r.item] = shares.get(r.item, 0.0) + float(p)
+        return shares
 
     @property
     def labelled(self) -> int:
-        return int(self.weights[-1])
+        return sum(m.labelled for m in self.maps)
 
     def __len__(self) -> int:
         return self.per_epoch

@@ -547,3 +547,30 @@ def test_predict_reads_the_bands_the_model_was_trained_on_and_notes_another_pixe
         dst.write(pixels)
     code, _, err = run_cli(capsys, "predict", tmp_path / "coarse.tif", "-o", tmp_path / "coarse.mask.tif", *common)
     assert code == 0 and "pixels are 2 metre, the model was trained on 0.5 metre" in err and "--scales 4" in err
+
+
+def test_the_batchnorm_probe_scores_a_model_with_recomputed_statistics_and_leaves_its_file(tmp_path, capsys):
+    """weights/batchnorm_probe.py, the land-cover card's figures: a score per scene balance."""
+    import hashlib
+    import re
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    learnable_scene(data, "a", 160, 128)
+    learnable_scene(data, "b", 96, 64, seed=1)
+    learnable_scene(data, "c", 128, 128, seed=2)
+    classes_csv(data / "classes.csv")
+    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "run", "--device", "cpu", "--crop", "64",
+                           "--batch-size", "4", "--workers", "0", "--epochs", "1", "--windows-per-epoch", "8",
+                           "--model-config", MODEL_CONFIG, "--val-scenes", "c")
+    assert code == 0, err
+    model = tmp_path / "run" / "final.pt"
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    script = Path(__file__).resolve().parents[1] / "weights" / "batchnorm_probe.py"
+    out = subprocess.run([sys.executable, str(script), str(model), str(data), str(tmp_path / "probe"), "0", "1",
+                          "--batches", "2", "--crop", "64", "--batch-size", "4"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    scores = re.findall(r"scene balance (\S+): val mIoU (\d+\.\d+) \(water \S+, field \S+, road \S+\)", out.stdout)
+    assert [b for b, _ in scores] == ["0", "1"] and all(0 <= float(m) <= 100 for _, m in scores), out.stdout
+    assert "scene balance 1: windows from a 50%, b 50%" in out.stdout
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == digest

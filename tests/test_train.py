@@ -1004,17 +1004,13 @@ def test_ema_saves_the_average_of_the_steps_weights_and_resumes_exactly(tmp_path
 
 def test_rare_class_sampling_and_scene_balance_are_refused_for_image_folders_and_out_of_range(tmp_path, capsys):
     data = make_camvid_dataset(tmp_path / "data", n=4)
-    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "r", "--rare-class-sampling", "0.1",
-                           "--device", "cpu", "--workers", "0", "--max-steps", "1")
-    assert code == 1 and "--rare-class-sampling draws windows of raster scenes" in err
-    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "s", "--rare-class-sampling", "-1",
-                           "--device", "cpu")
-    assert code == 1 and "--rare-class-sampling is a temperature from 0 (off) to 10, got -1.0" in err
-    assert not (tmp_path / "r" / "last.pt").exists() and not (tmp_path / "s" / "last.pt").exists()
-    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "t", "--scene-balance", "1",
-                           "--device", "cpu", "--workers", "0", "--max-steps", "1")
-    assert code == 1 and "--scene-balance weighs raster scenes against each other" in err
-    code, _, err = run_cli(capsys, "train", "--data", data, "--run", tmp_path / "u", "--scene-balance", "2",
-                           "--device", "cpu")
-    assert code == 1 and "--scene-balance is from 0 (scenes drawn by area) to 1 (every scene alike), got 2.0" in err
-    assert not (tmp_path / "t" / "last.pt").exists() and not (tmp_path / "u" / "last.pt").exists()
+    for option, value, expected in (
+            ("--rare-class-sampling", "0.1", "--rare-class-sampling draws windows of raster scenes"),
+            ("--rare-class-sampling", "-1", "--rare-class-sampling is a temperature from 0 (off) to 10, got -1.0"),
+            ("--scene-balance", "1", "--scene-balance weighs raster scenes against each other"),
+            ("--scene-balance", "2", "--scene-balance is from 0 (scenes drawn by area) to 1 (every scene alike), got 2.0")):
+        run = tmp_path / f"{option}{value}"
+        code, _, err = run_cli(capsys, "train", "--data", data, "--run", run, option, value,
+                               "--device", "cpu", "--workers", "0", "--max-steps", "1")
+        assert code == 1 and expected in err, (option, value, err)
+        assert not (run / "last.pt").exists()

@@ -324,20 +324,23 @@ def augmentation(cfg: TrainConfig, epoch: int) -> Augment:
                    cfg.gamma, cfg.rotate)
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def freeze_batchnorm(model: nn.Module) -> None:
     """Batchnorm layers normalise with their running statistics and keep them (`--freeze-bn`); their
     scale and shift still learn. A fine-tune on small batches drawn from scenes unlike the ones
     the model will see then cannot move the statistics the model was selected with."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    for m in batchnorm_layers(model):
+        m.eval()
 
 
 @torch.no_grad()
 def recompute_batchnorm(model: nn.Module, data: TrainingData, aug: Augment, cfg: TrainConfig, device: torch.device,
                         mean: torch.Tensor, std: torch.Tensor) -> None:
     """Replace running statistics by exact averages over `cfg.recompute_bn` training batches."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorm_layers(model)
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()

@@ -1,33 +1,91 @@
 """How much of each class a mask holds: pixel counts, area in square metres and hectares, and the
 share of valid pixels, accumulated block by block as the mask is written (no second read).
 
-A pixel's ground area: in a projected CRS |a e - b d| of the affine transform, in the CRS's unit
-squared (converted to metres); in a geographic CRS it depends on the latitude, and each row's cells
-get their exact area on the CRS's ellipsoid (between two parallels: a closed form, `zone_area`).
-Without georeferencing, areas are in pixels.
-Polygon areas and perimeters (vector output) are computed the same way: planar in a projected CRS,
-geodesic on the ellipsoid in a geographic one.
+Areas are ground areas, on the CRS's ellipsoid wherever the map's scale is not true (`method`):
+- `geodesic` in a geographic CRS: each row's cells get their exact area between two parallels
+  (a closed form, `zone_area`); polygons are measured on the ellipsoid (pyproj's Geod).
+- `ellipsoidal` in a projected CRS whose scale over the grid is off by more than `SCALE_TOLERANCE`
+  (Web Mercator, 1.7x the ground area at 40 degrees; equal-area maps' lengths): each pixel's map area
+  divided by the projection's areal scale at it (pyproj's factors, sampled every `SCALE_STEP` pixels:
+  the scale changes by far less than the tolerance in between); polygons are projected to
+  longitudes and latitudes and measured on the ellipsoid.
+- `planar` in a projected CRS with near-true scale over the grid (UTM, national grids): |a e - b d|
+  of the affine transform in the CRS's unit squared, converted to metres; polygons planar.
+- `pixels` without georeferencing.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 NODATA = 255
+SCALE_TOLERANCE = 0.005  # planar areas where the map's scale is within 0.5% of true over the grid
+SCALE_STEP = 64          # pixels between the samples of a distorted projection's areal scale
 
 
 @dataclass
 class Ground:
-    """The pixel grid's place on Earth: CRS and transform (None: pixels only)."""
+    """The pixel grid's place on Earth: CRS and transform (None: pixels only) and, to judge the
+    projection's scale over the whole grid, its width and height in pixels."""
 
     crs: Any = None
     transform: Any = None
+    width: int = 1
+    height: int = 1
 
     @property
     def georeferenced(self) -> bool:
         return self.crs is not None and self.transform is not None
+
+    @cached_property
+    def method(self) -> str:
+        """How areas are measured: geodesic, ellipsoidal, planar or pixels (see the module)."""
+        if not self.georeferenced:
+            return "pixels"
+        if self.geographic:
+            return "geodesic"
+        return "ellipsoidal" if self._distorted() else "planar"
+
+    def _distorted(self) -> bool:
+        """Whether the projection's areal, meridional or parallel scale is off by more than the
+        tolerance anywhere on the grid's corners, edges' midpoints and centre."""
+        cols = np.array([0, self.width / 2, self.width] * 3, np.float64)
+        rows = np.repeat(np.array([0, self.height / 2, self.height], np.float64), 3)
+        factors = self._factors(cols, rows)
+        if factors is None:
+            return False
+        scales = np.stack([factors.areal_scale, factors.meridional_scale, factors.parallel_scale])
+        return bool(np.nanmax(np.abs(scales - 1)) > SCALE_TOLERANCE)
+
+    def _factors(self, cols: np.ndarray, rows: np.ndarray):
+        """pyproj's projection factors at pixel positions (None where the CRS has none to give)."""
+        from pyproj import CRS, Proj, Transformer
+
+        t = self.transform
+        x, y = t.c + t.a * cols + t.b * rows, t.f + t.d * cols + t.e * rows
+        try:
+            crs = CRS.from_user_input(self.crs.to_wkt())
+            lon, lat = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True).transform(x, y)
+            return Proj(crs).get_factors(lon, lat)
+        except Exception:  # a CRS pyproj cannot invert or factor: taken at its word (planar)
+            return None
+
+    def inverse_areal_scale(self, row_off: int, height: int) -> np.ndarray:
+        """(height, width) ground square metres per map square metre of each pixel of the rows
+        from `row_off`, sampled every `SCALE_STEP` pixels (ellipsoidal method)."""
+        step = SCALE_STEP
+        cols = np.arange(step / 2, self.width + step / 2, step, dtype=np.float64)
+        first = row_off // step
+        sample_rows = np.arange(first, (row_off + height - 1) // step + 1) * step + step / 2
+        cc, rr = np.meshgrid(cols, sample_rows)
+        scale = np.asarray(self._factors(cc.ravel(), rr.ravel()).areal_scale, np.float64).reshape(cc.shape)
+        inverse = 1.0 / scale
+        r = (np.arange(row_off, row_off + height) // step) - first
+        c = np.arange(self.width) // step
+        return inverse[r][:, c]
 
     @property
     def geographic(self) -> bool:
@@ -62,11 +120,26 @@ class Ground:
 
     def measure(self, geometry) -> tuple[float, float]:
         """(area m^2, perimeter m) of a polygon in the grid's CRS (pixels and pixel edges without one)."""
-        if self.geographic:
+        if self.method == "ellipsoidal":
+            geometry = self._to_lonlat(geometry)
+        if self.method in ("geodesic", "ellipsoidal"):
             area, perimeter = self.geod().geometry_area_perimeter(geometry)
             return abs(area), perimeter
         f = self.metres_per_unit
         return geometry.area * f * f, geometry.length * f
+
+    def _to_lonlat(self, geometry):
+        import shapely
+
+        to_lonlat = self._lonlat_transformer
+        return shapely.transform(geometry, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
+
+    @cached_property
+    def _lonlat_transformer(self):
+        from pyproj import CRS, Transformer
+
+        crs = CRS.from_user_input(self.crs.to_wkt())
+        return Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True)
 
 
 def zone_area(a: float, f: float, latitude: np.ndarray) -> np.ndarray:
@@ -92,6 +165,7 @@ class AreaStats:
     area_m2: np.ndarray = None
     valid_pixels: int = 0
     nodata_pixels: int = 0
+    counted_rows: int = 0  # rows from the top already counted (a resumed job's): blocks above are skipped
 
     def __post_init__(self):
         n = len(self.classes)
@@ -101,23 +175,38 @@ class AreaStats:
 
     def add(self, row_off: int, labels: np.ndarray, valid: np.ndarray | None = None) -> None:
         """The labels (h, w) of a block whose first row is `row_off`; pixels `valid` marks False
-        and values of no class (NODATA) are no data."""
+        and values of no class (NODATA) are no data. Rows above `counted_rows` were counted already."""
+        skip = max(0, self.counted_rows - row_off)
+        if skip >= labels.shape[0]:
+            return
+        labels, row_off = labels[skip:], row_off + skip
+        valid = valid[skip:] if valid is not None else None
         n = len(self.classes)
         h = labels.shape[0]
         labels = np.where(valid, labels, n) if valid is not None else labels
-        counts = np.stack([np.bincount(row[row < n], minlength=n) for row in labels]) if self.ground.geographic \
-            else np.bincount(labels[labels < n].ravel(), minlength=n)[None]
-        if self.ground.geographic:  # each row its own cell area
+        method = self.ground.method
+        if method == "geodesic":  # each row its own cell area
+            counts = np.stack([np.bincount(row[row < n], minlength=n) for row in labels])
             areas = self._areas(np.arange(row_off, row_off + h))
             self.area_m2 += (counts * areas[:, None]).sum(0)
             counts = counts.sum(0)
         else:
-            counts = counts[0]
-            self.area_m2 += counts * self._areas(np.array([row_off]))[0]
+            keep = labels < n
+            counts = np.bincount(labels[keep].ravel(), minlength=n)
+            planar = self._areas(np.array([row_off]))[0]
+            if method == "ellipsoidal":  # each pixel its map area over the areal scale there
+                weights = self.ground.inverse_areal_scale(row_off, h)[:, :labels.shape[1]][keep]
+                self.area_m2 += np.bincount(labels[keep].ravel(), weights=weights.ravel(), minlength=n) * planar
+            else:
+                self.area_m2 += counts * planar
         self.pixels += counts
         valid = int(counts.sum())
         self.valid_pixels += valid
         self.nodata_pixels += labels.size - valid
+
+    def add_nodata(self, row_off: int, width: int, height: int) -> None:
+        """A block without a valid pixel (rows above `counted_rows` were counted already)."""
+        self.nodata_pixels += width * max(0, row_off + height - max(row_off, self.counted_rows))
 
     def _areas(self, rows: np.ndarray) -> np.ndarray:
         missing = [int(r) for r in rows if int(r) not in self._row_areas]
@@ -139,12 +228,16 @@ class AreaStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"valid_pixels": self.valid_pixels, "nodata_pixels": self.nodata_pixels,
-                "units": "m2" if self.ground.georeferenced else "pixels", "classes": self.table()}
+                "units": "m2" if self.ground.georeferenced else "pixels", "area_method": self.ground.method,
+                "classes": self.table()}
 
     def csv(self) -> str:
-        lines = ["value,class,pixels,area_m2,area_ha,share_of_valid"]
+        """The table, with the method of its areas in a last column (planar, ellipsoidal, geodesic or
+        empty without georeferencing)."""
+        method = self.ground.method if self.ground.georeferenced else ""
+        lines = ["value,class,pixels,area_m2,area_ha,share_of_valid,area_method"]
         for row in self.table():
             name = '"' + row["class"].replace('"', '""') + '"' if "," in row["class"] else row["class"]
             lines.append(f"{row['value']},{name},{row['pixels']},{'' if row['area_m2'] is None else row['area_m2']},"
-                         f"{'' if row['area_ha'] is None else row['area_ha']},{row['share']}")
+                         f"{'' if row['area_ha'] is None else row['area_ha']},{row['share']},{method}")
         return "\n".join(lines) + "\n"

@@ -40,6 +40,11 @@ def export_key(identity: dict, shape: tuple[int, int], bands: int) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def runtime_versions() -> dict[str, str | None]:
+    """The versions of what makes and runs an export: a failure recorded with other versions is retried."""
+    return {name: _version(name) for name in ("torch", "onnxscript", "openvino", "onnxruntime")}
+
+
 def cpu_name() -> str:
     """The CPU's model name (a cache shared across machines keeps one timing per CPU)."""
     try:
@@ -50,6 +55,51 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 units, decided as OpenVINO decides it: its CPU plugin lists BF16
+    among the optimisation capabilities on CPUs with AMX or AVX-512 BF16 (bf16 is then about 2-5x
+    fp32; elsewhere it is emulated and slower). Importing OpenVINO costs a third of a second, so
+    the answer is kept in the cache folder per CPU model and OpenVINO version; without OpenVINO,
+    the CPU's flags (amx_bf16, avx512_bf16) decide."""
+    version = _version("openvino")
+    if version == "none":
+        return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    record = cache_dir() / "cpu-capabilities.json"
+    key = f"{cpu_name()} | openvino {version}"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict) or not isinstance(known.get(key), list):
+        known = {**(known if isinstance(known, dict) else {}), key: openvino_capabilities()}
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_name(f".{record.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, record)
+        except OSError:
+            pass  # a read-only cache asks OpenVINO each time
+    return "BF16" in known[key]
+
+
+def openvino_capabilities() -> list[str]:
+    """OpenVINO's optimisation capabilities of this CPU (e.g. BF16, FP32, INT8)."""
+    import openvino as ov
+
+    return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def machine(threads: int, precision: str) -> str:

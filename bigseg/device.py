@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bigseg.errors import InputError
-from bigseg.runtime import native_bf16
+from bigseg.cache import native_bf16
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -3,7 +3,7 @@
 - `torch`: the model itself (any device).
 - `openvino` and `onnx`: the model exported to ONNX (torch's exporter, batch left dynamic, one export
   per tile shape) and run on the CPU by OpenVINO, at the run's precision (fp32, or bf16 where the
-  CPU multiplies bf16 natively: AMX, AVX-512 BF16, `bigseg.runtime.native_bf16`; OpenVINO would
+  CPU multiplies bf16 natively: AMX, AVX-512 BF16, `bigseg.cache.native_bf16`, as OpenVINO reports it; OpenVINO would
   pick bf16 on such a CPU by itself, so the precision is always set), or by ONNX Runtime (fp32).
   On an AMX Xeon OpenVINO's bf16 is several times faster than either at fp32; on an AVX2 EPYC
   measured here ONNX Runtime was 6% faster than OpenVINO at fp32 (interleaved, 1.84 against 1.97
@@ -50,10 +50,9 @@ import torch
 from torch import nn
 
 from bigseg.atomic import remove, write_text
-from bigseg.cache import OPSET, cache_dir, export_key, machine
+from bigseg.cache import OPSET, cache_dir, export_key, machine, native_bf16, runtime_versions
 from bigseg.compiled import NAMES, RUNTIMES, available, open_export, shareable
-from bigseg.runtime import native_bf16
-from bigseg.errors import InputError
+from bigseg.errors import EngineError, InputError
 from bigseg.manifest import sha256
 
 ENGINES = ("auto", "torch", "openvino", "onnx")
@@ -62,7 +61,6 @@ MAX_BATCH = 4096
 STALE_SECONDS = 3600  # a temporary export file this old belongs to no running export
 CHECK_TOLERANCE = 1e-3  # relative to the logits' range: a fresh export must match torch this well
 AUTO_EXPORT_AFTER_S = 30.0  # auto: torch seconds on a shape before exporting it (about one export's cost)
-UNEXPORTABLE = "unexportable"  # kept instead of the torch seconds once an export of the shape failed
 
 
 def default_engine() -> str:
@@ -108,7 +106,8 @@ class ExportedEngine:
         self.compiled_cache = (folder or cache_dir()) / "openvino"
         self.sessions: dict[tuple[int, int], Callable | None] = {}  # None: this shape runs in torch
         self.chosen: dict[tuple[int, int], str] = {}  # the runtime of each shape ("torch" too)
-        self.exportable = True  # False once an export failed: every shape then runs in torch
+        self.exportable = True  # False once an export failed (auto): every shape then runs in torch
+        self.failed: str | None = None  # why the export failed in this run
         self.export_after = AUTO_EXPORT_AFTER_S if choose else 0.0
         self.torch_seconds: dict[tuple[int, int], float] = {}  # auto: torch time per shape not yet exported
         if precision == "bf16" and "openvino" in self.runtimes and not native_bf16():
@@ -142,6 +141,9 @@ class ExportedEngine:
         path, meta = self.folder / f"{key}.onnx", self.folder / f"{key}.json"
         if path.is_file() and self._intact(path, meta):
             return path
+        failed = self._failure(shape, bands)
+        if failed is not None:
+            return self._unexportable(failed, earlier=True)
         took = _recorded_export_seconds(self.folder)
         self.note(f"exporting the model for {' and '.join(NAMES[r] for r in self.runtimes)}, {shape[0]}x{shape[1]} "
                   f"tiles: once, " + (f"about {took:.0f} s here" if took else "tens of seconds")
@@ -151,15 +153,42 @@ class ExportedEngine:
             self._export(path, meta, shape, bands)
             _record_export_seconds(self.folder, time.perf_counter() - start)
             return path
-        except Exception as e:  # export or check failed: this model runs in torch
+        except Exception as e:  # export or check failed: auto runs this model in torch, a named engine stops
             remove(path)
-            self.exportable = False
             reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split(". ")[0].splitlines()[0][:100]
-            self.note(f"the model cannot be exported ({type(e).__name__}: {reason}): using torch")
-            if self.choose:  # later runs of auto do not try again
-                with contextlib.suppress(OSError):
-                    write_text(self._rent_path(shape, bands), UNEXPORTABLE)
+            reason = f"{type(e).__name__}: {reason}"
+            with contextlib.suppress(OSError):  # later runs with these versions do not try again
+                write_text(self._failure_path(shape, bands),
+                           json.dumps({"reason": reason, "versions": runtime_versions()}))
+            return self._unexportable(reason)
+
+    def _unexportable(self, reason: str, earlier: bool = False) -> None:
+        """The model cannot be exported: `auto` runs it in torch (said once); a named engine is an
+        error, since the user asked for that engine."""
+        self.failed = reason
+        if not self.choose:  # every later call of a named engine says it again, without trying again
+            when = " (an earlier export with the same versions failed; an upgrade tries again)" if earlier else ""
+            raise EngineError(f"the model cannot be exported for {NAMES[self.runtimes[0]]}{when}: {reason}; "
+                              f"use --engine torch, or auto to fall back by itself", param="engine")
+        self.exportable = False
+        earlier_run = "an earlier run's export failed: " if earlier else ""
+        self.note(f"the model cannot be exported ({earlier_run}{reason}): using torch")
+        return None
+
+    def _failure_path(self, shape: tuple[int, int], bands: int) -> Path:
+        return self.folder / f"{self.key(shape, bands)}.failed.json"
+
+    def _failure(self, shape: tuple[int, int], bands: int) -> str | None:
+        """Why an earlier export of `shape` failed, if it failed with the runtimes installed now."""
+        if self.failed is not None:
+            return self.failed
+        try:
+            record = json.loads(self._failure_path(shape, bands).read_text())
+        except (OSError, ValueError):
             return None
+        if not isinstance(record, dict) or record.get("versions") != runtime_versions():
+            return None
+        return str(record.get("reason") or "unknown reason")
 
     def _intact(self, path: Path, meta: Path) -> bool:
         try:
@@ -176,10 +205,14 @@ class ExportedEngine:
                            self.compiled_cache if cached else None)
 
     def _run(self, path: Path, runtime: str):
-        """The export through `runtime`, or None (and a note) where the runtime cannot load it."""
+        """The export through `runtime`, or None (and a note) where the runtime cannot load it; an
+        error where the user named that runtime."""
         try:
             return self._open(path, runtime)
-        except Exception:  # each runtime raises its own types for a model it refuses
+        except Exception as e:  # each runtime raises its own types for a model it refuses
+            if not self.choose:
+                raise EngineError(f"{NAMES[runtime]} cannot load the export {path.name} ({type(e).__name__}); "
+                                  f"use --engine torch, or auto to fall back by itself", param="engine") from None
             self.note(f"{NAMES[runtime]} cannot load the cached export {path.name}: using another engine")
             return None
 
@@ -190,27 +223,23 @@ class ExportedEngine:
             cached = (self.folder / f"{self.key(shape, bands)}.onnx").is_file()
             if cached or self.export_after <= 0:
                 return False
-            spent = self._rent(shape, bands)
-            if spent is None:
-                self.exportable = False
-                self.note("the model cannot be exported (an earlier run's export failed): using torch")
+            failed = self._failure(shape, bands)
+            if failed is not None:
+                self._unexportable(failed, earlier=True)
                 return False
-            self.torch_seconds[shape] = spent
+            self.torch_seconds[shape] = self._rent(shape, bands)
         return self.torch_seconds[shape] < self.export_after
 
     def _rent_path(self, shape: tuple[int, int], bands: int) -> Path:
         return self.folder / f"{self.key(shape, bands)}.torch-seconds"
 
-    def _rent(self, shape: tuple[int, int], bands: int) -> float | None:
+    def _rent(self, shape: tuple[int, int], bands: int) -> float:
         """Torch seconds that earlier runs spent on `shape` without exporting it (a shell loop of
-        one raster per run adds up to an export like one run over a folder does); None where an
-        earlier run found that the model cannot be exported."""
+        one raster per run adds up to an export like one run over a folder does)."""
         try:
             text = self._rent_path(shape, bands).read_text()
         except OSError:
             return 0.0
-        if text == UNEXPORTABLE:
-            return None
         try:
             return max(0.0, float(text))
         except ValueError:
@@ -236,7 +265,7 @@ class ExportedEngine:
             return None if self.chosen[shape] == "torch" else self.chosen[shape]
         if not self.choose:
             return self.runtimes[0]
-        if self._rent(shape, bands) is None:  # an earlier run's export failed: torch
+        if self._failure(shape, bands) is not None:  # an earlier run's export failed: torch
             return None
         timing = _recorded_timing(self.folder / f"{self.key(shape, bands)}.json", self._machine(), self.runtimes)
         if timing is None:
@@ -304,7 +333,9 @@ class ExportedEngine:
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            with _quiet():
+            # the predictor calls engines inside its bf16 autocast: the export is always the fp32 graph,
+            # which OpenVINO then runs at its inference precision (bf16 where the CPU has the units)
+            with _quiet(), torch.autocast("cpu", enabled=False):
                 program = torch.onnx.export(self.model, (example,), dynamo=True, opset_version=OPSET,
                                             input_names=["x"], output_names=["logits"], external_data=False,
                                             dynamic_shapes=({0: Dim("batch", min=1, max=MAX_BATCH)},))
@@ -321,7 +352,7 @@ class ExportedEngine:
 
     def _check(self, path: Path, example: torch.Tensor) -> None:
         """The export computes what torch computes (at fp32, whatever the run's precision)."""
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", enabled=False):
             expected = self.model(example).float().numpy()
         got = self._open(path, self.runtimes[0], "f32", cached=False)(example.numpy())  # a temporary file: uncached
         scale = max(float(np.abs(expected).max()), 1e-6)

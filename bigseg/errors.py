@@ -25,6 +25,10 @@ class CheckpointError(BigsegError, ValueError):
     """A model file is missing, truncated, foreign or does not match its architecture."""
 
 
+class EngineError(BigsegError, RuntimeError):
+    """The inference engine the user named cannot run this model here."""
+
+
 class OutputError(BigsegError, OSError):
     """An output cannot be written where it was asked to go."""
 

@@ -13,6 +13,7 @@ anything else is the torch predictor's from the start.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +27,18 @@ from bigseg.compiled import RUNTIMES, available, open_export
 from bigseg.geometry import TileGrid, Window, choose_overlap
 from bigseg.manifest import find_entry, sha256, weights_dir
 from bigseg.notes import Notes
-from bigseg.runtime import native_bf16
+from bigseg.cache import native_bf16
 from bigseg.tiling import NUMPY, Pipeline, stream_tiles
 
 NODATA = 255
 CARDS = "models"
-# Larger images go to the torch predictor (torch imported then): its stitcher blends and reduces in
-# torch, faster than numpy here, and a second and a half of start-up is nothing to a large raster.
-MAX_PIXELS = 4_000_000
+# Larger images go to the torch predictor (torch imported then). Up to this size the numpy path was
+# as fast or faster on the 2-core AVX-512 BF16 EPYC measured (docs/engines.md): 4096x4096 of the
+# orthomosaic 14.8 against 17.0 CPU s, 480 MB less peak RSS.
+MAX_PIXELS = 17_000_000
+# Importing torch (and building its predictor) takes this long on a 2-core EPYC (docs/engines.md):
+# below it, an exported runtime a little slower than torch per batch still gives the faster command.
+TORCH_START_S = 1.3
 
 
 @dataclass
@@ -114,6 +119,20 @@ def cpu_precision(precision: str) -> str | None:
     return {"fp32": "f32", "bf16": "bf16"}.get(precision)
 
 
+def warm_choice(timing: Any, shape: tuple[int, int]) -> str | None:
+    """The exported runtime a warm start uses for tiles of `shape` given this machine's timing of
+    a batch of two in each engine (`bigseg.engines`), or None for the torch predictor: the fastest
+    exported runtime, unless torch is so much faster per batch that, over the largest image run
+    here (`MAX_PIXELS`), it gains back its own start-up."""
+    wanted = ("torch", *(r for r in RUNTIMES if available(r)))
+    if not isinstance(timing, dict) or not all(isinstance(timing.get(k), (int, float)) for k in wanted[:2]):
+        return None
+    exported = [r for r in wanted[1:] if isinstance(timing.get(r), (int, float))]
+    best = min(exported, key=timing.get)
+    batches = math.ceil(MAX_PIXELS / (shape[0] * shape[1]) / 2)
+    return None if (timing[best] - timing["torch"]) * batches > TORCH_START_S else best
+
+
 class Arrays(dict):
     """Finished arrays already on the host (the stitcher's `HostCopy` without a device)."""
 
@@ -180,11 +199,8 @@ class ExportedPredictor(Notes):
         runtime = self.runtime
         if self.auto:  # the runtime this machine's timing chose (torch: the torch predictor's)
             timing = record.get("timings", {}).get(machine(self.threads, self.precision))
-            wanted = ("torch", *(r for r in RUNTIMES if available(r)))
-            if not isinstance(timing, dict) or not all(isinstance(timing.get(k), (int, float)) for k in wanted):
-                return None
-            runtime = min(wanted, key=timing.get)
-            if runtime == "torch":
+            runtime = warm_choice(timing, shape)
+            if runtime is None:
                 return None
         if not path.is_file() or record.get("sha256") != sha256(path):
             return None  # the torch engine says what is wrong and exports it again

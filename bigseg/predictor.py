@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from bigseg.cache import record_default_threads
-from bigseg.checkpoint import Checkpoint, weights_digest
+from bigseg.checkpoint import Checkpoint, resolve_model, weights_digest
 from bigseg.crf.meanfield import dense_crf
 from bigseg.crf.params import CRFParams
 from bigseg.device import (
@@ -23,11 +23,11 @@ from bigseg.device import (
     resolve_device,
     resolve_precision,
 )
-from bigseg.engines import default_engine, make_engine
+from bigseg.engines import ExportedEngine, default_engine, make_engine
 from bigseg.errors import InputError
 from bigseg.exported import ModelCard, Normalisation, write_card
 from bigseg.geometry import TileGrid, Window, choose_overlap, default_overlap, stitcher_peak_pixels
-from bigseg.manifest import sha256
+from bigseg.manifest import read_manifest, sha256
 from bigseg.notes import Notes
 from bigseg.tiling import NUMPY, Pipeline, stream_tiles
 
@@ -79,6 +79,10 @@ class Predictor(Notes):
         self.fitting_batch: int | None = None
         if self.engine.name != "torch":
             keep_card(self)
+            if getattr(self.engine, "choose", False) and shipped(checkpoint):
+                # a shipped model is run again and again: its first run prepares the fast engine for
+                # its tiles at once, so that every later run of that size starts without torch
+                self.engine.export_after = 0.0
 
     @property
     def num_classes(self) -> int:
@@ -227,6 +231,35 @@ class Predictor(Notes):
         if self._digest is None:
             self._digest = weights_digest(self.checkpoint)
         return self._digest
+
+
+def shipped(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint is one of the installed shipped weights."""
+    return bool(checkpoint.file_sha256) and any(e.get("sha256") == checkpoint.file_sha256 for e in read_manifest())
+
+
+def prepare_cpu_engine(model: str, sizes: list[tuple[int, int]], threads: int | None = None,
+                       on_note: Callable[[str], None] | None = None) -> list[str]:
+    """Export `model` for the CPU runtimes at each (height, width) and time them here, so that
+    predictions of images of those sizes (or tiles of that size) start without torch; returns,
+    per size, the engine `auto` chose."""
+    if not sizes:
+        raise InputError("needs at least one size HxW", param="sizes")
+    predictor = Predictor(resolve_model(model), "cpu", "auto", tile=max(max(s) for s in sizes), engine="auto",
+                          on_note=on_note)
+    engine = predictor.engine
+    if not isinstance(engine, ExportedEngine):
+        raise InputError("needs OpenVINO or ONNX Runtime and onnxscript installed (pip install openvino "
+                         "onnxruntime onnxscript)", param="engine")
+    engine.export_after = 0.0
+    chosen = []
+    for h, w in sizes:
+        if h < 16 or w < 16:
+            raise InputError(f"sizes must be at least 16x16, got {h}x{w}", param="sizes")
+        predictor.scores(np.zeros((predictor.checkpoint.in_channels, h, w), np.float32))
+        runtime = engine.chosen.get(engine.padded((h, w)), "torch")
+        chosen.append(f"{h}x{w}: {runtime}")
+    return chosen
 
 
 def keep_card(predictor: Predictor) -> None:

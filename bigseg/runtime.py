@@ -43,20 +43,6 @@ _pending = False
 _deferred = False  # inside `whole_step`: a stop waits for its end
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16 on x86): bf16 is then several
-    times faster than fp32; elsewhere it is emulated and slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return False
-
-
 def prefer_passive_waiting() -> bool:
     """Let idle OpenMP threads sleep instead of spin, unless the user chose a policy. Returns
     whether it took effect (False once torch is imported: libgomp has read its settings)."""

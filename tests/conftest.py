@@ -29,6 +29,7 @@ TINY_BY_ARCH = {
     "refinenet-rn101": dict(depth=18, widths=[8, 8, 8, 16]),
     "dupsampling-rn50": dict(depth=18, compressed=8, width=16, low_level_width=8, fit_patches=400),
     "dynamic-routing-l16": dict(layers=3, width=8),
+    **{f"swiftnet-{e}": dict(width=16) for e in ("lite0", "lite1", "lite2", "rn18")},
 }
 
 

@@ -341,3 +341,40 @@ def test_a_folder_of_fifty_mixed_files_fails_each_broken_one_alone_and_counts_th
     assert sorted(Path(f["input"]).name for f in summary["failed"]) == sorted(broken)
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(errors) == len(broken) and all(any(name in line for name in broken) for line in errors)
+
+
+def test_a_named_engine_that_cannot_export_is_an_error_while_auto_falls_back_with_one_note(
+        tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    """`--engine openvino` whose export fails: one Error line per file, exit 1, no torch run behind
+    the user's back; `auto` runs torch and says so once, in --json too."""
+    import cv2
+
+    from bigseg import engines
+
+    for name in ("a", "b"):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), np.full((40, 50, 3), 100, np.uint8))
+    tries = []
+
+    def failing(self, *args):
+        tries.append(args)
+        raise RuntimeError("forced export failure")
+
+    monkeypatch.setattr(engines.ExportedEngine, "_export", failing)
+    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 0.0)
+    inputs = [tmp_path / "a.png", tmp_path / "b.png"]
+    code, out, err = run_cli(capsys, "predict", *inputs, "-m", tiny_checkpoint, "-o", tmp_path / "named",
+                             "--engine", "openvino", "--json", *FAST)
+    summary = json.loads(out)
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert code == 1 and not summary["done"] and len(summary["failed"]) == 2 and "Traceback" not in err
+    assert all("cannot be exported for OpenVINO" in line and "--engine torch" in line for line in errors)
+    assert len(tries) == 1  # the second file knows the first one's failure
+    assert not (tmp_path / "named").exists() or not list((tmp_path / "named").glob("*.mask.png"))
+
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path / "fresh-cache"))
+    code, out, err = run_cli(capsys, "predict", *inputs, "-m", tiny_checkpoint, "-o", tmp_path / "auto",
+                             "--engine", "auto", "--json", *FAST)
+    summary = json.loads(out)
+    said = [n for r in summary["done"] for n in r["notes"] if "cannot be exported" in n]
+    assert code == 0 and len(summary["done"]) == 2 and len(said) == 1
+    assert err.count("cannot be exported") <= 1

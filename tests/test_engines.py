@@ -17,7 +17,7 @@ import torch
 from bigseg import engines
 from bigseg.checkpoint import load_checkpoint
 from bigseg.engines import ExportedEngine, TorchEngine, make_engine
-from bigseg.errors import InputError
+from bigseg.errors import EngineError, InputError
 from bigseg.models import create_model
 from bigseg.predictor import Predictor
 from tests.conftest import TINY_BY_ARCH, small_receptive_field_net, tiled_prediction
@@ -161,34 +161,57 @@ def test_auto_adds_up_the_torch_time_of_separate_runs_before_exporting(tiny_chec
     assert not rent[0].exists()  # exported: nothing left to add up
 
 
-def test_a_model_that_cannot_be_exported_runs_in_torch_with_a_note(tmp_path):
+def test_a_named_engine_that_cannot_export_the_model_is_an_error_and_auto_runs_torch_with_a_note(tmp_path):
     torch.manual_seed(0)
     model = create_model("dynamic-routing-l16", 3, **TINY_BY_ARCH["dynamic-routing-l16"]).eval()
-    notes = []
-    engine = make_engine("openvino", model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, notes.append)
     x = torch.randn(2, 3, 64, 64)
+    named = make_engine("openvino", model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, print)
+    named.folder = tmp_path / "named"
+    with torch.inference_mode(), pytest.raises(EngineError, match="cannot be exported for OpenVINO.*--engine torch"):
+        named(x)
+    notes = []
+    auto = make_engine("auto", model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, notes.append)
+    auto.folder, auto.export_after = tmp_path / "auto", 0.0
     with torch.inference_mode():
-        assert torch.equal(engine(x), model(x)) and torch.equal(engine(x), model(x))
+        assert torch.equal(auto(x), model(x)) and torch.equal(auto(x), model(x))
     assert len([n for n in notes if "cannot be exported" in n and "using torch" in n]) == 1
 
 
-def test_auto_remembers_a_failed_export_so_later_runs_do_not_try_again(tmp_path, monkeypatch):
+def test_a_failed_export_is_tried_once_per_versions_and_again_after_an_upgrade(tmp_path, monkeypatch):
+    """Remembered per model, shape and the versions of torch, the exporter and both runtimes:
+    later runs (auto or named) do not pay for it again; an upgrade of any of them retries."""
     torch.manual_seed(0)
     model = create_model("dynamic-routing-l16", 3, **TINY_BY_ARCH["dynamic-routing-l16"]).eval()
     monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 1e-9)
+    tries = []
+    real_export = engines.ExportedEngine._export
+    monkeypatch.setattr(engines.ExportedEngine, "_export", lambda self, *a: (tries.append(a), real_export(self, *a)))
     x = torch.randn(2, 3, 64, 64)
-    runs = []
-    for run in range(2):  # two runs, each with its own engine as separate processes would have
+
+    def run(name: str) -> list[str]:  # each run its own engine, as separate processes would have
         notes = []
-        engine = make_engine("auto", model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, notes.append)
+        engine = make_engine(name, model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, notes.append)
         engine.folder = tmp_path / "onnx"
-        assert (engine.expected_runtime((64, 64), 3) is not None) == (run == 0)  # --dry-run's memory formula asks
         with torch.inference_mode():
             for _ in range(2):
                 assert torch.equal(engine(x), model(x))
-        runs.append(notes)
-    assert any("cannot be exported" in n for n in runs[0])  # torch first, then the export failed
-    assert runs[1] == ["the model cannot be exported (an earlier run's export failed): using torch"]
+        return notes
+
+    assert any("cannot be exported" in n for n in run("auto")) and len(tries) == 1
+    second = run("auto")
+    assert len(second) == 1 and "an earlier run's export failed" in second[0] and len(tries) == 1
+    with torch.inference_mode(), pytest.raises(EngineError, match="earlier export with the same versions failed"):
+        _named(model, tmp_path, "openvino")(x)
+    assert len(tries) == 1
+    monkeypatch.setattr(engines, "runtime_versions", lambda: {"openvino": "9999.0"})
+    run("auto")
+    assert len(tries) == 2
+
+
+def _named(model, tmp_path, name):
+    engine = make_engine(name, model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, print)
+    engine.folder = tmp_path / "onnx"
+    return engine
 
 
 def test_tiled_equals_whole_through_the_engine_for_a_small_receptive_field(tmp_path):
@@ -288,3 +311,22 @@ def test_every_model_predicts_the_same_from_an_input_already_padded_to_its_multi
     with torch.inference_mode():
         padded = model(pad_to_multiple(x, model.output_multiple)[0])[..., :70, :90]
         assert torch.equal(model(x), padded)
+
+
+@pytest.mark.parametrize("capabilities,flags,expected", [
+    (["BF16", "FP32", "INT8"], "avx2", True),          # OpenVINO's word wins over the flags
+    (["FP32", "INT8"], "avx512_bf16 avx2", False),
+    (None, "avx512_bf16 avx2", True),                  # no OpenVINO: the CPU's flags
+    (None, "avx2 fma", False),
+])
+def test_bf16_units_are_decided_as_openvino_reports_them_and_asked_once(capabilities, flags, expected, tmp_path,
+                                                                       monkeypatch):
+    from bigseg import cache
+
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
+    asked = []
+    monkeypatch.setattr(cache, "openvino_capabilities", lambda: asked.append(1) or list(capabilities))
+    monkeypatch.setattr(cache, "_version", lambda p: "none" if capabilities is None and p == "openvino" else "1.0")
+    monkeypatch.setattr(cache, "_cpu_flags", lambda: set(flags.split()))
+    assert cache.native_bf16() is expected and cache.native_bf16() is expected
+    assert len(asked) == (0 if capabilities is None else 1)  # remembered per CPU and OpenVINO version

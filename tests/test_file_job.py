@@ -270,3 +270,23 @@ def test_a_huge_mostly_nodata_raster_costs_what_its_valid_area_costs(tmp_path, t
         for row, col in ((0, 0), (50_000, 50_000), (99_000, 99_000), (3000, 2700)):
             assert (ds.read(1, window=RWindow(col, row, 256, 256)) == 255).all()
         assert not ds.overviews(1)                  # mostly empty: no overviews to build from 10 GB of nodata
+
+
+def test_areas_after_a_resume_inside_a_tile_equal_the_uninterrupted_runs(tmp_path, tiny_checkpoint):
+    """The journal keeps whole 512-row blocks; tiles of 64 px at a stride of 48 cross them, so the
+    resumed tiles start above the journaled row: those rows are counted once, not twice."""
+    src = write_geotiff(tmp_path / "a.tif", 300, 1200, nodata=0, seed=3)
+    ckpt = load_checkpoint(tiny_checkpoint)
+    options = lambda **kw: JobOptions(areas=True, **kw)
+    whole = predict_file(Predictor(ckpt, "cpu", tile=64, overlap=16), src, tmp_path / "w.tif", options=options())
+    seg = Predictor(ckpt, "cpu", tile=64, overlap=16)
+    interrupt_after(seg, 30)
+    with pytest.raises(KeyboardInterrupt):
+        predict_file(seg, src, tmp_path / "r.tif", options=options(journal_seconds=0))
+    assert read_journal(tmp_path / "r.tif")["rows_done"] % 48  # the journaled row lies inside a tile
+    resumed = predict_file(Predictor(ckpt, "cpu", tile=64, overlap=16), src, tmp_path / "r.tif", options=options())
+    assert any("resuming" in n for n in resumed.notes)
+    assert resumed.areas.pixels.tolist() == whole.areas.pixels.tolist()
+    assert resumed.areas.pixels.sum() + resumed.areas.nodata_pixels == 300 * 1200
+    assert resumed.areas.nodata_pixels == whole.areas.nodata_pixels
+    np.testing.assert_allclose(resumed.areas.area_m2, whole.areas.area_m2, rtol=1e-12)

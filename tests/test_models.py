@@ -114,6 +114,7 @@ def test_the_catalogue_lists_every_architecture_with_its_exact_parameter_counts(
             reference = create_model(spec.name, 19, **spec.reference)
         assert (count_parameters(model), count_parameters(reference)) == \
             (spec.facts.params, spec.facts.reference_params), spec.name
+        assert count_macs(model, 1024, 2048) / 1e9 == pytest.approx(spec.facts.gmacs, abs=0.05), spec.name
 
 
 def test_unknown_architecture_is_a_clear_error():

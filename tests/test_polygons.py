@@ -192,3 +192,32 @@ def test_dubai_tile7s_labels_as_a_mask_rasterise_back_and_their_areas_are_pixel_
     counts = np.bincount(labels[labels != 255].ravel(), minlength=5)[:5]
     table = {row["value"]: row["pixels"] for row in result.areas.table()}
     assert [table[v] for v in range(5)] == counts.tolist()  # no georeferencing: a pixel's area is one
+
+
+def test_web_mercator_areas_are_ellipsoidal_ground_areas_and_utm_stays_planar():
+    """EPSG:3857 at 40 degrees north draws the ground 1.71x too large: the table and the polygons
+    measure on the ellipsoid (within 0.5% of the polygons' geodesic areas), and say so."""
+    import shapely
+    from pyproj import Geod, Transformer
+
+    transform = from_origin(-8_000_000, 4_900_000, 0.5, 0.5)  # 40.2 N, as the shared orthomosaic
+    mercator = Ground(rasterio.crs.CRS.from_epsg(3857), transform, 2000, 2000)
+    assert mercator.method == "ellipsoidal"
+    assert Ground(rasterio.crs.CRS.from_epsg(32633), from_origin(500000, 4000000, 0.5, 0.5), 2000, 2000).method \
+        == "planar"
+    mask = np.zeros((2000, 2000), np.uint8)
+    mask[:, 1000:] = 1
+    stats = AreaStats(["west", "east"], mercator)
+    for top in range(0, 2000, 256):
+        stats.add(top, mask[top:top + 256])
+    to_lonlat = Transformer.from_crs(3857, 4326, always_xy=True)
+    geod = Geod(ellps="WGS84")
+    for value, (x0, x1) in enumerate(((0, 1000), (1000, 2000))):
+        box = shapely.box(transform.c + x0 * 0.5, transform.f - 2000 * 0.5, transform.c + x1 * 0.5, transform.f)
+        ring = shapely.segmentize(box, 1.0)  # its edges followed closely on the ellipsoid
+        lonlat = shapely.transform(ring, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
+        geodesic = abs(geod.geometry_area_perimeter(lonlat)[0])
+        assert stats.area_m2[value] == pytest.approx(geodesic, rel=0.005)
+        assert mercator.measure(box)[0] == pytest.approx(geodesic, rel=0.005)
+        assert box.area > 1.6 * geodesic  # what a flat-map area would have said
+    assert stats.to_dict()["area_method"] == "ellipsoidal" and stats.csv().splitlines()[1].endswith(",ellipsoidal")

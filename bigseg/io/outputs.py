@@ -216,10 +216,10 @@ class OutputSet:
 
     def write_nodata(self, window: Window) -> None:
         """A finished rectangle without a single valid pixel (nothing was predicted there)."""
-        if self.areas is not None:
-            self.areas.nodata_pixels += window.width * window.height
         if self.row_offset:
             window = Window(window.col_off, window.row_off - self.row_offset, window.width, window.height)
+        if self.areas is not None:
+            self.areas.add_nodata(window.row_off, window.width, window.height)
         for writer in self.writers.values():
             writer.write_nodata(window)
 

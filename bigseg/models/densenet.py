@@ -155,7 +155,7 @@ class DenseNet(nn.Module):
         return self.feature_info[-1]["reduction"]
 
     @staticmethod
-    def from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def from_pretrained(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return torchvision_to_backbone_keys(state)[0]
 
 

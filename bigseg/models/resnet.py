@@ -20,6 +20,7 @@ class ResNetConfig:
     depth: int = 50
     output_stride: int = 32            # 32, 16 or 8
     multi_grid: tuple[int, ...] = (1,)  # per-block dilation multipliers of layer4 (cycled)
+    preactivation_features: bool = False  # return each stage's sum before its last ReLU (SwiftNet's skips)
 
 
 RESNET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -44,10 +45,14 @@ class BasicBlock(Checkpointable):
         if self.downsample is not None:
             self.downsample[0].stride = (stride, stride)
 
-    def compute(self, x: torch.Tensor) -> torch.Tensor:
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's sum before its final ReLU."""
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+        return y + (x if self.downsample is None else self.downsample(x))
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.residual(x))
 
 
 class Bottleneck(Checkpointable):
@@ -72,11 +77,15 @@ class Bottleneck(Checkpointable):
         if self.downsample is not None:
             self.downsample[0].stride = (stride, stride)
 
-    def compute(self, x: torch.Tensor) -> torch.Tensor:
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's sum before its final ReLU."""
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+        return y + (x if self.downsample is None else self.downsample(x))
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.residual(x))
 
 
 def _plan(config: ResNetConfig, stage: int, blocks: int) -> list[tuple[int, int, int]]:
@@ -144,7 +153,8 @@ class ResNet(nn.Module):
     def set_output_stride(self, output_stride: int) -> None:
         """Re-cut the network for another output stride in place (strides become dilations or
         back; no parameter changes): DeepLab v3 trains at 16 and evaluates at 8."""
-        self.config = ResNetConfig(self.config.depth, output_stride, self.config.multi_grid)
+        self.config = ResNetConfig(self.config.depth, output_stride, self.config.multi_grid,
+                                   self.config.preactivation_features)
         for i in range(4):
             layer = getattr(self, f"layer{i + 1}")
             for unit, (stride, d, first) in zip(layer, _plan(self.config, i, len(layer))):
@@ -159,11 +169,17 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # stride 4
         out = []
         for i in range(1, 5):
-            x = getattr(self, f"layer{i}")(x)
-            out.append(x)
+            layer = getattr(self, f"layer{i}")
+            if self.config.preactivation_features:
+                pre = layer[-1].residual(layer[:-1](x))
+                out.append(pre)
+                x = torch.relu(pre)  # not in place: `pre` is kept as the skip
+            else:
+                x = layer(x)
+                out.append(x)
         return out
 
     @staticmethod
-    def from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def from_pretrained(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """torchvision's ResNet state dict in this module's names: the same, without `fc`."""
         return {k: v for k, v in state.items() if not k.startswith("fc.")}

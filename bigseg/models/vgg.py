@@ -70,7 +70,7 @@ class VGG16(nn.Module):
         out.append(self.dropout(self.relu(self.fc7(x))))
         return out
 
-    def from_torchvision(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def from_pretrained(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """torchvision's vgg16 state dict in this module's names: `features.N` as they are, fc6 and
         fc7 decimated from the classifier's 4096 x (512 x 7 x 7) and 4096 x 4096 (DeepLab v1 Sec. 4.1)."""
         out = {k: v for k, v in state.items() if k.startswith("features.")}

@@ -18,6 +18,7 @@ from bigseg.models.ladder import LadderConfig, LadderDenseNet
 from bigseg.models.refinenet import RefineNet, RefineNetConfig
 from bigseg.models.registry import register
 from bigseg.models.routing import DynamicRouting, DynamicRoutingConfig
+from bigseg.models.swiftnet import ENCODERS, SwiftNet, SwiftNetConfig
 
 LDN_AUTHORS = {"spp_bottleneck": 512, "spp_level": 128, "spp_width": 512}
 
@@ -48,3 +49,6 @@ register("deeplabv3plus-xception65", backbone="xception65",
 register("refinenet-rn101", reference={"crp_stages": 4}, depth=101)(_configured(RefineNet, RefineNetConfig))
 register("dupsampling-rn50", depth=50)(_configured(DUpsamplingNet, DUpsamplingConfig))
 register("dynamic-routing-l16", layers=16)(_configured(DynamicRouting, DynamicRoutingConfig))
+
+for _encoder in ENCODERS:
+    register(f"swiftnet-{_encoder}", encoder=_encoder)(_configured(SwiftNet, SwiftNetConfig))

@@ -224,10 +224,13 @@ def _area_stats(options: JobOptions, reader: Reader, classes: list[str], outputs
     if not options.areas:
         return None
     g = reader.georef
-    stats = AreaStats(list(classes), Ground(g.crs, g.transform) if g is not None and g.crs is not None else Ground())
+    ground = Ground(g.crs, g.transform, reader.width, reader.height) if g is not None and g.crs is not None \
+        else Ground()
+    stats = AreaStats(list(classes), ground)
     for top in range(0, rows_done, 512):
         window = Window(0, top, reader.width, min(512, rows_done - top))
         stats.add(top, outputs.writers["mask"].read(window)[0])
+    stats.counted_rows = rows_done  # the resumed tiles start above this row: their rows are counted once
     return stats
 
 

@@ -84,7 +84,7 @@ def vectorize_file(mask: Path, dst: Path, options: VectorOptions = VectorOptions
     start = time.perf_counter()
     say = on_event or (lambda kind, payload: None)
     with gdal_env(), _open(mask) as ds:
-        ground = Ground(ds.crs, ds.transform if ds.crs is not None else None)
+        ground = Ground(ds.crs, ds.transform if ds.crs is not None else None, ds.width, ds.height)
         names = class_names(mask, ds.tags()) or []
         named = len(names)
         names = names + [str(v) for v in range(named, _class_count(ds, names))]
@@ -202,7 +202,8 @@ def mask_areas(mask: Path) -> AreaStats:
         names = class_names(mask, ds.tags()) or []
         named = len(names)
         names = names + [str(v) for v in range(named, _class_count(ds, names))]
-        stats = AreaStats(names, Ground(ds.crs, ds.transform if ds.crs is not None else None), named)
+        stats = AreaStats(names, Ground(ds.crs, ds.transform if ds.crs is not None else None, ds.width, ds.height),
+                          named)
         rows = max(64, min(ds.height, STRIP_PIXELS // max(ds.width, 1)))
         for top in range(0, ds.height, rows):
             strip = _read(ds, mask, top, min(rows, ds.height - top))

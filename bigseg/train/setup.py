@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bigseg import distributed as D
-from bigseg.checkpoint import Normalization, load_backbone_weights, load_checkpoint
+from bigseg.checkpoint import Normalization, load_backbone_weights, load_checkpoint, pretrained_normalization
 from bigseg.device import resolve_device, resolve_precision
 from bigseg.errors import Interrupted, TrainingError
 from bigseg.models import create_model
@@ -53,7 +53,7 @@ def check_settings(cfg: TrainConfig) -> None:
     for name in ("jitter", "colour_jitter", "gamma"):
         value = getattr(cfg, name)
         need(0 <= value < 1, name, f"must be at least 0 and below 1, got {value}")
-    need(cfg.optimizer in ("adam", "sgd"), "optimizer", f"must be adam or sgd, got {cfg.optimizer!r}")
+    need(cfg.optimizer in ("adam", "adamw", "sgd"), "optimizer", f"must be adam, adamw or sgd, got {cfg.optimizer!r}")
     need(cfg.schedule in ("cosine", "poly"), "schedule", f"must be cosine or poly, got {cfg.schedule!r}")
     need(cfg.lr > 0, "lr", f"must be above 0, got {cfg.lr}")
     need(cfg.class_balance in BALANCING, "class_balance",
@@ -195,7 +195,8 @@ def prepare(data: TrainingData, cfg: TrainConfig, net: nn.Module, computed_norma
     """What is computed from the training data once, before the first step of a new run: a model's
     fitted parts (DUpsampling's W), the class weights, and for raster scenes the bands' mean and
     spread (images from folders keep the ImageNet normalisation the backbones were made for; a run
-    from `--init` takes its checkpoint's instead, `computed_normalization=False`)."""
+    from `--init` takes its checkpoint's, and one with ImageNet weights its encoder's, instead:
+    `computed_normalization=False`)."""
     prepared = net.prepare_training(LabelWindows(data.train), cfg.seed) if hasattr(net, "prepare_training") else {}
     if computed_normalization and not data.source.whole_images:
         prepared = {**prepared, "normalization": band_statistics(data, cfg.seed)}
@@ -262,7 +263,10 @@ def build_model(cfg: TrainConfig, data: TrainingData, new: bool) -> tuple[nn.Mod
     if cfg.backbone_weights:
         pretrained = set(load_backbone_weights(net, cfg.backbone_weights))
     if new:
-        data.prepared = prepare(data, cfg, net, computed_normalization=not cfg.init)
+        data.prepared = prepare(data, cfg, net, computed_normalization=not (cfg.init or pretrained))
+        if pretrained:  # the encoder sees its inputs as its ImageNet training did
+            norm = pretrained_normalization(net)
+            data.prepared["normalization"] = {"mean": list(norm.mean), "std": list(norm.std)}
         if cfg.init:
             norm = load_init(net, cfg, data.train.classes)
             data.prepared["normalization"] = {"mean": list(norm.mean), "std": list(norm.std)}
@@ -303,6 +307,8 @@ def optimizer(cfg: TrainConfig, model: nn.Module, pretrained: set[str]) -> torch
     groups = [{"params": fresh, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if loaded:
         groups.append({"params": loaded, "lr": cfg.lr * f, "weight_decay": cfg.weight_decay * f})
-    if cfg.optimizer == "adam":
+    if cfg.optimizer == "adam":  # SwiftNet's: Adam, betas (0.9, 0.99), L2 weight decay
         return torch.optim.Adam(groups, betas=(0.9, 0.99))
+    if cfg.optimizer == "adamw":  # decoupled weight decay (Loshchilov & Hutter 2019)
+        return torch.optim.AdamW(groups, betas=(0.9, 0.99))
     return torch.optim.SGD(groups, momentum=0.9)

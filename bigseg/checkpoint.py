@@ -60,7 +60,11 @@ class Checkpoint:
 
     def build_model(self) -> nn.Module:
         """The model with these weights, in eval mode on the CPU."""
-        model = create_model(self.arch, self.num_classes, self.in_channels, **self.config)
+        try:
+            model = create_model(self.arch, self.num_classes, self.in_channels, **self.config)
+        except (TypeError, ValueError) as e:  # a config written for another architecture
+            raise CheckpointError(f"{self.file or 'the checkpoint'}: its settings do not fit architecture "
+                                  f"{self.arch!r} ({e}); the file is damaged or was edited") from None
         state = {k: v.float() if v.is_floating_point() else v for k, v in self.state_dict.items()}
         mismatch = weights_mismatch(model.state_dict(), state)
         if mismatch:

@@ -3,6 +3,7 @@ import json
 import re
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -239,3 +240,20 @@ def test_weights_of_another_architecture_are_summarised_in_one_short_line(tmp_pa
     assert len(message) < 600 and "\n" not in message
     assert re.search(r"\d+ of its \d+ tensors missing \(.*, \.\.\.\); \d+ unexpected \(.*\)", message), message
     assert message.endswith("the file holds weights of another architecture or configuration")
+
+
+def test_a_checkpoint_naming_another_architecture_is_one_error_line(tmp_path, tiny_checkpoint, capsys):
+    """Its settings belong to the ladder; its architecture field says DeepLab v3+."""
+    import cv2
+
+    from tests.cli_helpers import run_cli
+
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    raw["arch"] = "deeplabv3plus-rn50"
+    torch.save(raw, tmp_path / "edited.pt")
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((40, 50, 3), 90, np.uint8))
+    code, _, err = run_cli(capsys, "predict", tmp_path / "a.png", "-m", tmp_path / "edited.pt", "-o", tmp_path / "out",
+                           "--device", "cpu")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and "Traceback" not in err and len(lines) == 1
+    assert lines[0].startswith("Error: ") and "do not fit architecture 'deeplabv3plus-rn50'" in lines[0]

@@ -221,3 +221,35 @@ def test_web_mercator_areas_are_ellipsoidal_ground_areas_and_utm_stays_planar():
         assert mercator.measure(box)[0] == pytest.approx(geodesic, rel=0.005)
         assert box.area > 1.6 * geodesic  # what a flat-map area would have said
     assert stats.to_dict()["area_method"] == "ellipsoidal" and stats.csv().splitlines()[1].endswith(",ellipsoidal")
+
+
+def test_vectorize_writes_into_an_existing_folder_whose_name_has_a_dot(tmp_path, capsys):
+    mask = write_mask(tmp_path / "m.mask.tif", np.kron(np.eye(3, dtype=np.uint8), np.ones((20, 20), np.uint8)))
+    (tmp_path / "some.dir").mkdir()
+    code, _, err = run_cli(capsys, "vectorize", mask, "-o", f"{tmp_path / 'some.dir'}/")
+    assert code == 0, err
+    assert (tmp_path / "some.dir" / "m.polygons.gpkg").is_file()
+    code, _, err = run_cli(capsys, "vectorize", mask, "-f", "nope")
+    assert code == 1 and "--format takes gpkg" in err and "--vector" not in err
+
+
+def test_a_mask_without_georeferencing_is_not_written_as_lonlat_geojson_and_takes_names_from_classes_csv(
+        tmp_path, capsys):
+    """GeoJSON cannot say 'no CRS': refused in one line; GeoPackage records none. The names come
+    from the classes.csv a raster-scene data set keeps beside labels/."""
+    import cv2
+    import pyogrio
+
+    (tmp_path / "labels").mkdir()
+    mask = np.zeros((60, 80), np.uint8)
+    mask[10:30, 10:40], mask[35:50, 50:70] = 1, 3
+    cv2.imwrite(str(tmp_path / "labels" / "m.png"), mask)
+    (tmp_path / "classes.csv").write_text("value,name,red,green,blue\n0,land,1,2,3\n1,building,4,5,6\n"
+                                          "3,water,7,8,9\n255,unlabelled,0,0,0\n")
+    code, _, err = run_cli(capsys, "vectorize", tmp_path / "labels" / "m.png", "-o", tmp_path / "m.geojson")
+    assert code == 1 and "no georeferencing" in err and "gpkg" in err and not (tmp_path / "m.geojson").exists()
+    code, _, err = run_cli(capsys, "vectorize", tmp_path / "labels" / "m.png", "-o", tmp_path / "m.gpkg")
+    assert code == 0, err
+    assert "class names from" in err
+    _, _, _, values = pyogrio.raw.read(tmp_path / "m.gpkg", columns=["class", "class_name"])
+    assert sorted(set(zip(values[0].tolist(), values[1].tolist()))) == [(0, "land"), (1, "building"), (3, "water")]

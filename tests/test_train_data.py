@@ -574,3 +574,39 @@ def test_the_batchnorm_probe_scores_a_model_with_recomputed_statistics_and_leave
     assert [b for b, _ in scores] == ["0", "1"] and all(0 <= float(m) <= 100 for _, m in scores), out.stdout
     assert "scene balance 1: windows from a 50%, b 50%" in out.stdout
     assert hashlib.sha256(model.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.filterwarnings("ignore:'crs' was not provided")
+def test_utm_polygons_in_a_geojson_without_a_crs_are_one_line_that_says_the_fix(tmp_path, capsys):
+    import shapely
+
+    (tmp_path / "images").mkdir()
+    write_geotiff(tmp_path / "images" / "a.tif", 200, 160, 3)
+    x0, y0 = ORIGIN
+    write_vector(tmp_path / "labels.geojson", [shapely.box(x0 + 50, y0 - 75, x0 + 95, y0 - 40)], {"kind": ["house"]},
+                 None)  # UTM metres, and no crs member: GeoJSON says WGS84
+    code, _, err = run_cli(capsys, "train", "--data", tmp_path, "--run", tmp_path / "run", "--max-steps", "1",
+                           "--workers", "0", "--crop", "64", "--device", "cpu")
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert code != 0 and len(errors) == 1 and "Traceback" not in err and "PROJ" not in err
+    assert "look projected" in errors[0] and "declares no CRS" in errors[0] and "ogr2ogr -a_srs" in errors[0]
+
+
+def test_self_intersecting_polygons_are_repaired_and_counted(tmp_path):
+    """A bow-tie ring (invalid) labels both of its triangles, as make_valid splits it, and says so."""
+    import shapely
+
+    (tmp_path / "images").mkdir()
+    write_geotiff(tmp_path / "images" / "a.tif", 200, 160, 3)
+    x0, y0 = ORIGIN
+    bowtie = shapely.Polygon([(x0 + 10, y0 - 10), (x0 + 90, y0 - 70), (x0 + 90, y0 - 10), (x0 + 10, y0 - 70)])
+    assert not bowtie.is_valid
+    write_vector(tmp_path / "labels.gpkg", [bowtie, shapely.box(x0 + 120, y0 - 60, x0 + 180, y0 - 20)],
+                 {"kind": ["house", "house"]}, CRS)
+    source = DataSet(tmp_path, DataSettings(ReadSettings(class_field="kind"))).scenes
+    assert any("1 invalid polygon(s)" in n and "make_valid" in n for n in source.notes)
+    labels = source.read_label(0)
+    t = rasterio.open(tmp_path / "images" / "a.tif").transform
+    col, row = ~t * (x0 + 25, y0 - 40)   # inside the left triangle of the bow-tie
+    col2, row2 = ~t * (x0 + 75, y0 - 40)  # inside the right one
+    assert labels[int(row), int(col)] == 1 and labels[int(row2), int(col2)] == 1

@@ -14,8 +14,9 @@ from bigseg.cli.render import error_line, note
 def vectorize(
     inputs: list[str] = typer.Argument(..., metavar="MASK", help="Class masks: files, folders or globs.",
                                        show_default=False),
-    out: Path | None = typer.Option(None, "--out", "-o", metavar="PATH",
-                                    help="Output folder, or file for one mask. Default: beside each mask."),
+    out: str | None = typer.Option(None, "--out", "-o", metavar="PATH",
+                                   help="Output folder (an existing one, or a path ending in /), or file for one "
+                                        "mask. Default: beside each mask."),
     vector: str = typer.Option("gpkg", "--format", "-f", metavar="FORMAT", help="gpkg, geojson, fgb or shp."),
     areas: O.Areas = False,
     classes: O.VectorClasses = None,
@@ -28,10 +29,14 @@ def vectorize(
     json_summary: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
 ) -> None:
     """Polygons of each class region of a mask (holes kept, regions whole whatever the mask's size), and areas."""
+    from bigseg.errors import InputError
     from bigseg.run.vectorize import VectorOptions, find_masks, vectorize_all
 
     options = VectorOptions(vector, O.parse_names(classes) or None, min_area, simplify, connectivity, areas)
-    options.check()
+    try:
+        options.check()
+    except InputError as e:  # the library's `vector` format is this command's --format
+        raise InputError(e.reason, param="format" if e.param == "vector" else e.param) from None
     jobs, failed = find_masks(inputs, out, options, recursive)
     summary = vectorize_all(jobs, options, overwrite,
                             on_done=lambda r: None if quiet or json_summary else note(

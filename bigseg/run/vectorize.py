@@ -12,6 +12,7 @@ exact). The per-class areas come from the same read.
 """
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -85,12 +86,20 @@ def vectorize_file(mask: Path, dst: Path, options: VectorOptions = VectorOptions
     say = on_event or (lambda kind, payload: None)
     with gdal_env(), _open(mask) as ds:
         ground = Ground(ds.crs, ds.transform if ds.crs is not None else None, ds.width, ds.height)
+        if not ground.georeferenced and vector_format(dst.suffix)[0] == "GeoJSON":
+            raise InputError(f"{mask.name} has no georeferencing: its polygons would be in pixel coordinates, "
+                             f"which every GeoJSON reader takes for longitudes and latitudes (GeoJSON has no "
+                             f"way to say 'no CRS'); write gpkg or fgb, which record none")
+        notes = [] if ground.georeferenced else [
+            f"{mask.name} has no georeferencing: polygons in pixel coordinates, areas in pixels"]
         names = class_names(mask, ds.tags()) or []
+        if not names:
+            names, table = classes_beside(mask)
+            if table is not None:
+                notes.append(f"class names from {table}")
         named = len(names)
         names = names + [str(v) for v in range(named, _class_count(ds, names))]
         keep = _keep(options.classes, names)
-        notes = [] if ground.georeferenced else [
-            f"{mask.name} has no georeferencing: polygons in pixel coordinates, areas in pixels"]
         stats = AreaStats(names, ground, named)
         polygons = StreamingPolygons(ds.width, ds.height, options.connectivity, keep, ds.nodata if ds.nodata is not None
                                      else None)
@@ -115,6 +124,26 @@ def vectorize_file(mask: Path, dst: Path, options: VectorOptions = VectorOptions
     if areas_csv is not None:
         write_text(areas_csv, stats.csv())
     return VectorResult(mask, written, writer.count, time.perf_counter() - start, stats, areas_csv, notes)
+
+
+def classes_beside(mask: Path) -> tuple[list[str], Path | None]:
+    """Class names by value from a `classes.csv` beside the mask or one folder up (where a raster
+    scene data set keeps it beside `labels/`, as `bigseg train` reads it); values it does not
+    list keep their numbers."""
+    from bigseg.errors import DatasetError
+    from bigseg.train.data.classes import read_classes_csv
+
+    for folder in (mask.parent, mask.parent.parent):
+        path = folder / "classes.csv"
+        if path.is_file():
+            try:
+                table = read_classes_csv(path)
+            except DatasetError:
+                return [], None  # not a class table bigseg can read: numbers, as without one
+            by_value = dict(zip(table.codes, table.names))
+            top = max(v for v in by_value if v >= 0)
+            return [by_value.get(v, str(v)) for v in range(top + 1)], path
+    return [], None
 
 
 def _open(mask: Path):
@@ -218,9 +247,11 @@ class VectorSummary:
     failed: list = field(default_factory=list)
 
 
-def find_masks(inputs: list[str], out: Path | None, options: VectorOptions, recursive: bool) -> tuple[list, list]:
+def find_masks(inputs: list[str], out: Path | str | None, options: VectorOptions,
+               recursive: bool) -> tuple[list, list]:
     """(jobs: mask -> polygons file, failures) for files, folders and globs of class masks. A
-    folder gives its bigseg masks (`*.mask.*`) when it has any, else every raster in it."""
+    folder gives its bigseg masks (`*.mask.*`) when it has any, else every raster in it. `out`: a
+    folder (an existing one, or any path written with a trailing slash) or, for one mask, a file."""
     from bigseg.run.discover import Failure, Job, expand_inputs
 
     found, failed, ignored = expand_inputs(inputs, recursive)
@@ -232,8 +263,14 @@ def find_masks(inputs: list[str], out: Path | None, options: VectorOptions, recu
     for folder, files in by_folder.items():
         ours = [m for m in files if ".mask." in m.name]
         chosen += ours if ours and len(ours) < len(files) and not _named_one_by_one(inputs, files) else files
-    if out is not None and out.suffix and len(chosen) == 1:
-        vector_format(out.suffix)
+    folder = out is not None and (str(out).endswith(("/", os.sep)) or Path(out).is_dir())
+    out = Path(out) if out is not None else None
+    if out is not None and out.suffix and len(chosen) == 1 and not folder:
+        try:
+            vector_format(out.suffix)
+        except InputError:
+            raise InputError(f"{out}: a polygons file ends in .gpkg, .geojson, .fgb or .shp; to write into a "
+                             f"folder, name an existing one or end the path with /", param="out") from None
         return [Job(chosen[0], out)], failed
     jobs = [Job(m, vector_paths(m, options, out)[0]) for m in sorted(set(chosen))]
     return jobs, failed + ([] if jobs or failed else [Failure(", ".join(inputs), "no class mask found")])

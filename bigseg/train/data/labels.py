@@ -204,6 +204,7 @@ class VectorLayer:
     wkb: np.ndarray
     field_values: np.ndarray | None
     _projected: dict = field(default_factory=dict, repr=False)
+    repaired: int = 0  # invalid polygons (self-intersecting, ...) made valid when read
 
     @classmethod
     def read(cls, path: Path, layer: str | None = None, class_field: str | None = None) -> "VectorLayer":
@@ -232,7 +233,33 @@ class VectorLayer:
             raise DatasetError(f"{path}: not a readable vector file ({first_line(e)})") from None
         crs = meta.get("crs")
         keep = np.array([g is not None for g in wkb], bool)
-        return cls(path, layer, class_field, crs, wkb[keep], values[0][keep] if class_field else None)
+        wkb, repaired = _valid(wkb[keep])
+        found = cls(path, layer, class_field, crs, wkb, values[0][keep] if class_field else None)
+        found.repaired = repaired
+        found.check_coordinates(info.get("driver"))
+        return found
+
+    def check_coordinates(self, driver: str | None) -> None:
+        """A layer whose CRS is geographic (GeoJSON without a `crs` member is WGS84 by definition)
+        but whose coordinates cannot be longitudes and latitudes: projected metres written without
+        saying so, a common slip. One line that says how to fix it, not PROJ's error later."""
+        import shapely
+
+        if self.crs is None or not len(self.wkb):
+            return
+        from pyproj import CRS
+
+        try:
+            geographic = CRS.from_user_input(self.crs).is_geographic
+        except Exception:  # a CRS pyproj cannot read: the reprojection says what is wrong
+            return
+        x0, y0, x1, y1 = shapely.total_bounds(shapely.from_wkb(self.wkb))
+        if geographic and (min(x0, y0) < -360 or max(x1, y1) > 360):
+            declared = "declares no CRS (GeoJSON then means WGS84 longitudes and latitudes)" \
+                if driver == "GeoJSON" else f"says its CRS is {self.crs}"
+            raise DatasetError(f"{self.path}: its coordinates ({x0:.0f}..{x1:.0f}, {y0:.0f}..{y1:.0f}) look "
+                               f"projected (metres), but the file {declared}; write the CRS they are in, e.g. "
+                               f"ogr2ogr -a_srs EPSG:32633 fixed.gpkg {self.path.name}")
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_projected": {}}
@@ -258,6 +285,19 @@ class VectorLayer:
         keep = np.isin(polys, (3, 6, 7))  # polygons, multipolygons, collections: lines and points label nothing
         bounds = tuple(shapely.total_bounds(geoms[keep])) if keep.any() else (0.0, 0.0, 0.0, 0.0)
         return Polygons(geoms[keep], values[keep].astype(np.int64), bounds)
+
+
+def _valid(wkb: np.ndarray) -> tuple[np.ndarray, int]:
+    """The polygons with every invalid one (a self-intersecting ring, a bow-tie) repaired by
+    shapely's `make_valid` (GEOS: the same area, split where the ring crosses itself), and how many."""
+    import shapely
+
+    geoms = shapely.from_wkb(wkb)
+    invalid = ~shapely.is_valid(geoms)
+    if not invalid.any():
+        return wkb, 0
+    geoms[invalid] = shapely.make_valid(geoms[invalid])
+    return shapely.to_wkb(geoms), int(invalid.sum())
 
 
 def _reproject(geoms: np.ndarray, src_crs, dst_crs) -> np.ndarray:

@@ -113,8 +113,13 @@ class SceneSource(Source):
 
     def _vector_layers(self) -> dict[Path, VectorLayer]:
         s = self.settings
-        return {p: VectorLayer.read(p, s.layer, s.class_field) for p in sorted({sc.labels for sc in self.scenes
-                                                                               if sc.vector})}
+        layers = {p: VectorLayer.read(p, s.layer, s.class_field) for p in sorted({sc.labels for sc in self.scenes
+                                                                                 if sc.vector})}
+        for layer in layers.values():
+            if layer.repaired:
+                self._note(f"{layer.path.name}: {layer.repaired} invalid polygon(s) (self-intersecting rings and "
+                           f"the like) repaired with make_valid: the same area, split where a ring crosses itself")
+        return layers
 
     def _derived_table(self, layers: dict[Path, VectorLayer]) -> ClassTable:
         """Without classes.csv: vector labels give background + the class field's values (or the

@@ -378,3 +378,49 @@ def test_a_named_engine_that_cannot_export_is_an_error_while_auto_falls_back_wit
     said = [n for r in summary["done"] for n in r["notes"] if "cannot be exported" in n]
     assert code == 0 and len(summary["done"]) == 2 and len(said) == 1
     assert err.count("cannot be exported") <= 1
+
+
+def test_an_input_far_from_the_models_imagery_is_warned_of_once(tmp_path, tiny_checkpoint, capsys):
+    """A 1-band uint16 0.5 m scene through a model of 8-bit RGB at 2 m: three warnings, each once."""
+    from rasterio.transform import from_origin
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt.input = {"bands": [1, 2, 3], "value_range": None, "pixel_size": [2.0, 2.0], "units": "metre",
+                  "eight_bit": True}
+    model = save_checkpoint(ckpt, tmp_path / "rgb8.pt")
+    data = np.random.default_rng(0).integers(0, 4000, (1, 90, 120)).astype(np.uint16)
+    src = tmp_path / "scene.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=120, height=90, count=1, dtype="uint16", crs="EPSG:32640",
+                       transform=from_origin(300000, 2770000, 0.5, 0.5)) as ds:
+        ds.write(data)
+    code, _, err = run_cli(capsys, "predict", src, "-m", model, "-o", tmp_path / "out", *FAST)
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert code == 0 and len(warnings) == 3, err
+    assert "1 band" in warnings[0] and "uint16" in warnings[1] and "0.5 metre" in warnings[2]
+    assert "single band repeated" not in err
+    ckpt.input = {}  # a model of 8-bit photographs: an 8-bit RGB image is what it knows
+    plain = save_checkpoint(ckpt, tmp_path / "photo.pt")
+    rgb = write_geotiff(tmp_path / "rgb.tif", 120, 90)
+    code, _, err = run_cli(capsys, "predict", rgb, "-m", plain, "-o", tmp_path / "out2", *FAST)
+    assert code == 0 and "warning" not in err
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="POSIX file size limits")
+def test_a_full_disk_is_one_line_that_names_the_cause_and_leaves_no_file(tmp_path, tiny_checkpoint):
+    """Simulated with a file size limit (ulimit -f): no raw libtiff lines, bigseg's own line says
+    why, and no half-written output is left."""
+    import resource
+    import subprocess
+    import sys
+
+    src = write_geotiff(tmp_path / "a.tif", 700, 600, seed=1)
+    out = tmp_path / "out"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))
+    done = subprocess.run([sys.executable, "-m", "bigseg", "predict", str(src), "-m", str(tiny_checkpoint), "-o",
+                           str(out), "--probs", *FAST], capture_output=True, text=True, preexec_fn=limit,
+                          env={**__import__("os").environ, "BIGSEG_ENGINE": "torch"}, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("note:")]
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("Error: ") and "file size limit" in lines[0] and "ulimit -f" in lines[0]
+    assert "_tiff" not in done.stderr and "TIFF" not in done.stderr
+    assert not out.exists() or not [p for p in out.iterdir() if p.suffix == ".tif" or ".partial" in p.name]

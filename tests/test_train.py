@@ -1014,3 +1014,28 @@ def test_rare_class_sampling_and_scene_balance_are_refused_for_image_folders_and
                                "--device", "cpu", "--workers", "0", "--max-steps", "1")
         assert code == 1 and expected in err, (option, value, err)
         assert not (run / "last.pt").exists()
+
+
+def test_eval_scores_in_fp32_on_the_cpu_and_keeps_its_report_beside_the_model_not_here(
+        tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    """As training validates (fp32 on the CPU), whatever bf16 units the CPU has; no file appears
+    in the working folder unasked."""
+    import shutil
+
+    from bigseg import device
+
+    monkeypatch.delenv("BIGSEG_PRECISION")  # the tests pin fp32; here eval's own default decides
+    monkeypatch.setattr(device, "native_bf16", lambda: True)
+    monkeypatch.chdir(tmp_path)
+    data = make_generic_dataset(tmp_path / "data", n=4)
+    model = tmp_path / "run" / "best.pt"
+    model.parent.mkdir()
+    shutil.copy(tiny_checkpoint, model)
+    code, out, err = run_cli(capsys, "eval", "--data", data, "--model", model, "--device", "cpu", "--engine", "torch")
+    assert code == 0, err
+    assert "(float32, cpu; report: " in out and not list(tmp_path.glob("eval-*.json"))
+    report = json.loads((tmp_path / "run" / "best.eval-val.json").read_text())
+    assert report["precision"] == "float32"
+    code, out, err = run_cli(capsys, "eval", "--data", data, "--model", model, "--device", "cpu", "--engine", "torch",
+                             "--precision", "bf16", "-o", tmp_path / "bf16.json")
+    assert code == 0 and json.loads((tmp_path / "bf16.json").read_text())["precision"] == "bfloat16"

@@ -61,3 +61,26 @@ def test_commit_refuses_an_incomplete_output(tmp_path):
 
 
 
+
+
+def test_the_overlay_has_a_legend_of_the_classes_it_shows(tmp_path):
+    """Each class the preview shows gets its colour swatch (and name); one it does not show, none."""
+    from bigseg.geometry import Window
+    from bigseg.io.writers import OverlayWriter
+
+    palette = [[200, 30, 30], [30, 200, 30], [30, 30, 200]]
+    labels = np.zeros((400, 600), np.uint8)
+    labels[:, 300:] = 2  # classes 0 and 2 shown, 1 not
+    writer = OverlayWriter(tmp_path / "o.png", 600, 400, palette, classes=["red", "green", "blue"])
+    writer.add_image(Window(0, 0, 600, 400), np.full((3, 400, 600), 128, np.float32))
+    writer.write(Window(0, 0, 600, 400), labels)
+    bare, drawn = writer.preview, writer.legend()
+    changed = np.any(bare != drawn, axis=2)
+    rows, cols = np.nonzero(changed)
+    assert changed.any() and rows.min() > 200 and cols.max() < 300  # a panel in the lower left corner only
+    panel = drawn[rows.min():rows.max() + 1, cols.min():cols.max() + 1].reshape(-1, 3).tolist()
+    assert [200, 30, 30] in panel and [30, 30, 200] in panel and [30, 200, 30] not in panel
+    tiny = OverlayWriter(tmp_path / "t.png", 12, 10, palette, classes=["red", "green", "blue"])
+    tiny.add_image(Window(0, 0, 12, 10), np.zeros((3, 10, 12), np.float32))
+    tiny.write(Window(0, 0, 12, 10), np.zeros((10, 12), np.uint8))
+    assert np.array_equal(tiny.legend(), tiny.preview)  # no room for a legend: none

@@ -20,7 +20,9 @@ def evaluate(
     model: O.Model = DEFAULT_MODEL,
     split: str = typer.Option("val", metavar="SPLIT", help="train, val or test (or joined, e.g. val+test); raster "
                               "scenes also take all (every scene, whole)."),
-    out: Path | None = typer.Option(None, "--out", "-o", metavar="FILE", help="JSON report path. Default: eval-<split>.json."),
+    out: Path | None = typer.Option(None, "--out", "-o", metavar="FILE",
+                                    help="JSON report path. Default: MODEL.eval-<split>.json beside a model file; "
+                                         "none for a shipped model."),
     tile: O.Tile = 1024,
     overlap: O.Overlap = None,
     batch_size: O.BatchSize = 4,
@@ -54,12 +56,15 @@ def evaluate(
         raise InputError(f"data not found: {data}")
 
     from bigseg.checkpoint import resolve_model
+    from bigseg.device import resolve_device
     from bigseg.predictor import Predictor
     from bigseg.runtime import keep_freed_memory, set_threads
     from bigseg.train.data import DataSet, DataSettings, ReadSettings, SplitSettings
     from bigseg.train.evaluation import evaluate as run_eval
 
     checkpoint = resolve_model(model)
+    if precision == "auto" and device in ("auto", "cpu") and resolve_device(device).type == "cpu":
+        precision = "fp32"  # scores comparable with training's validation (fp32 on the CPU), bf16 when asked
     trained = checkpoint.input  # a model trained on raster scenes reads them as it was trained
     read = ReadSettings(band_list or (tuple(trained["bands"]) if trained.get("bands") else None),
                         fixed_range or (tuple(trained["value_range"]) if trained.get("value_range") else None),
@@ -73,10 +78,12 @@ def evaluate(
     predictor = Predictor(checkpoint, device, precision, tile, overlap, batch_size, scale_factors, flip,
                           crf_settings, engine=engine, on_note=lambda message: print(f"note: {message}", file=sys.stderr))
     result = run_eval(predictor, subset)
-    report = out or Path(f"eval-{split}.json")
-    write_text(report, json.dumps({"model": model, "scales": list(predictor.scales), "flip": flip,
-                                   "crf": None if predictor.crf is None else vars(predictor.crf),
-                                   **result.to_dict()}, indent=1))
+    report = out or (Path(model).with_name(f"{Path(model).stem}.eval-{split}.json") if Path(model).is_file() else None)
+    numbers = str(predictor.dtype).removeprefix("torch.")
+    if report is not None:
+        write_text(report, json.dumps({"model": model, "precision": numbers, "scales": list(predictor.scales),
+                                       "flip": flip, "crf": None if predictor.crf is None else vars(predictor.crf),
+                                       **result.to_dict()}, indent=1))
     s = result.scores
     if not quiet:
         table = Table(title=f"{subset.name} {split}: {result.images} "
@@ -89,4 +96,6 @@ def evaluate(
         for scene, scene_scores in result.per_scene.items():
             print(f"{scene}: mIoU {100 * scene_scores['miou']:.2f}  pixel accuracy "
                   f"{100 * scene_scores['pixel_accuracy']:.2f}  ({scene_scores['pixels']} pixels)")
-    print(f"mIoU {100 * s['miou']:.2f}  pixel accuracy {100 * s['pixel_accuracy']:.2f}  ({report})")
+    kept = f"report: {report}" if report is not None else "report not kept: --out FILE keeps it"
+    print(f"mIoU {100 * s['miou']:.2f}  pixel accuracy {100 * s['pixel_accuracy']:.2f}  ({numbers}, "
+          f"{predictor.device.type}; {kept})")

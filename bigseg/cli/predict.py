@@ -165,7 +165,8 @@ def _events(progress: TileProgress, tile: int):
         elif kind == "done":
             progress.finish()
             for n in payload.notes:  # those said when they happened are not repeated
-                progress.note(f"{payload.input.name}: {n}", n)
+                warning = n.startswith("warning: ")
+                progress.note(f"warning: {payload.input.name}: {n[9:]}" if warning else f"{payload.input.name}: {n}", n)
             if payload.seams is not None:
                 s = payload.seams
                 progress.line(f"seams: {payload.input.name}: neighbouring tiles disagree on {100 * s['rate']:.3f}% "

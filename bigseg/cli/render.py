@@ -152,7 +152,7 @@ class TileProgress(_Display):
         said = self.__dict__.setdefault("_said", set())
         if said.isdisjoint({message, *also}):
             said.update({message, *also})
-            self.line(f"note: {message}")
+            self.line(message if message.startswith("warning: ") else f"note: {message}")
 
     def finish(self) -> None:
         if self.progress and self.task is not None:

@@ -1,7 +1,20 @@
-"""The GDAL settings every bigseg job runs under (entered once per job, around readers and writers)."""
+"""The GDAL settings every bigseg job runs under (entered once per job, around readers and writers),
+and writes through GDAL whose failures are said in words (`writing`)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from bigseg.errors import OutputError, first_line
+
+try:
+    import resource  # POSIX: the file size limit (ulimit -f)
+except ImportError:  # Windows
+    resource = None
 
 GDAL_CACHE_MB = 64  # GDAL's default is 5% of RAM, which would make memory grow with image size
 
@@ -23,3 +36,86 @@ def gdal_env(threads: int = 1):
     if threads > 1:
         options["GDAL_NUM_THREADS"] = str(threads)
     return rasterio.Env(**options)
+
+
+@contextlib.contextmanager
+def captured_stderr():
+    """What C libraries print straight to the process's stderr meanwhile (libtiff's and libpng's
+    messages bypass GDAL's, rasterio's and OpenCV's handlers), captured instead of printed: the
+    list yielded holds those lines once the block ends."""
+    printed: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    capture = tempfile.TemporaryFile()
+    os.dup2(capture.fileno(), 2)
+    try:
+        yield printed
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        capture.seek(0)
+        printed += [line for line in capture.read().decode(errors="replace").splitlines() if line.strip()]
+        capture.close()
+
+
+@contextlib.contextmanager
+def writing(path: Path, partial: Path | None = None):
+    """Around a write of `path` (its temporary file `partial`): the C libraries' own messages are
+    captured, a failed write becomes one OutputError that names the cause in words (a full disk,
+    the file size limit), and the messages of a write that succeeds are passed on."""
+    failure: Exception | None = None
+    with captured_stderr() as printed:
+        try:
+            yield
+        except OutputError:
+            raise
+        except Exception as e:  # rasterio's, GDAL's and the OS's own types
+            failure = e
+    if failure is not None:
+        raise OutputError(f"cannot write {path}: {write_failure(partial or path, failure, printed)}") from None
+    if printed:
+        print("\n".join(printed), file=sys.stderr)
+
+
+def write_failure(path: Path, error: BaseException | None = None, printed: list[str] = ()) -> str:
+    """Why writing `path` (the file as far as it got) failed, in words: a full disk, a file size
+    limit, or the first reason given."""
+    import errno
+
+    text = "\n".join([*printed, str(error or "")])
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "Disk quota" in text or _free(path) < 2 ** 20:
+        return f"the disk is full ({_free(path) / 2 ** 20:.1f} MiB free); free some space or write elsewhere (--out)"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else None
+    limited = limit is not None and limit != resource.RLIM_INFINITY
+    if code == errno.EFBIG or "File too large" in text or (limited and _size(path) >= limit - 65536):
+        if limited:
+            return (f"the file size limit was reached (ulimit -f: {_bytes(limit)}); raise it (ulimit -f unlimited) "
+                    f"or write smaller files")
+        return "the file system's largest file size was reached; write to another file system"
+    said = printed[0] if printed else first_line(error) if error is not None else "the encoder refused it"
+    if limited:  # an encoder that names no cause (libpng's "Write Error") under a file size limit
+        return f"{said}: likely the file size limit (ulimit -f: {_bytes(limit)}); raise it (ulimit -f unlimited)"
+    return said
+
+
+def _free(path: Path) -> float:
+    try:
+        return shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return 0.0
+
+
+def _size(path: Path) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -159,7 +159,8 @@ class OutputSet:
                                                  cog=write.cog, mask=True, resume_rows=resume_rows,
                                                  descriptions=[f"p({c})" for c in classes])
             if write.overlay:
-                writers["overlay"] = OverlayWriter(sibling(dst, "overlay", ".png"), width, height, palette)
+                writers["overlay"] = OverlayWriter(sibling(dst, "overlay", ".png"), width, height, palette,
+                                                   classes=list(classes))
         outputs = cls(_opened(open_writers))
         if not writes_png(kind, dst):
             outputs.styles = (list(classes), [list(p) for p in palette])

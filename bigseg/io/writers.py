@@ -28,6 +28,7 @@ import numpy as np
 from bigseg.atomic import commit as _commit
 from bigseg.atomic import partial_path, write_text
 from bigseg.atomic import remove as _remove
+from bigseg.io.gdal import captured_stderr, write_failure, writing
 from bigseg.errors import OutputError, first_line
 from bigseg.geometry import Window
 from bigseg.io.readers import Georef
@@ -221,9 +222,10 @@ class GeoTiffWriter:
             # only the blocks that received data: the ones beside them are nodata and stay absent
             c0, c1 = columns[0] // BLOCK * BLOCK, min(self.width, -(-columns[1] // BLOCK) * BLOCK)
             w = RWindow(c0, band * BLOCK, c1 - c0, rows)
-            self.ds.write(data[:, :, c0:c1], window=w)
-            if valid is not None:
-                self.ds.write_mask((valid[:, c0:c1] * 255).astype(np.uint8), window=w)
+            with writing(self.path, self.tmp):
+                self.ds.write(data[:, :, c0:c1], window=w)
+                if valid is not None:
+                    self.ds.write_mask((valid[:, c0:c1] * 255).astype(np.uint8), window=w)
         self._done_bands.add(band)
         while self.rows_written < self.height and self.rows_written // BLOCK in self._done_bands:
             self.rows_written = min(self.height, self.rows_written + BLOCK)
@@ -242,7 +244,8 @@ class GeoTiffWriter:
     def sync(self) -> None:
         """Close and reopen: every finished block row is on disk (fsync'd, so that a journal
         written next never outlives the data after a power loss), with a valid TIFF directory."""
-        self.ds.close()
+        with writing(self.path, self.tmp):
+            self.ds.close()
         fd = os.open(self.tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -264,13 +267,16 @@ class GeoTiffWriter:
         if self.overviews and not self.cog and max(self.width, self.height) > OVERVIEW_SIDE and not self.mostly_empty:
             from rasterio.enums import Resampling
 
-            self.ds.build_overviews(overview_factors(self.width, self.height), Resampling.nearest)
-        self.ds.close()
+            with writing(self.path, self.tmp):
+                self.ds.build_overviews(overview_factors(self.width, self.height), Resampling.nearest)
+        with writing(self.path, self.tmp):
+            self.ds.close()
         if self.cog:
             cog_tmp = self.tmp.with_name(self.tmp.name + ".cog.tif")
             try:
-                rasterio.shutil.copy(self.tmp, cog_tmp, driver="COG", COMPRESS="DEFLATE", SPARSE_OK=True,
-                                     BIGTIFF="IF_SAFER", OVERVIEW_RESAMPLING="NEAREST", BLOCKSIZE=BLOCK)
+                with writing(self.path, cog_tmp):
+                    rasterio.shutil.copy(self.tmp, cog_tmp, driver="COG", COMPRESS="DEFLATE", SPARSE_OK=True,
+                                         BIGTIFF="IF_SAFER", OVERVIEW_RESAMPLING="NEAREST", BLOCKSIZE=BLOCK)
             finally:
                 _remove(self.tmp)
             _commit(cog_tmp, self.path)
@@ -284,7 +290,10 @@ class GeoTiffWriter:
 
     def abort(self) -> None:
         try:
-            self.ds.close()
+            with captured_stderr():  # a write that failed fails again as it closes: said once already
+                self.ds.close()
+        except Exception:  # the same failure again; the partial file goes anyway
+            pass
         finally:
             _remove(self.tmp)
             _remove(self.tmp.with_name(self.tmp.name + ".cog.tif"))
@@ -310,12 +319,12 @@ class PngWriter:
         import cv2
 
         try:
-            ok = cv2.imwrite(str(self.tmp), self.array)
+            with captured_stderr() as printed:
+                ok = cv2.imwrite(str(self.tmp), self.array)
         except cv2.error as e:
-            ok = False
-            reason = str(e)
+            ok, reason = False, str(e)
         else:
-            reason = "encoder refused"
+            reason = write_failure(self.tmp, None, printed)
         if not ok:
             _remove(self.tmp)
             raise OutputError(f"cannot write {self.path}: {reason}")
@@ -327,13 +336,15 @@ class PngWriter:
 
 class OverlayWriter:
     """A colour preview of the mask blended over the image, at most `max_side` pixels on the long
-    side. The image pixels it samples are kept as tiles are read (`add_image`), so no input row
-    is read twice; each rectangle of labels is blended in as it arrives. Memory: the preview and
-    its image samples, bounded by `max_side` whatever the raster's size."""
+    side, with a legend of the classes it shows (name and colour) when `classes` are given. The
+    image pixels it samples are kept as tiles are read (`add_image`), so no input row is read
+    twice; each rectangle of labels is blended in as it arrives. Memory: the preview and its image
+    samples, bounded by `max_side` whatever the raster's size."""
 
     resumable = True
 
-    def __init__(self, path: Path, width: int, height: int, palette, max_side: int = 2048, alpha: float = 0.5):
+    def __init__(self, path: Path, width: int, height: int, palette, max_side: int = 2048, alpha: float = 0.5,
+                 classes: list[str] | None = None):
         f = max(width, height) / max_side if max(width, height) > max_side else 1.0
         self.rows = np.minimum((np.arange(int(round(height / f))) * f + f / 2).astype(np.int64), height - 1)
         self.cols = np.minimum((np.arange(int(round(width / f))) * f + f / 2).astype(np.int64), width - 1)
@@ -343,6 +354,8 @@ class OverlayWriter:
         lut[:len(palette[:NODATA])] = np.asarray(palette[:NODATA], np.float32)[:, :3]
         self.lut, self.alpha = lut, alpha
         self.path, self.tmp = path, partial_path(path)
+        self.classes = list(classes or [])
+        self.shown = np.zeros(256, bool)  # class values the preview shows
 
     def _sampled(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         pi = np.nonzero((self.rows >= window.row_off) & (self.rows < window.row_end))[0]
@@ -370,6 +383,7 @@ class OverlayWriter:
             lab = np.full((len(pi), len(pj)), NODATA, np.uint8)
         else:
             lab = labels[np.ix_(self.rows[pi] - window.row_off, self.cols[pj] - window.col_off)]
+        self.shown[np.unique(lab)] = True
         img = self.image[np.ix_(pi, pj)]
         blend = np.where((lab == NODATA)[..., None], img, (1 - self.alpha) * img + self.alpha * self.lut[lab])
         self.preview[np.ix_(pi, pj)] = np.clip(blend, 0, 255).astype(np.uint8)
@@ -377,12 +391,46 @@ class OverlayWriter:
     def write_nodata(self, window: Window) -> None:
         self.write(window, None)
 
+    def legend(self) -> np.ndarray:
+        """The preview with a legend in its lower left corner: a swatch and the name of each class
+        it shows, on a light panel; the bare preview where it is too small to hold one."""
+        import cv2
+
+        items = [(i, self.classes[i]) for i in np.nonzero(self.shown[:len(self.classes)])[0]]
+        out = self.preview.copy()
+        h, w = out.shape[:2]
+        if not items:
+            return out
+        font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, min(h, w) / 1000)
+        thick = max(1, round(scale * 1.6))
+        text_h = cv2.getTextSize("Ag", font, scale, thick)[0][1]
+        line, pad = int(text_h * 1.9) + 2, max(4, text_h // 2)
+        swatch = line - pad
+        width = max(cv2.getTextSize(name, font, scale, thick)[0][0] for _, name in items) + swatch + 3 * pad
+        height = line * len(items) + pad
+        if width + 2 * pad > w or height + 2 * pad > h:
+            return out
+        x0, y0 = pad, h - height - pad
+        panel = out[y0:y0 + height, x0:x0 + width].astype(np.float32)
+        out[y0:y0 + height, x0:x0 + width] = (0.25 * panel + 0.75 * 255).astype(np.uint8)
+        for k, (value, name) in enumerate(items):
+            top = y0 + pad + k * line
+            colour = tuple(int(c) for c in self.lut[value])
+            cv2.rectangle(out, (x0 + pad, top), (x0 + pad + swatch, top + swatch), colour, -1)
+            cv2.rectangle(out, (x0 + pad, top), (x0 + pad + swatch, top + swatch), (40, 40, 40), 1)
+            baseline = top + (swatch + text_h) // 2
+            cv2.putText(out, name, (x0 + 2 * pad + swatch, baseline), font, scale, (20, 20, 20), thick, cv2.LINE_AA)
+        return out
+
     def commit(self) -> Path:
         import cv2
 
-        if not cv2.imwrite(str(self.tmp), self.preview[..., ::-1]):
+        with captured_stderr() as printed:
+            ok = cv2.imwrite(str(self.tmp), self.legend()[..., ::-1])
+        if not ok:
+            reason = write_failure(self.tmp, None, printed)
             _remove(self.tmp)
-            raise OutputError(f"cannot write {self.path}")
+            raise OutputError(f"cannot write {self.path}: {reason}")
         return _commit(self.tmp, self.path)
 
     def abort(self) -> None:

@@ -188,6 +188,7 @@ def input_description(train: DataSplit, cfg: TrainConfig) -> dict[str, Any]:
     info = source.info[train.regions[0].item]  # the first training scene's (the notes say if others differ)
     return {"bands": list(info.band_indexes), "value_range": list(cfg.value_range) if cfg.value_range else None,
             "pixel_size": list(info.pixel_size) if info.pixel_size else None, "units": info.units,
+            "eight_bit": bool(info.eight_bit),
             "label_values": list(source.table.codes)}
 
 

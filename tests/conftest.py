@@ -47,6 +47,23 @@ def torch_engine_and_private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """The CLI installs SIGTERM and SIGINT handlers (a stop saves what a job has) when a test runs
+    it in this process; they must not outlive the test, or a `timeout` or Ctrl-C meant for pytest
+    would be taken for a job's stop and the suite would run on."""
+    import signal
+
+    from bigseg import runtime
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in before.items():
+        if signal.getsignal(s) is not handler:
+            signal.signal(s, handler)
+    runtime._stop_signal, runtime._pending = None, False
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
     model = tiny_model()

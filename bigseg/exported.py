@@ -119,17 +119,17 @@ def cpu_precision(precision: str) -> str | None:
     return {"fp32": "f32", "bf16": "bf16"}.get(precision)
 
 
-def warm_choice(timing: Any, shape: tuple[int, int]) -> str | None:
-    """The exported runtime a warm start uses for tiles of `shape` given this machine's timing of
-    a batch of two in each engine (`bigseg.engines`), or None for the torch predictor: the fastest
-    exported runtime, unless torch is so much faster per batch that, over the largest image run
-    here (`MAX_PIXELS`), it gains back its own start-up."""
+def warm_choice(timing: Any, shape: tuple[int, int], tiles: int | None = None) -> str | None:
+    """The exported runtime a warm start uses for `tiles` tiles of `shape` (None: as many as the
+    largest image run here, `MAX_PIXELS`) given this machine's timing of a batch of two in each
+    engine (`bigseg.engines`), or None for the torch predictor: the fastest exported runtime,
+    unless torch is so much faster per batch that over those tiles it gains back its start-up."""
     wanted = ("torch", *(r for r in RUNTIMES if available(r)))
     if not isinstance(timing, dict) or not all(isinstance(timing.get(k), (int, float)) for k in wanted[:2]):
         return None
     exported = [r for r in wanted[1:] if isinstance(timing.get(r), (int, float))]
     best = min(exported, key=timing.get)
-    batches = math.ceil(MAX_PIXELS / (shape[0] * shape[1]) / 2)
+    batches = math.ceil((tiles if tiles is not None else MAX_PIXELS / (shape[0] * shape[1])) / 2)
     return None if (timing[best] - timing["torch"]) * batches > TORCH_START_S else best
 
 
@@ -163,6 +163,7 @@ class ExportedPredictor(Notes):
         self._compiled: dict[tuple[int, int], Any] = {}
         self._fallback, self._torch = fallback, None
         self._probs = False
+        self.tiles: int | None = None  # tiles of the image being run (the warm start's choice weighs them)
 
     @property
     def num_classes(self) -> int:
@@ -199,7 +200,7 @@ class ExportedPredictor(Notes):
         runtime = self.runtime
         if self.auto:  # the runtime this machine's timing chose (torch: the torch predictor's)
             timing = record.get("timings", {}).get(machine(self.threads, self.precision))
-            runtime = warm_choice(timing, shape)
+            runtime = warm_choice(timing, shape, self.tiles)
             if runtime is None:
                 return None
         if not path.is_file() or record.get("sha256") != sha256(path):
@@ -248,6 +249,7 @@ class ExportedPredictor(Notes):
 
     def stream(self, grid: TileGrid, read: Callable, finish: Callable | None = None, prefetch: int = 0,
                **options: Any):
+        self.tiles = len(grid)
         if grid.width * grid.height > MAX_PIXELS:  # a large image: the torch predictor's stitching
             torch_side = self.torch()
             return torch_side.stream(grid, read, torch_side.labels_and_probabilities(self._probs), prefetch, **options)

@@ -130,3 +130,48 @@ def test_a_large_image_goes_to_the_torch_predictors_stitching_with_the_same_labe
 
     a, b = (rasterio.open(p).read(1) for p in (reference.output, result.output))
     assert built == [1] and np.array_equal(a, b)
+
+
+def test_the_warm_start_takes_a_runtime_unless_torch_wins_back_its_start_up():
+    """Timing of a batch of two: torch 0.20 s, OpenVINO 0.26 s. A photo (one tile) starts faster
+    without torch; 200 tiles of it would not (0.06 s x 100 batches > torch's start-up)."""
+    from bigseg.exported import TORCH_START_S, warm_choice
+
+    timing = {"torch": 0.20, "openvino": 0.26, "onnx": 0.50}
+    assert warm_choice(timing, (384, 512), tiles=1) == "openvino"
+    assert warm_choice(timing, (384, 512), tiles=200) is None
+    assert 100 * 0.06 > TORCH_START_S
+    assert warm_choice({"torch": 0.5, "openvino": 0.3, "onnx": 0.4}, (1024, 1024), tiles=500) == "openvino"
+    assert warm_choice({"openvino": 0.3}, (64, 64), tiles=1) is None  # no torch timing: not timed here
+
+
+def test_dry_run_says_the_engine_and_why(tiny_checkpoint, tmp_path, monkeypatch):
+    from bigseg import engines
+    from bigseg.run.plan import describe_engine
+
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
+    ckpt = load_checkpoint(tiny_checkpoint)
+    predictor = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
+    assert "torch (float32) at first" in describe_engine(predictor, (100, 120), (120, 100))
+    predictor.engine.export_after = 0.0  # as for a shipped model
+    assert "exported for" in describe_engine(predictor, (100, 120), (120, 100))
+    predictor.scores(np.zeros((3, 100, 120), np.float32))  # exports, times
+    said = describe_engine(predictor, (100, 120), (120, 100))
+    assert "a batch of 2" in said and ("timed on this machine" in said or "without torch" in said)
+    monkeypatch.setattr(engines.ExportedEngine, "_failure", lambda self, shape, bands: "forced")
+    assert "does not export (forced)" in describe_engine(predictor, (100, 120), (120, 100))
+
+
+def test_models_prepare_exports_and_times_each_size_so_the_next_run_starts_without_torch(
+        tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from tests.cli_helpers import run_cli
+
+    monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_cli(capsys, "models", "--prepare", tiny_checkpoint, "--size", "64x80")
+    assert code == 0, err
+    assert "preparing" in err and "64x80: " in out
+    records = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "onnx").glob("*.json")
+               if p.name != "export-seconds"]
+    assert len(records) == 1 and records[0]["timings"]  # exported (64 x 128 padded) and timed here
+    code, _, err = run_cli(capsys, "models", "--prepare", tiny_checkpoint, "--size", "64by80")
+    assert code == 1 and "--size takes HEIGHTxWIDTH" in err

@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from bigseg.errors import describe_failure
+from bigseg.exported import MAX_PIXELS, warm_choice
 from bigseg.geometry import TileGrid, stitcher_peak_pixels
 from bigseg.io.gdal import gdal_env
 from bigseg.io.outputs import describe
@@ -213,27 +214,50 @@ def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, e
             outputs=describe(dst, reader.kind, reader.width, reader.height, predictor.num_classes, options.write))
         plan.memory_mib = memory_estimate(predictor, reader.width, reader.height, plan.bands, options.write.probs)
         plan.model = predictor.checkpoint.source
-        plan.engine = describe_engine(predictor, (min(predictor.tile, reader.height), min(predictor.tile, reader.width)))
+        plan.engine = describe_engine(predictor, (min(predictor.tile, reader.height), min(predictor.tile, reader.width)),
+                                      (reader.width, reader.height))
         plan.notes += memory_warnings(plan.memory_mib, predictor.device)
         if estimate:
             plan.estimate_seconds = _time_estimate(predictor, reader, grid)
     return plan
 
 
-def describe_engine(predictor: Predictor, shape: tuple[int, int]) -> str:
-    """The engine and precision a run will use, in words (`auto`: what it knows before running)."""
+def describe_engine(predictor: Predictor, shape: tuple[int, int], image: tuple[int, int] | None = None) -> str:
+    """The engine and precision a run will use, and why, in words (`auto`: what it knows before
+    running: timed here, exported but not timed, to be exported, or torch); with the image's
+    (width, height) `image`, whether it starts without torch (`bigseg.exported`)."""
     engine, precision = predictor.engine, str(predictor.dtype).removeprefix("torch.")
     if engine.name == "torch":
         return f"torch ({precision})"
     bands = predictor.checkpoint.in_channels
     in_runtime = lambda r: f"{r} ({engine.precision if r == 'openvino' else 'float32'})"
+    padded = engine.padded(shape)
+    failed = engine._failure(padded, bands) if hasattr(engine, "_failure") else None
+    if failed is not None:
+        if not engine.choose:
+            return f"{engine.name}: cannot run this model ({failed}); the run will stop with an error"
+        return f"torch ({precision}): the model does not export ({failed}) (auto)"
     if not engine.choose:
         return in_runtime(engine.name)
+    exported = (engine.folder / f"{engine.key(padded, bands)}.onnx").is_file()
     runtime = engine.expected_runtime(shape, bands)
-    if runtime is None:
-        return f"torch ({precision}): fastest here on these tiles, or the model does not export (auto)"
-    if (engine.folder / f"{engine.key(engine.padded(shape), bands)}.onnx").is_file():
-        return f"{in_runtime(runtime)}, exported and cached (auto)"
+    timing = engine.timing(padded, bands)
+    if timing is not None:
+        times = ", ".join(f"{k} {v:.2f} s" for k, v in timing.items())
+        plain = predictor.scales == (1.0,) and not predictor.flip and predictor.crf is None
+        small = image is not None and image[0] * image[1] <= MAX_PIXELS
+        warm = warm_choice(timing, padded, len(predictor.grid(*image))) if plain and small else None
+        if warm is not None:
+            return (f"{in_runtime(warm)}, without torch (a warm start: its runtime gives the faster command "
+                    f"here; {times} a batch of 2) (auto)")
+        chosen = f"torch ({precision})" if runtime is None else in_runtime(runtime)
+        return f"{chosen}: fastest here on these tiles, timed on this machine ({times} a batch of 2) (auto)"
+    if exported:
+        return f"{in_runtime(runtime or engine.runtimes[0])} or torch: exported, not timed here yet; " \
+               f"timed at the first batch, a few seconds (auto)"
+    if engine.export_after <= 0:
+        return (f"exported for {', '.join(engine.runtimes)} at the first batch (once, tens of seconds), timed, "
+                f"then the fastest of them and torch; later runs of this size start at once (auto)")
     return (f"torch ({precision}) at first, then whichever of {', '.join(engine.runtimes)} and torch is fastest "
             f"here once torch has spent an export's cost on these tiles (auto)")
 

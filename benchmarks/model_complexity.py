@@ -38,6 +38,10 @@ ROWS = [
     ("refinenet-rn101", "crp 4", "reference", 118.05, 2103.0, "DrSleep port (4-stage CRP)"),
     ("dupsampling-rn50", "paper", {}, NAN, NAN, "(paper gives relative cost only)"),
     ("dynamic-routing-l16", "raw", {}, NAN, 119.5, "paper, all gates open; repo 114.9"),
+    ("swiftnet-rn18", "single scale", {}, 11.8, 104.0, "SwiftNet paper; authors' code 11.80 M / 103.6"),
+    ("swiftnet-lite0", "Lite0", {}, NAN, NAN, ""),
+    ("swiftnet-lite1", "Lite1", {}, NAN, NAN, ""),
+    ("swiftnet-lite2", "Lite2", {}, NAN, NAN, ""),
 ]
 
 

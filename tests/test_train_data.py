@@ -550,7 +550,7 @@ def test_predict_reads_the_bands_the_model_was_trained_on_and_notes_another_pixe
 
 
 def test_the_batchnorm_probe_scores_a_model_with_recomputed_statistics_and_leaves_its_file(tmp_path, capsys):
-    """weights/batchnorm_probe.py, the land-cover card's figures: a score per scene balance."""
+    """tools/batchnorm_probe.py, the land-cover card's figures: a score per scene balance."""
     import hashlib
     import re
     from pathlib import Path
@@ -566,7 +566,7 @@ def test_the_batchnorm_probe_scores_a_model_with_recomputed_statistics_and_leave
     assert code == 0, err
     model = tmp_path / "run" / "final.pt"
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
-    script = Path(__file__).resolve().parents[1] / "weights" / "batchnorm_probe.py"
+    script = Path(__file__).resolve().parents[1] / "tools" / "batchnorm_probe.py"
     out = subprocess.run([sys.executable, str(script), str(model), str(data), str(tmp_path / "probe"), "0", "1",
                           "--batches", "2", "--crop", "64", "--batch-size", "4"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

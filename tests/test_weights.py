@@ -65,7 +65,7 @@ def test_the_model_cards_learning_curve_ends_at_the_shipped_scores_and_draws(tmp
     assert (val, test) == (shipped["val"], shipped.get("test"))
     starts = [s["start"] for s in curve["stages"]]
     assert starts == sorted(starts) and len(entry["training_commands"]) == len(curve["stages"])
-    spec = importlib.util.spec_from_file_location("plot_curve", folder / "plot_curve.py")
+    spec = importlib.util.spec_from_file_location("plot_curve", folder.parent / "tools" / "plot_curve.py")
     plot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot)
     (tmp_path / spec_name).write_text(json.dumps(curve))

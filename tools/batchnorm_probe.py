@@ -2,9 +2,9 @@
 training windows drawn with each scene balance (`bigseg train --scene-balance`) and score each on
 the validation split, as a training run validates. The weights are not changed on disk.
 
-    python weights/batchnorm_probe.py MODEL.pt DATA RUN_DIR [BALANCE ...] [--batches N]
+    python tools/batchnorm_probe.py MODEL.pt DATA RUN_DIR [BALANCE ...] [--batches N]
 
-e.g. `python weights/batchnorm_probe.py weights/landcover-dubai.pt ../shared/data/aerial/dubai
+e.g. `python tools/batchnorm_probe.py weights/landcover-dubai.pt ../shared/data/aerial/dubai
 /tmp/probe 0 1` (the land-cover card's figures: two runs of about 200 s on 2 CPU cores).
 """
 from __future__ import annotations

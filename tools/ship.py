@@ -1,7 +1,7 @@
 """Ship a trained run: write its best model in half precision to weights/ and record it in the
 manifest with its sha256, classes, palette, normalisation, training command, data and metrics.
 
-    python -m bigseg.weights.ship runs/camvid/best.pt ladder-dn121-camvid \\
+    python tools/ship.py runs/camvid/best.pt ladder-dn121-camvid \\
         --eval val=eval-val.json --eval test=eval-test.json --command "bigseg train ..." --data CamVid
 
 A model trained in stages (a schedule continued from earlier weights with `--init`) names every
@@ -17,7 +17,7 @@ from bigseg.atomic import write_text
 from bigseg.checkpoint import half_precision, load_checkpoint, save_checkpoint
 from bigseg.manifest import sha256
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "weights"  # the shipped weights, their manifest and figures
 
 
 def main() -> None:

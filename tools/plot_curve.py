@@ -2,8 +2,8 @@
 the model has one, test) mIoU by epoch counted over the stages, the parts tried and not shipped,
 and the target. OpenCV only, as `bigseg train` draws its curves.
 
-    python weights/plot_curve.py                              # curve.json -> curves.png (CamVid)
-    python weights/plot_curve.py landcover-dubai-curve.json   # -> landcover-dubai-curve.png
+    python tools/plot_curve.py                              # curve.json -> curves.png (CamVid)
+    python tools/plot_curve.py landcover-dubai-curve.json   # -> landcover-dubai-curve.png
 
 A spec holds `stages` and `after` (each part a `name`, the epoch it `start`s from and its `points`,
 [epoch, val, test] with null for a split not scored), `target_val` and/or `target_test`, the
@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "weights"  # the shipped weights, their manifest and figures
 W, H, PAD = 960, 420, 60
 VAL, TEST, AFTER, GREY = (40, 140, 40), (30, 60, 200), (150, 150, 150), (200, 200, 200)
 LABELS = {"val": "val mIoU", "test": "test mIoU", "after": "parts tried after the shipped file (not shipped)"}

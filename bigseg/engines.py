@@ -274,8 +274,13 @@ class ExportedEngine:
         return None if best == "torch" else best
 
     def timing(self, shape: tuple[int, int], bands: int) -> dict | None:
-        """This machine's recorded timing of the padded `shape` (seconds a batch of two per engine)."""
+        """This machine's recorded timing of the padded `shape` (seconds a tile per engine)."""
         return _recorded_timing(self.folder / f"{self.key(shape, bands)}.json", self._machine(), self.runtimes)
+
+    @property
+    def bf16_openvino(self) -> bool:
+        """OpenVINO computes in bf16 here (asked for, and the CPU has the units)."""
+        return self.precision == "bf16" and "openvino" in self.runtimes and native_bf16()
 
     def _machine(self) -> str:
         return machine(self.threads, self.precision)
@@ -301,10 +306,13 @@ class ExportedEngine:
         return self._race(shape, bands, path, meta)
 
     def _race(self, shape: tuple[int, int], bands: int, path: Path, meta: Path):
-        """Time every runtime and torch on this shape once, keep the timing with the cache entry
-        (per machine), and run the fastest."""
-        runners = {r: run for r in self.runtimes if (run := self._run(path, r)) is not None}
-        example = torch.randn(2, bands, *shape, generator=torch.Generator().manual_seed(1))
+        """Time the runtimes and torch on one tile of this shape once (a few seconds), keep the
+        timing with the cache entry (per machine), and run the fastest. Where OpenVINO computes in
+        bf16 on bf16 units, ONNX Runtime (fp32 only) is not timed: it cannot win there (half
+        OpenVINO bf16's speed or less, docs/engines.md)."""
+        runtimes = [r for r in self.runtimes if not (r == "onnx" and self.bf16_openvino)]
+        runners = {r: run for r in runtimes if (run := self._run(path, r)) is not None}
+        example = torch.randn(1, bands, *shape, generator=torch.Generator().manual_seed(1))
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
 
         def in_torch():
@@ -320,7 +328,7 @@ class ExportedEngine:
         self.chosen[shape] = best
         self.note(f"{NAMES[best]} is fastest here on {shape[0]}x{shape[1]} tiles ("
                   + ", ".join(f"{NAMES[k]} {v:.2f} s" for k, v in timing.items())
-                  + f" a batch of 2, {self.precision}): using it (measured once; --engine chooses)")
+                  + f" a tile, {self.precision}): using it (measured once; --engine chooses)")
         return runners.get(best)
 
     def _export(self, path: Path, meta: Path, shape: tuple[int, int], bands: int) -> None:
@@ -387,15 +395,16 @@ def _record_export_seconds(folder: Path, seconds: float) -> None:
 
 
 def _recorded_timing(meta: Path, machine: str, runtimes: tuple[str, ...]) -> dict | None:
-    """The timing of torch and `runtimes` recorded in a cache entry's record for `machine`, if it
-    holds them all."""
+    """The timing of torch and those of `runtimes` that were timed, recorded in a cache entry's
+    record for `machine`, if it holds torch's and at least one runtime's."""
     try:
         timing = json.loads(meta.read_text()).get("timings", {}).get(machine)
     except (OSError, ValueError, AttributeError):
         return None
-    wanted = ("torch", *runtimes)
-    ok = isinstance(timing, dict) and all(isinstance(timing.get(k), (int, float)) for k in wanted)
-    return {k: timing[k] for k in wanted} if ok else None
+    if not isinstance(timing, dict) or not isinstance(timing.get("torch"), (int, float)):
+        return None
+    timed = {k: timing[k] for k in ("torch", *runtimes) if isinstance(timing.get(k), (int, float))}
+    return timed if len(timed) > 1 else None
 
 
 def _race(runs: dict[str, Callable[[], object]], rounds: int = 2) -> dict[str, float]:

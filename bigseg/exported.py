@@ -121,16 +121,17 @@ def cpu_precision(precision: str) -> str | None:
 
 def warm_choice(timing: Any, shape: tuple[int, int], tiles: int | None = None) -> str | None:
     """The exported runtime a warm start uses for `tiles` tiles of `shape` (None: as many as the
-    largest image run here, `MAX_PIXELS`) given this machine's timing of a batch of two in each
-    engine (`bigseg.engines`), or None for the torch predictor: the fastest exported runtime,
-    unless torch is so much faster per batch that over those tiles it gains back its start-up."""
-    wanted = ("torch", *(r for r in RUNTIMES if available(r)))
-    if not isinstance(timing, dict) or not all(isinstance(timing.get(k), (int, float)) for k in wanted[:2]):
+    largest image run here, `MAX_PIXELS`) given this machine's timing of one tile in each engine
+    (`bigseg.engines`), or None for the torch predictor: the fastest exported runtime, unless
+    torch is so much faster per tile that over those tiles it gains back its start-up."""
+    if not isinstance(timing, dict) or not isinstance(timing.get("torch"), (int, float)):
         return None
-    exported = [r for r in wanted[1:] if isinstance(timing.get(r), (int, float))]
+    exported = [r for r in RUNTIMES if available(r) and isinstance(timing.get(r), (int, float))]
+    if not exported:
+        return None
     best = min(exported, key=timing.get)
-    batches = math.ceil((tiles if tiles is not None else MAX_PIXELS / (shape[0] * shape[1])) / 2)
-    return None if (timing[best] - timing["torch"]) * batches > TORCH_START_S else best
+    tiles = tiles if tiles is not None else math.ceil(MAX_PIXELS / (shape[0] * shape[1]))
+    return None if (timing[best] - timing["torch"]) * tiles > TORCH_START_S else best
 
 
 class Arrays(dict):

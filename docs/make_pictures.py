@@ -3,7 +3,7 @@
 - `street.jpg`: the shipped example street (`examples/street.jpg`, rendered by bigseg) beside the
   overlay of `bigseg predict --overlay` with the default model;
 - `aerial.jpg`: a crop of a Dubai satellite mosaic (CC0; `../shared/data/aerial/dubai`, a tile the
-  land-cover model never trained on) beside its prediction's overlay, with the class legend;
+  land-cover model never trained on) beside its prediction's overlay (with its legend of classes);
 - `polygons.jpg`: the same crop with the polygons of `predict --vector` drawn over it.
 
     python docs/make_pictures.py [--aerial-model landcover-dubai] [--data ../shared/data]
@@ -47,16 +47,6 @@ def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 8) -> np.ndarra
     return np.hstack([pad(left), np.full((h, gap, 3), 255, np.uint8), pad(right)])
 
 
-def legend(classes: list[str], palette: list[list[int]], width: int) -> np.ndarray:
-    row = np.full((34, width, 3), 255, np.uint8)
-    x = 8
-    for name, colour in zip(classes, palette):
-        cv2.rectangle(row, (x, 9), (x + 16, 25), tuple(int(c) for c in colour[::-1]), -1)
-        cv2.putText(row, name, (x + 22, 23), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (40, 40, 40), 1, cv2.LINE_AA)
-        x += 30 + 9 * len(name)
-    return row
-
-
 def street(work: Path) -> None:
     bigseg("predict", ROOT / "examples" / "street.jpg", "-o", work, "--overlay", "-q")
     image = cv2.imread(str(ROOT / "examples" / "street.jpg"))
@@ -89,7 +79,7 @@ def aerial(work: Path, data: Path, model: str, crop: tuple[int, int, int]) -> No
     scale = 640 / side
     pair = side_by_side(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA),
                         cv2.resize(overlay, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
-    save(np.vstack([pair, legend(classes, palette, pair.shape[1])]), OUT / "aerial.jpg")
+    save(pair, OUT / "aerial.jpg")  # the overlay carries its own legend
     drawn = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     polygons(drawn, work / "dubai.polygons.gpkg", palette, scale)
     save(drawn, OUT / "polygons.jpg")

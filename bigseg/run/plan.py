@@ -249,9 +249,9 @@ def describe_engine(predictor: Predictor, shape: tuple[int, int], image: tuple[i
         warm = warm_choice(timing, padded, len(predictor.grid(*image))) if plain and small else None
         if warm is not None:
             return (f"{in_runtime(warm)}, without torch (a warm start: its runtime gives the faster command "
-                    f"here; {times} a batch of 2) (auto)")
+                    f"here; {times} a tile) (auto)")
         chosen = f"torch ({precision})" if runtime is None else in_runtime(runtime)
-        return f"{chosen}: fastest here on these tiles, timed on this machine ({times} a batch of 2) (auto)"
+        return f"{chosen}: fastest here on these tiles, timed on this machine ({times} a tile) (auto)"
     if exported:
         return f"{in_runtime(runtime or engine.runtimes[0])} or torch: exported, not timed here yet; " \
                f"timed at the first batch, a few seconds (auto)"

@@ -5,7 +5,8 @@ run that is not counted), with the share of valid pixels whose labels agree and 
     python benchmarks/cpu_predict_seconds.py --before /tmp/d35d572 \\
         --ortho ../shared/data/ortho/yb_z21_epsg3857_jpeg_mask.tif --crop 2048 --model ladder-dn121-camvid
 
-The baseline runs with its own defaults (`--engine` as it chooses); this checkout runs `auto` and,
+`--also MODEL` times other models' whole predict in this checkout too (e.g. a SwiftNet against
+`ladder-dn121`). The baseline runs with its own defaults (`--engine` as it chooses); this checkout runs `auto` and,
 for reference, `--engine torch --precision fp32`, whose labels are the fp32 reference. Each
 checkout gets a cache folder of its own. Figures: user + system CPU seconds of the command and its
 children (all threads), and wall seconds.
@@ -71,19 +72,22 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=2048)
     p.add_argument("--model", default="ladder-dn121-camvid")
     p.add_argument("--work", type=Path, default=None)
+    p.add_argument("--also", action="append", default=[], metavar="MODEL",
+                   help="another model (name or .pt) whose whole predict this checkout runs too, auto, warm")
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bigseg-cpu-"))
     work.mkdir(parents=True, exist_ok=True)
     src = crop(args.ortho, args.crop, work / f"ortho_{args.crop}.tif")
     print(f"CPU: {cpu_kind()}; input {src} ({args.crop}x{args.crop})", flush=True)
-    arms = {"baseline": (args.before, []), "auto": (HERE, ["--engine", "auto"]),
-            "torch fp32": (HERE, ["--engine", "torch", "--precision", "fp32"])}
+    arms = {"baseline": (args.before, args.model, []), "auto": (HERE, args.model, ["--engine", "auto"]),
+            "torch fp32": (HERE, args.model, ["--engine", "torch", "--precision", "fp32"]),
+            **{f"auto {Path(m).stem}": (HERE, m, ["--engine", "auto"]) for m in args.also}}
     seconds = {}
-    for name, (checkout, extra) in arms.items():
+    for name, (checkout, model, extra) in arms.items():
         cache = work / f"cache-{name.replace(' ', '-')}"
         dst = work / f"{name.replace(' ', '-')}.tif"
-        run(checkout, src, dst, args.model, cache, extra)  # warm-up: exports, timings, cards
-        cpu, wall = run(checkout, src, dst, args.model, cache, extra)
+        run(checkout, src, dst, model, cache, extra)  # warm-up: exports, timings, cards
+        cpu, wall = run(checkout, src, dst, model, cache, extra)
         seconds[name] = cpu
         print(f"{name:<11} {cpu:7.1f} CPU s ({cpu / (args.crop ** 2 / 1e6):.2f} CPU s/MP), {wall:6.1f} s wall", flush=True)
     reference = labels(work / "torch-fp32.tif")
@@ -92,6 +96,9 @@ def main() -> None:
         agree = float((labels(work / f"{name}.tif") == reference)[valid].mean())
         print(f"{name:<11} labels equal to torch fp32 on {agree:.4%} of valid pixels")
     print(f"auto / baseline: {seconds['baseline'] / seconds['auto']:.2f}x fewer CPU seconds")
+    for name in arms:
+        if name.startswith("auto "):
+            print(f"{name} / auto {args.model}: {seconds[name] / seconds['auto']:.2f}x the CPU seconds")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import math
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-NODATA = 255
 SCALE_TOLERANCE = 0.005  # planar areas where the map's scale is within 0.5% of true over the grid
 SCALE_STEP = 64          # pixels between the samples of a distorted projection's areal scale
 

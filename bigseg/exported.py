@@ -30,7 +30,6 @@ from bigseg.notes import Notes
 from bigseg.cache import native_bf16
 from bigseg.tiling import NUMPY, Pipeline, stream_tiles
 
-NODATA = 255
 CARDS = "models"
 # Larger images go to the torch predictor (torch imported then). Up to this size the numpy path was
 # as fast or faster on the 2-core AVX-512 BF16 EPYC measured (docs/engines.md): 4096x4096 of the

@@ -1,5 +1,8 @@
-"""Class colours for any number of classes: the PASCAL VOC bit-interleaved colour map."""
+"""Class colours for any number of classes (the PASCAL VOC bit-interleaved colour map), and the
+one label value that is no class."""
 from __future__ import annotations
+
+NODATA = 255  # the label of pixels without valid input, in every mask bigseg writes and counts
 
 
 def default_palette(n: int) -> list[list[int]]:

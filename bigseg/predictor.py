@@ -30,10 +30,10 @@ from bigseg.geometry import TileGrid, Window, choose_overlap, default_overlap, s
 from bigseg.manifest import read_manifest, sha256
 from bigseg.notes import Notes
 from bigseg.tiling import NUMPY, Pipeline, stream_tiles
+from bigseg.palette import NODATA
 
 DEFAULT_TILE = 1024
 DEFAULT_BATCH = 4
-NODATA = 255          # the label of pixels without valid input
 
 
 class Predictor(Notes):

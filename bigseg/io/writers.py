@@ -32,8 +32,8 @@ from bigseg.io.gdal import captured_stderr, write_failure, writing
 from bigseg.errors import OutputError, first_line
 from bigseg.geometry import Window
 from bigseg.io.readers import Georef
+from bigseg.palette import NODATA
 
-NODATA = 255
 BLOCK = 512
 OVERVIEW_SIDE = 4096  # masks larger than this on their long side get overviews (GIS tools draw them fast)
 

@@ -4,6 +4,10 @@ manifest with its sha256, classes, palette, normalisation, training command, dat
     python tools/ship.py runs/camvid/best.pt ladder-dn121-camvid \\
         --eval val=eval-val.json --eval test=eval-test.json --command "bigseg train ..." --data CamVid
 
+`--eight-bit` and `--pixel-size METRES` record what a run's checkpoint could not know of its
+imagery (8-bit data of a run that predates the record; the ground pixel size of imagery without
+georeferencing, an estimate), so that `bigseg predict` warns of inputs far from it.
+
 A model trained in stages (a schedule continued from earlier weights with `--init`) names every
 stage's command in order with one `--command` each; the manifest keeps them all.
 """
@@ -29,9 +33,18 @@ def main() -> None:
                         help="the `bigseg train` command that made it (once per stage, in order)")
     parser.add_argument("--data", required=True, help="what it was trained on")
     parser.add_argument("--licence", default="")
+    parser.add_argument("--eight-bit", action="store_true",
+                        help="record that the training imagery was 8-bit (runs that predate the record)")
+    parser.add_argument("--pixel-size", type=float, default=None, metavar="METRES",
+                        help="record the training imagery's ground pixel size where its files give none (an "
+                             "estimate, said on the card): predict then warns of inputs far from it")
     args = parser.parse_args()
 
     ckpt = half_precision(load_checkpoint(args.checkpoint))
+    if args.eight_bit:
+        ckpt.input = {**ckpt.input, "eight_bit": True}
+    if args.pixel_size is not None and not ckpt.input.get("pixel_size"):
+        ckpt.input = {**ckpt.input, "pixel_size": [args.pixel_size, args.pixel_size], "units": "metre"}
     file = f"{args.name}.pt"
     save_checkpoint(ckpt, HERE / file)
     metrics = {}

@@ -1,14 +1,13 @@
 """Inference engines: the model as a function from normalised (n, bands, h, w) tensors to logits.
 
 - `torch`: the model itself (any device).
-- `openvino` and `onnx`: the model exported to ONNX (torch's exporter, batch left dynamic, one export
-  per tile shape) and run on the CPU by OpenVINO, at the run's precision (fp32, or bf16 where the
-  CPU multiplies bf16 natively: AMX, AVX-512 BF16, `bigseg.cache.native_bf16`, as OpenVINO reports it; OpenVINO would
+- `openvino` and `onnx`: the model exported to ONNX in fp32 (torch's exporter, batch left dynamic,
+  one export per tile shape) and run on the CPU by OpenVINO, at the run's precision (fp32, or bf16
+  where the CPU has bf16 units, as OpenVINO reports them: `bigseg.cache.native_bf16`; OpenVINO would
   pick bf16 on such a CPU by itself, so the precision is always set), or by ONNX Runtime (fp32).
-  On an AMX Xeon OpenVINO's bf16 is several times faster than either at fp32; on an AVX2 EPYC
-  measured here ONNX Runtime was 6% faster than OpenVINO at fp32 (interleaved, 1.84 against 1.97
-  CPU s per MP, ladder-dn121 on 1024-px tiles), and it serves Windows on arm64, where OpenVINO has
-  no wheels; so both stay, and `auto` chooses. Tiles are padded (as the models pad them,
+  Which is fastest depends on the CPU (docs/engines.md has the figures per CPU kind), and ONNX
+  Runtime also serves Windows on arm64, where OpenVINO has no wheels; so both stay, and `auto`
+  chooses. A runtime the user names that cannot run the model is an error, never a silent torch run. Tiles are padded (as the models pad them,
   reflecting) to the model's `output_multiple` first, so images whose sizes differ by less than
   that share one export. Exports are cached in the user's cache folder under a key of everything
   that shapes them (weights digest, architecture and config, bands, padded tile shape, opset,
@@ -22,13 +21,12 @@
   OpenVINO, ONNX Runtime and torch runs the tile shape fastest on this machine, timed once when
   the shape is exported (best of interleaved calls, so that a burst of other load does not decide)
   and kept with the cache entry, per CPU model, thread count, precision and allocator setting.
-  An export costs tens of seconds (45 s for LDN121 here) and pays off only over many tiles, so
-  `auto` first runs a shape with no cached export in torch and exports it only once torch has
+  An export costs tens of seconds and pays off only over many tiles, so for a model of the user's
+  own `auto` first runs a shape with no cached export in torch and exports it only once torch has
   spent `AUTO_EXPORT_AFTER_S` on it (the ski-rental rule: never more than about twice the better
-  choice's time), saying so before the export starts: a single photo takes seconds, not a minute;
-  a large raster or a folder of photos is exported after its first tiles and runs in the fastest
-  engine from then on. The torch time is kept in the cache per shape, so separate runs (a shell
-  loop over rasters) add up too.
+  choice's time), saying so before the export starts; the torch time is kept in the cache per
+  shape, so separate runs (a shell loop over rasters) add up too. A shipped model (run again and
+  again) is exported at its first batch instead (the predictor sets `export_after` to 0).
 """
 from __future__ import annotations
 

@@ -31,12 +31,11 @@ from bigseg.cache import native_bf16
 from bigseg.tiling import NUMPY, Pipeline, stream_tiles
 
 CARDS = "models"
-# Larger images go to the torch predictor (torch imported then). Up to this size the numpy path was
-# as fast or faster on the 2-core AVX-512 BF16 EPYC measured (docs/engines.md): 4096x4096 of the
-# orthomosaic 14.8 against 17.0 CPU s, 480 MB less peak RSS.
+# Larger images go to the torch predictor (torch imported then); up to this size the numpy path was
+# as fast or faster where measured (docs/engines.md, the warm start).
 MAX_PIXELS = 17_000_000
-# Importing torch (and building its predictor) takes this long on a 2-core EPYC (docs/engines.md):
-# below it, an exported runtime a little slower than torch per batch still gives the faster command.
+# Importing torch takes about this long (docs/engines.md, the warm start): below it, an exported
+# runtime a little slower than torch per tile still gives the faster command.
 TORCH_START_S = 1.3
 
 

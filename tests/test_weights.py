@@ -19,14 +19,19 @@ def test_default_model_is_shipped_and_verified():
     commands = entry["training_commands"]
     assert commands and all(c.startswith("bigseg train") for c in commands)
     assert all("--init" in c for c in commands[1:])  # each later stage continues from weights
+    from bigseg.cli.predict import DEFAULT_MODEL
+
+    default = resolve_model(DEFAULT_MODEL)  # predict's default is shipped, and intact
+    assert default.classes == entry["classes"]  # a street model, as the README promises
 
 
 @needs_weights
+@pytest.mark.parametrize("model", ["ladder-dn121", "swiftnet-lite0-camvid"])
 @pytest.mark.parametrize("seed", [0, 1])  # 0 is examples/street.jpg; weights/README.md gives sky recall on ten scenes
-def test_rendered_street_scene_is_segmented_sensibly(seed):
+def test_rendered_street_scene_is_segmented_sensibly(seed, model):
     """Where the rendered scene is sky (road), sky (road) is predicted more than anything else."""
     image, truth = render_street(480, 360, seed=seed)
-    seg = Predictor(resolve_model("ladder-dn121"), "cpu", "fp32", tile=512)
+    seg = Predictor(resolve_model(model), "cpu", "fp32", tile=512)
     labels = seg.segment(np.moveaxis(image, -1, 0))
     classes = seg.checkpoint.classes
     for name in ("sky", "road"):
@@ -35,11 +40,12 @@ def test_rendered_street_scene_is_segmented_sensibly(seed):
 
 
 @needs_weights
-def test_shipped_score_on_camvid_test_is_reproduced(shared_data):
+@pytest.mark.parametrize("arch", ["ladder-dn121", "swiftnet-lite0"])
+def test_shipped_score_on_camvid_test_is_reproduced(shared_data, arch):
     from bigseg.train.data import open_split
     from bigseg.train.evaluation import evaluate
 
-    entry = next(e for e in SHIPPED if e["arch"] == "ladder-dn121")
+    entry = next(e for e in SHIPPED if e["arch"] == arch and "camvid" in e["name"])
     seg = Predictor(resolve_model(entry["name"]), "cpu", "fp32", tile=1024)
     result = evaluate(seg, open_split(shared_data / "camvid", "test"))
     assert result.scores["miou"] == pytest.approx(entry["metrics"]["test"]["miou"], abs=0.002)
@@ -47,6 +53,7 @@ def test_shipped_score_on_camvid_test_is_reproduced(shared_data):
 
 @needs_weights
 @pytest.mark.parametrize("name, spec_name", [("ladder-dn121-camvid", "curve.json"),
+                                             ("swiftnet-lite0-camvid", "swiftnet-lite0-camvid-curve.json"),
                                              ("landcover-dubai", "landcover-dubai-curve.json")])
 def test_the_model_cards_learning_curve_ends_at_the_shipped_scores_and_draws(tmp_path, monkeypatch, name, spec_name):
     """A card's curve spec (the figures its png draws) ends where the manifest's scores are, has a

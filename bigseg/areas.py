@@ -59,32 +59,46 @@ class Ground:
         scales = np.stack([factors.areal_scale, factors.meridional_scale, factors.parallel_scale])
         return bool(np.nanmax(np.abs(scales - 1)) > SCALE_TOLERANCE)
 
-    def _factors(self, cols: np.ndarray, rows: np.ndarray):
-        """pyproj's projection factors at pixel positions (None where the CRS has none to give)."""
+    @cached_property
+    def _geodetic(self):
+        """(to longitude and latitude, the projection) of a projected CRS; None where pyproj cannot
+        invert or factor it."""
         from pyproj import CRS, Proj, Transformer
 
+        try:
+            crs = CRS.from_user_input(self.crs.to_wkt())
+            return Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True), Proj(crs)
+        except Exception:  # pyproj's own error types
+            return None
+
+    def _factors(self, cols: np.ndarray, rows: np.ndarray):
+        """pyproj's projection factors at pixel positions (None where the CRS has none to give)."""
+        if self._geodetic is None:
+            return None  # taken at its word: planar
+        to_lonlat, projection = self._geodetic
         t = self.transform
         x, y = t.c + t.a * cols + t.b * rows, t.f + t.d * cols + t.e * rows
         try:
-            crs = CRS.from_user_input(self.crs.to_wkt())
-            lon, lat = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True).transform(x, y)
-            return Proj(crs).get_factors(lon, lat)
-        except Exception:  # a CRS pyproj cannot invert or factor: taken at its word (planar)
+            return projection.get_factors(*to_lonlat.transform(x, y))
+        except Exception:  # a point pyproj cannot factor
             return None
 
     def inverse_areal_scale(self, row_off: int, height: int) -> np.ndarray:
         """(height, width) ground square metres per map square metre of each pixel of the rows
-        from `row_off`, sampled every `SCALE_STEP` pixels (ellipsoidal method)."""
+        from `row_off`, sampled every `SCALE_STEP` pixels (ellipsoidal method); each sample row is
+        computed once per grid."""
         step = SCALE_STEP
-        cols = np.arange(step / 2, self.width + step / 2, step, dtype=np.float64)
-        first = row_off // step
-        sample_rows = np.arange(first, (row_off + height - 1) // step + 1) * step + step / 2
-        cc, rr = np.meshgrid(cols, sample_rows)
-        scale = np.asarray(self._factors(cc.ravel(), rr.ravel()).areal_scale, np.float64).reshape(cc.shape)
-        inverse = 1.0 / scale
-        r = (np.arange(row_off, row_off + height) // step) - first
-        c = np.arange(self.width) // step
-        return inverse[r][:, c]
+        samples = self.__dict__.setdefault("_inverse_scale_rows", {})
+        first, last = row_off // step, (row_off + height - 1) // step
+        missing = [k for k in range(first, last + 1) if k not in samples]
+        if missing:
+            cols = np.arange(step / 2, self.width + step / 2, step, dtype=np.float64)
+            cc, rr = np.meshgrid(cols, np.array(missing, np.float64) * step + step / 2)
+            scale = np.asarray(self._factors(cc.ravel(), rr.ravel()).areal_scale, np.float64).reshape(cc.shape)
+            samples.update(zip(missing, 1.0 / scale))
+        rows = np.stack([samples[k] for k in range(first, last + 1)])
+        r = np.arange(row_off, row_off + height) // step - first
+        return rows[r][:, np.arange(self.width) // step]
 
     @property
     def geographic(self) -> bool:
@@ -130,15 +144,8 @@ class Ground:
     def _to_lonlat(self, geometry):
         import shapely
 
-        to_lonlat = self._lonlat_transformer
+        to_lonlat = self._geodetic[0]
         return shapely.transform(geometry, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
-
-    @cached_property
-    def _lonlat_transformer(self):
-        from pyproj import CRS, Transformer
-
-        crs = CRS.from_user_input(self.crs.to_wkt())
-        return Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True)
 
 
 def zone_area(a: float, f: float, latitude: np.ndarray) -> np.ndarray:

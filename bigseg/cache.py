@@ -45,16 +45,21 @@ def runtime_versions() -> dict[str, str | None]:
     return {name: _version(name) for name in ("torch", "onnxscript", "openvino", "onnxruntime")}
 
 
-def cpu_name() -> str:
-    """The CPU's model name (a cache shared across machines keeps one timing per CPU)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first `field` line's value in /proc/cpuinfo (Linux), else None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (a cache shared across machines keeps one timing per CPU)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def native_bf16() -> bool:
@@ -92,14 +97,7 @@ def openvino_capabilities() -> list[str]:
 
 
 def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((_cpuinfo("flags") or "").split())
 
 
 def machine(threads: int, precision: str) -> str:

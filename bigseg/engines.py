@@ -139,7 +139,7 @@ class ExportedEngine:
         path, meta = self.folder / f"{key}.onnx", self.folder / f"{key}.json"
         if path.is_file() and self._intact(path, meta):
             return path
-        failed = self._failure(shape, bands)
+        failed = self.failure(shape, bands)
         if failed is not None:
             return self._unexportable(failed, earlier=True)
         took = _recorded_export_seconds(self.folder)
@@ -176,7 +176,7 @@ class ExportedEngine:
     def _failure_path(self, shape: tuple[int, int], bands: int) -> Path:
         return self.folder / f"{self.key(shape, bands)}.failed.json"
 
-    def _failure(self, shape: tuple[int, int], bands: int) -> str | None:
+    def failure(self, shape: tuple[int, int], bands: int) -> str | None:
         """Why an earlier export of `shape` failed, if it failed with the runtimes installed now."""
         if self.failed is not None:
             return self.failed
@@ -221,7 +221,7 @@ class ExportedEngine:
             cached = (self.folder / f"{self.key(shape, bands)}.onnx").is_file()
             if cached or self.export_after <= 0:
                 return False
-            failed = self._failure(shape, bands)
+            failed = self.failure(shape, bands)
             if failed is not None:
                 self._unexportable(failed, earlier=True)
                 return False
@@ -263,7 +263,7 @@ class ExportedEngine:
             return None if self.chosen[shape] == "torch" else self.chosen[shape]
         if not self.choose:
             return self.runtimes[0]
-        if self._failure(shape, bands) is not None:  # an earlier run's export failed: torch
+        if self.failure(shape, bands) is not None:  # an earlier run's export failed: torch
             return None
         timing = _recorded_timing(self.folder / f"{self.key(shape, bands)}.json", self._machine(), self.runtimes)
         if timing is None:

@@ -159,7 +159,7 @@ def test_dry_run_says_the_engine_and_why(tiny_checkpoint, tmp_path, monkeypatch)
     predictor.scores(np.zeros((3, 100, 120), np.float32))  # exports, times
     said = describe_engine(predictor, (100, 120), (120, 100))
     assert "a tile" in said and ("timed on this machine" in said or "without torch" in said)
-    monkeypatch.setattr(engines.ExportedEngine, "_failure", lambda self, shape, bands: "forced")
+    monkeypatch.setattr(engines.ExportedEngine, "failure", lambda self, shape, bands: "forced")
     assert "does not export (forced)" in describe_engine(predictor, (100, 120), (120, 100))
 
 

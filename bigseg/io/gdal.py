@@ -84,8 +84,11 @@ def write_failure(path: Path, error: BaseException | None = None, printed: list[
 
     text = "\n".join([*printed, str(error or "")])
     code = getattr(error, "errno", None)
-    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "Disk quota" in text or _free(path) < 2 ** 20:
-        return f"the disk is full ({_free(path) / 2 ** 20:.1f} MiB free); free some space or write elsewhere (--out)"
+    free = _free(path)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "Disk quota" in text or \
+            (free is not None and free < 2 ** 20):
+        left = "" if free is None else f" ({free / 2 ** 20:.1f} MiB free)"
+        return f"the disk is full{left}; free some space or write elsewhere (--out)"
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else None
     limited = limit is not None and limit != resource.RLIM_INFINITY
     if code == errno.EFBIG or "File too large" in text or (limited and _size(path) >= limit - 65536):
@@ -99,11 +102,12 @@ def write_failure(path: Path, error: BaseException | None = None, printed: list[
     return said
 
 
-def _free(path: Path) -> float:
+def _free(path: Path) -> float | None:
+    """Bytes free where `path` is written; None where that cannot be told."""
     try:
         return shutil.disk_usage(Path(path).parent).free
     except OSError:
-        return 0.0
+        return None
 
 
 def _size(path: Path) -> int:

@@ -26,15 +26,14 @@ def open_for_model(src: Path, checkpoint: Checkpoint, read: ReadOptions) -> Read
     if read.value_range is None and trained.get("value_range"):
         read = replace(read, value_range=tuple(trained["value_range"]))
     reader = open_input(src, checkpoint.in_channels, read)
-    reader.value_range = read.value_range
-    warnings = _differences(reader, trained)
+    warnings = _differences(reader, trained, read.value_range is not None)
     if reader.plan.replicate > 1:  # the warning says it, and what follows from it
         reader.notes = [n for n in reader.notes if not n.startswith("single band repeated")]
     reader.notes.extend(warnings)
     return reader
 
 
-def _differences(reader: Reader, trained: dict) -> list[str]:
+def _differences(reader: Reader, trained: dict, stretched_by_user: bool = False) -> list[str]:
     """Warnings (said once per file, starting `warning:`) where the input is far from the imagery
     the model learned from: a single band repeated into a colour model, values that are not 8-bit
     for a model of 8-bit imagery, ground pixels of another size."""
@@ -45,8 +44,7 @@ def _differences(reader: Reader, trained: dict) -> list[str]:
                      f"the masks will likely be poor; use a model trained on such data (bigseg train --bands 1)")
     eight_bit = trained.get("eight_bit", not trained)  # no input description: a model of 8-bit photographs
     if eight_bit and reader.dtype != np.uint8 and trained.get("value_range") is None and reader.plan.palette is None:
-        how = "by your --value-range" if getattr(reader, "value_range", None) else \
-            "by their own 2nd to 98th percentiles"
+        how = "by your --value-range" if stretched_by_user else "by their own 2nd to 98th percentiles"
         notes.append(f"warning: the input's values are {reader.dtype}, stretched to 0..255 {how}; the model "
                      f"learned from 8-bit imagery, so colours may not match what it knows: a --value-range "
                      f"LOW,HIGH that gives the input the look of its training images helps")

@@ -232,7 +232,7 @@ def describe_engine(predictor: Predictor, shape: tuple[int, int], image: tuple[i
     bands = predictor.checkpoint.in_channels
     in_runtime = lambda r: f"{r} ({engine.precision if r == 'openvino' else 'float32'})"
     padded = engine.padded(shape)
-    failed = engine._failure(padded, bands) if hasattr(engine, "_failure") else None
+    failed = engine.failure(padded, bands)
     if failed is not None:
         if not engine.choose:
             return f"{engine.name}: cannot run this model ({failed}); the run will stop with an error"

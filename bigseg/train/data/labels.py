@@ -233,19 +233,21 @@ class VectorLayer:
             raise DatasetError(f"{path}: not a readable vector file ({first_line(e)})") from None
         crs = meta.get("crs")
         keep = np.array([g is not None for g in wkb], bool)
-        wkb, repaired = _valid(wkb[keep])
-        found = cls(path, layer, class_field, crs, wkb, values[0][keep] if class_field else None)
-        found.repaired = repaired
-        found.check_coordinates(info.get("driver"))
-        return found
-
-    def check_coordinates(self, driver: str | None) -> None:
-        """A layer whose CRS is geographic (GeoJSON without a `crs` member is WGS84 by definition)
-        but whose coordinates cannot be longitudes and latitudes: projected metres written without
-        saying so, a common slip. One line that says how to fix it, not PROJ's error later."""
         import shapely
 
-        if self.crs is None or not len(self.wkb):
+        geoms = shapely.from_wkb(wkb[keep])
+        repaired = _repair(geoms)
+        found = cls(path, layer, class_field, crs, shapely.to_wkb(geoms) if repaired else wkb[keep],
+                    values[0][keep] if class_field else None)
+        found.repaired = repaired
+        found.check_coordinates(info.get("driver"), shapely.total_bounds(geoms) if len(geoms) else None)
+        return found
+
+    def check_coordinates(self, driver: str | None, bounds) -> None:
+        """A layer whose CRS is geographic (GeoJSON without a `crs` member is WGS84 by definition)
+        but whose coordinates (`bounds`) cannot be longitudes and latitudes: projected metres written
+        without saying so, a common slip. One line that says how to fix it, not PROJ's error later."""
+        if self.crs is None or bounds is None:
             return
         from pyproj import CRS
 
@@ -253,7 +255,7 @@ class VectorLayer:
             geographic = CRS.from_user_input(self.crs).is_geographic
         except Exception:  # a CRS pyproj cannot read: the reprojection says what is wrong
             return
-        x0, y0, x1, y1 = shapely.total_bounds(shapely.from_wkb(self.wkb))
+        x0, y0, x1, y1 = bounds
         if geographic and (min(x0, y0) < -360 or max(x1, y1) > 360):
             declared = "declares no CRS (GeoJSON then means WGS84 longitudes and latitudes)" \
                 if driver == "GeoJSON" else f"says its CRS is {self.crs}"
@@ -287,17 +289,15 @@ class VectorLayer:
         return Polygons(geoms[keep], values[keep].astype(np.int64), bounds)
 
 
-def _valid(wkb: np.ndarray) -> tuple[np.ndarray, int]:
-    """The polygons with every invalid one (a self-intersecting ring, a bow-tie) repaired by
-    shapely's `make_valid` (GEOS: the same area, split where the ring crosses itself), and how many."""
+def _repair(geoms: np.ndarray) -> int:
+    """Repair every invalid polygon (a self-intersecting ring, a bow-tie) in place with shapely's
+    `make_valid` (GEOS: the same area, split where the ring crosses itself); how many there were."""
     import shapely
 
-    geoms = shapely.from_wkb(wkb)
     invalid = ~shapely.is_valid(geoms)
-    if not invalid.any():
-        return wkb, 0
-    geoms[invalid] = shapely.make_valid(geoms[invalid])
-    return shapely.to_wkb(geoms), int(invalid.sum())
+    if invalid.any():
+        geoms[invalid] = shapely.make_valid(geoms[invalid])
+    return int(invalid.sum())
 
 
 def _reproject(geoms: np.ndarray, src_crs, dst_crs) -> np.ndarray:

@@ -23,7 +23,7 @@ from pipeline_throughput import crop
 
 from bigseg.checkpoint import resolve_model
 from bigseg.io.outputs import WriteOptions
-from bigseg.predictor import Predictor
+from bigseg.infer.predictor import Predictor
 from bigseg.run.file_job import JobOptions, predict_file
 
 

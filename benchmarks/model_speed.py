@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from bigseg.cache import native_bf16
-from bigseg.engines import ExportedEngine
+from bigseg.infer.cache import native_bf16
+from bigseg.infer.engines.export import ExportCache
+from bigseg.infer.engines.exported import ExportedModel
 from bigseg.models import create_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,8 +47,8 @@ def main() -> None:
         model = create_model(name, 11).eval().to(memory_format=torch.channels_last)
         identity = {"arch": name, "benchmark": "model_speed"}
         for precision in ("f32", "bf16"):
-            engine = ExportedEngine(model, identity, torch.get_num_threads(), lambda n: None, folder=folder,
-                                    precision=precision, multiple=getattr(model, "output_multiple", 1))
+            engine = ExportedModel(model, ExportCache(identity, 3, folder), ("openvino",), torch.get_num_threads(),
+                                   lambda n: None, precision=precision, multiple=getattr(model, "output_multiple", 1))
             engine(x)  # export (once per model) and compile
             runs[(name, f"openvino {precision}")] = lambda e=engine: e(x)
         for precision in ("fp32", "bf16"):

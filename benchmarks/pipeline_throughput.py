@@ -45,11 +45,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from predict_memory import SMALL, make_raster, peak_rss_mb
 
 from bigseg.checkpoint import from_model, resolve_model, save_checkpoint
-from bigseg.device import resolve_precision
-from bigseg.geometry import TileGrid
+from bigseg.infer.engines.torch import resolve_precision
+from bigseg.tiling.geometry import TileGrid
 from bigseg.models import create_model, list_archs
 from bigseg.models.complexity import count_macs
-from bigseg.predictor import Predictor
+from bigseg.infer.predictor import Predictor
 from bigseg.run.file_job import JobOptions, predict_file
 from bigseg.runtime import keep_freed_memory
 
@@ -380,7 +380,7 @@ t0 = time.perf_counter(); marks = {}
 def mark(name):
     marks[name] = round(time.perf_counter() - t0, 3)
 import bigseg.cli; mark("import the CLI (no torch)")
-import torch; from bigseg.predictor import Predictor; from bigseg.run.file_job import predict_file; mark("import torch")
+import torch; from bigseg.infer.predictor import Predictor; from bigseg.run.file_job import predict_file; mark("import torch")
 from bigseg.checkpoint import resolve_model; ckpt = resolve_model(sys.argv[2]); mark("checkpoint: sha256 and load")
 pred = Predictor(ckpt, "cpu", "auto", tile=1024, engine=sys.argv[3]); pred.weights_digest; mark("model built, engine set up")
 from pathlib import Path

@@ -106,7 +106,7 @@ def main() -> None:
             est = plan["memory_mib"]["gpu"]
             print(f"    GPU peak {gpu:.0f} MiB; --dry-run estimate {est:.0f} MiB, measured/estimate "
                   f"{gpu / est:.2f} (limit 0.75..1.25)", flush=True)
-    from bigseg.geometry import TileGrid
+    from bigseg.tiling.geometry import TileGrid
 
     (s0, r0, _), (s1, r1, _) = rows[0], rows[-1]
     print(f"\npeak RSS ratio {s1}^2 / {s0}^2 = {r1 / r0:.3f} (limit 1.25) for {(s1 / s0) ** 2:.0f}x the pixels")

@@ -21,7 +21,7 @@ def main() -> None:
     import cv2
 
     from bigseg.checkpoint import resolve_model
-    from bigseg.predictor import Predictor
+    from bigseg.infer.predictor import Predictor
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="ladder-dn121")

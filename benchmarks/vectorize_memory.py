@@ -1,4 +1,4 @@
-"""Polygonisation time and peak memory of `bigseg vectorize` (streaming, `bigseg.polygons`) on class
+"""Polygonisation time and peak memory of `bigseg vectorize` (streaming, `bigseg.vector.polygons`) on class
 masks of the same content density at two sizes, on a worst case (one region spanning the whole
 mask, full of holes), and on real masks; each in a fresh process, in one run.
 

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from bigseg.errors import BigsegError
 
 _API = {
-    "Predictor": ("bigseg.predictor", "Predictor"),
+    "Predictor": ("bigseg.infer.predictor", "Predictor"),
     "load_model": ("bigseg.checkpoint", "resolve_model"),
     "predict_file": ("bigseg.run.file_job", "predict_file"),
     "predict": ("bigseg.run.batch", "predict"),

@@ -99,7 +99,7 @@ def write_geotiff(path: Path, width: int, height: int, count: int = 3, dtype="ui
 
 def interrupt_after(segmenter, calls: int) -> None:
     """Make `segmenter` raise KeyboardInterrupt at its `calls`-th batch: an interrupted job."""
-    real, count = segmenter.predict, {"n": 0}
+    real, count = segmenter.engine.scores, {"n": 0}
 
     def failing(batch):
         count["n"] += 1
@@ -107,7 +107,7 @@ def interrupt_after(segmenter, calls: int) -> None:
             raise KeyboardInterrupt
         return real(batch)
 
-    segmenter.predict = failing
+    segmenter.engine.scores = failing
 
 
 @pytest.fixture
@@ -168,8 +168,8 @@ def small_receptive_field_net() -> torch.nn.Module:
 
 def tiled_prediction(predict, image: np.ndarray, tile: int = 96, overlap: int = 16) -> np.ndarray:
     """`predict` over (bands, H, W) `image` through stream_tiles, stitched into one array."""
-    from bigseg.geometry import TileGrid
-    from bigseg.tiling import Pipeline, stream_tiles
+    from bigseg.tiling.geometry import TileGrid
+    from bigseg.tiling.stitch import Pipeline, stream_tiles
 
     grid = TileGrid(image.shape[2], image.shape[1], tile, overlap)
     read = lambda win: (image[(slice(None), *win.slices)], np.ones((win.height, win.width), bool))

@@ -349,18 +349,18 @@ def test_a_named_engine_that_cannot_export_is_an_error_while_auto_falls_back_wit
     the user's back; `auto` runs torch and says so once, in --json too."""
     import cv2
 
-    from bigseg import engines
+    from bigseg.infer.engines import exported
 
     for name in ("a", "b"):
         cv2.imwrite(str(tmp_path / f"{name}.png"), np.full((40, 50, 3), 100, np.uint8))
     tries = []
 
-    def failing(self, *args):
+    def failing(*args):
         tries.append(args)
         raise RuntimeError("forced export failure")
 
-    monkeypatch.setattr(engines.ExportedEngine, "_export", failing)
-    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 0.0)
+    monkeypatch.setattr(exported, "export", failing)
+    monkeypatch.setattr(exported, "AUTO_EXPORT_AFTER_S", 0.0)
     inputs = [tmp_path / "a.png", tmp_path / "b.png"]
     code, out, err = run_cli(capsys, "predict", *inputs, "-m", tiny_checkpoint, "-o", tmp_path / "named",
                              "--engine", "openvino", "--json", *FAST)

@@ -82,8 +82,8 @@ def test_crf_never_lowers_agreement_with_clean_colour_edges(backend):
 
 
 def test_window_crf_in_tiles_equals_whole_image_once_the_halo_covers_its_reach():
-    from bigseg.geometry import TileGrid
-    from bigseg.tiling import Pipeline, stream_tiles
+    from bigseg.tiling.geometry import TileGrid
+    from bigseg.tiling.stitch import Pipeline, stream_tiles
 
     labels, image, probs = noisy_case(60, 90, seed=2)
     p = CRFParams(theta_alpha=6, theta_beta=15, iterations=3, backend="window", radius=3)

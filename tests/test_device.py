@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from bigseg.device import HostCopy, TorchArrays, resolve_device, resolve_precision
+from bigseg.infer.engines.torch import HostCopy, TorchArrays, resolve_device, resolve_precision
 from bigseg.errors import InputError
-from bigseg.geometry import TileGrid
-from bigseg.tiling import Pipeline, stream_tiles
+from bigseg.tiling.geometry import TileGrid
+from bigseg.tiling.stitch import Pipeline, stream_tiles
 
 
 def test_torch_arrays_stitch_like_numpy():

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from bigseg import engines
 from bigseg.checkpoint import load_checkpoint
-from bigseg.engines import ExportedEngine, TorchEngine, make_engine
+from bigseg.infer.engines import export as export_module
+from bigseg.infer.engines import exported as exported_module
+from bigseg.infer.engines.export import ExportCache
+from bigseg.infer.engines.exported import ExportedModel, race
 from bigseg.errors import EngineError, InputError
 from bigseg.models import create_model
-from bigseg.predictor import Predictor
+from bigseg.infer.predictor import Predictor
 from tests.conftest import TINY_BY_ARCH, small_receptive_field_net, tiled_prediction
 
 pytest.importorskip("openvino")
@@ -34,10 +36,10 @@ def cache(tmp_path_factory) -> Path:
 def test_auto_is_openvino_on_the_cpu_and_names_are_checked(tiny_checkpoint, cache, monkeypatch):
     monkeypatch.setenv("BIGSEG_CACHE", str(cache))
     ckpt = load_checkpoint(tiny_checkpoint)
-    auto = Predictor(ckpt, "cpu", tile=128, engine="auto").engine
+    auto = Predictor(ckpt, "cpu", tile=128, engine="auto").engine.model
     assert auto.name == "auto" and auto.runtimes == ("openvino", "onnx")
     assert Predictor(ckpt, "cpu", tile=128, engine="torch").engine.name == "torch"
-    assert Predictor(ckpt, "cpu", tile=128, engine="onnx").engine.runtimes == ("onnx",)
+    assert Predictor(ckpt, "cpu", tile=128, engine="onnx").engine.model.runtimes == ("onnx",)
     with pytest.raises(InputError, match="engine takes auto, torch, openvino, onnx"):
         Predictor(ckpt, "cpu", tile=128, engine="tensorrt")
 
@@ -62,7 +64,7 @@ def test_export_once_then_reuse_the_cache_with_torchs_labels(tiny_checkpoint, ca
     assert agree >= 0.995
     p_exported, p_torch = (torch.from_numpy(s).softmax(0).numpy() for s in (exported_scores, torch_scores))
     assert (np.abs(np.round(p_exported * 255) - np.round(p_torch * 255)) <= 1).mean() >= 0.99
-    assert first.settings()["engine"] == "openvino"  # a resume with another engine starts over
+    assert first.fingerprint()["engine"] == "openvino"  # a resume with another engine starts over
 
 
 def test_a_damaged_cache_entry_is_exported_again(tiny_checkpoint, cache, monkeypatch):
@@ -79,7 +81,7 @@ def test_a_damaged_cache_entry_is_exported_again(tiny_checkpoint, cache, monkeyp
 
 def test_auto_times_both_engines_once_and_keeps_the_faster(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
-    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 0.0)  # export at the first tile
+    monkeypatch.setattr(exported_module, "AUTO_EXPORT_AFTER_S", 0.0)  # export at the first tile
     ckpt = load_checkpoint(tiny_checkpoint)
     image = np.random.default_rng(2).uniform(0, 255, (3, 128, 128)).astype(np.float32)
     (tmp_path / "onnx").mkdir()
@@ -108,14 +110,14 @@ def test_auto_times_both_engines_once_and_keeps_the_faster(tiny_checkpoint, tmp_
 
 def test_auto_timing_is_the_best_of_interleaved_calls_so_a_burst_of_load_does_not_decide(monkeypatch):
     clock, calls = [0.0], []
-    monkeypatch.setattr(engines, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(exported_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     costs = {"openvino": iter([5.0, 4.0, 1.0]), "torch": iter([2.0, 2.0, 2.0])}  # warm-up, a burst, then alone
 
     def run(name):
         calls.append(name)
         clock[0] += next(costs[name])
 
-    timing = engines._race({"openvino": lambda: run("openvino"), "torch": lambda: run("torch")})
+    timing = race({"openvino": lambda: run("openvino"), "torch": lambda: run("torch")})
     assert calls == ["openvino", "torch", "openvino", "torch", "torch", "openvino"]  # warm-ups, then A B, B A
     assert timing == {"openvino": 1.0, "torch": 2.0}  # one slowed call alone would have recorded torch
 
@@ -133,16 +135,16 @@ def test_auto_runs_a_small_job_in_torch_and_exports_once_torch_has_spent_an_expo
 
     monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path / "other"))  # the small job's torch time would count
     exports = lambda: list(tmp_path.glob("other/onnx/*.onnx"))
-    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 1e-9)
+    monkeypatch.setattr(exported_module, "AUTO_EXPORT_AFTER_S", 1e-9)
     large = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
     assert np.array_equal(large.scores(image), in_torch) and not exports()  # nothing spent in torch yet
     large.scores(image)  # torch has now spent more than an export costs: exported and timed
     assert len(exports()) == 1 and any("exporting the model" in n for n in large.notes)
     assert any("is fastest here on 128x128 tiles" in n for n in large.notes)
-    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 1e9)
+    monkeypatch.setattr(exported_module, "AUTO_EXPORT_AFTER_S", 1e9)
     cached = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
     cached.scores(image)
-    assert cached.engine.sessions  # a cached export is used at once, however small the job
+    assert cached.engine.model.sessions  # a cached export is used at once, however small the job
 
 
 def test_auto_adds_up_the_torch_time_of_separate_runs_before_exporting(tiny_checkpoint, tmp_path, monkeypatch):
@@ -154,7 +156,7 @@ def test_auto_adds_up_the_torch_time_of_separate_runs_before_exporting(tiny_chec
     assert len(rent) == 1 and not list(tmp_path.glob("onnx/*.onnx"))
     spent = float(rent[0].read_text())
     assert spent > 0
-    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", spent)  # the next run starts where that one stopped
+    monkeypatch.setattr(exported_module, "AUTO_EXPORT_AFTER_S", spent)  # the next run starts where that one stopped
     second = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
     second.scores(image)
     assert len(list(tmp_path.glob("onnx/*.onnx"))) == 1 and any("exporting the model" in n for n in second.notes)
@@ -165,13 +167,12 @@ def test_a_named_engine_that_cannot_export_the_model_is_an_error_and_auto_runs_t
     torch.manual_seed(0)
     model = create_model("dynamic-routing-l16", 3, **TINY_BY_ARCH["dynamic-routing-l16"]).eval()
     x = torch.randn(2, 3, 64, 64)
-    named = make_engine("openvino", model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, print)
-    named.folder = tmp_path / "named"
+    named = _engine("openvino", model, tmp_path / "named")
     with torch.inference_mode(), pytest.raises(EngineError, match="cannot be exported for OpenVINO.*--engine torch"):
         named(x)
     notes = []
-    auto = make_engine("auto", model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, notes.append)
-    auto.folder, auto.export_after = tmp_path / "auto", 0.0
+    auto = _engine("auto", model, tmp_path / "auto", notes.append)
+    auto.export_after = 0.0
     with torch.inference_mode():
         assert torch.equal(auto(x), model(x)) and torch.equal(auto(x), model(x))
     assert len([n for n in notes if "cannot be exported" in n and "using torch" in n]) == 1
@@ -182,16 +183,15 @@ def test_a_failed_export_is_tried_once_per_versions_and_again_after_an_upgrade(t
     later runs (auto or named) do not pay for it again; an upgrade of any of them retries."""
     torch.manual_seed(0)
     model = create_model("dynamic-routing-l16", 3, **TINY_BY_ARCH["dynamic-routing-l16"]).eval()
-    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 1e-9)
+    monkeypatch.setattr(exported_module, "AUTO_EXPORT_AFTER_S", 1e-9)
     tries = []
-    real_export = engines.ExportedEngine._export
-    monkeypatch.setattr(engines.ExportedEngine, "_export", lambda self, *a: (tries.append(a), real_export(self, *a)))
+    real_export = exported_module.export
+    monkeypatch.setattr(exported_module, "export", lambda *a: (tries.append(a), real_export(*a)))
     x = torch.randn(2, 3, 64, 64)
 
     def run(name: str) -> list[str]:  # each run its own engine, as separate processes would have
         notes = []
-        engine = make_engine(name, model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, notes.append)
-        engine.folder = tmp_path / "onnx"
+        engine = _engine(name, model, tmp_path, notes.append)
         with torch.inference_mode():
             for _ in range(2):
                 assert torch.equal(engine(x), model(x))
@@ -201,28 +201,29 @@ def test_a_failed_export_is_tried_once_per_versions_and_again_after_an_upgrade(t
     second = run("auto")
     assert len(second) == 1 and "an earlier run's export failed" in second[0] and len(tries) == 1
     with torch.inference_mode(), pytest.raises(EngineError, match="earlier export with the same versions failed"):
-        _named(model, tmp_path, "openvino")(x)
+        _engine("openvino", model, tmp_path)(x)
     assert len(tries) == 1
-    monkeypatch.setattr(engines, "runtime_versions", lambda: {"openvino": "9999.0"})
+    monkeypatch.setattr(export_module, "runtime_versions", lambda: {"openvino": "9999.0"})
     run("auto")
     assert len(tries) == 2
 
 
-def _named(model, tmp_path, name):
-    engine = make_engine(name, model, torch.device("cpu"), {"arch": "dynamic-routing-l16"}, 1, print)
-    engine.folder = tmp_path / "onnx"
-    return engine
+def _engine(name, model, folder, note=print):
+    """The exported runtimes of a torch run, as `--engine name` makes them, caching in `folder`."""
+    runtimes = ("openvino", "onnx") if name == "auto" else (name,)
+    return ExportedModel(model, ExportCache({"arch": "dynamic-routing-l16"}, 3, folder), runtimes, 1, note,
+                         choose=name == "auto")
 
 
 def test_tiled_equals_whole_through_the_engine_for_a_small_receptive_field(tmp_path):
     net = small_receptive_field_net()  # receptive radius 4 = the dead zone overlap/4 of 96-px tiles
-    engine = ExportedEngine(net, {"net": "conv2"}, 1, lambda m: None, folder=tmp_path)
+    engine = ExportedModel(net, ExportCache({"net": "conv2"}, 3, tmp_path), ("openvino",), 1, lambda m: None)
     image = np.random.default_rng(1).uniform(0, 255, (3, 301, 437)).astype(np.float32)
     with torch.inference_mode():
         whole = net(torch.from_numpy(image)[None])[0].numpy()
         tiled = tiled_prediction(lambda x: engine(torch.from_numpy(x)).numpy(), image)
     np.testing.assert_allclose(tiled, whole, rtol=1e-4, atol=1e-3)
-    assert isinstance(engine, ExportedEngine) and set(engine.sessions) == {(96, 96)}
+    assert set(engine.sessions) == {(96, 96)}
     assert all(s is not None for s in engine.sessions.values())
 
 
@@ -238,14 +239,13 @@ def test_scales_flips_and_the_crf_run_through_the_engine_as_through_torch(tiny_c
              "torch": Predictor(ckpt, "cpu", "fp32", engine="torch", **settings).scores(image)}
     assert (probs["openvino"].argmax(0) == probs["torch"].argmax(0)).mean() >= 0.995
     assert (np.abs(probs["openvino"] - probs["torch"]) <= 1 / 255).mean() >= 0.99
-    assert set(exported.engine.sessions) == {(128, 128)}  # 96 px tiles padded to the model's 64: one export
-    assert all(session is not None for session in exported.engine.sessions.values())
+    assert set(exported.engine.model.sessions) == {(128, 128)}  # 96 px tiles padded to the model's 64: one export
+    assert all(session is not None for session in exported.engine.model.sessions.values())
 
 
-def test_the_torch_engine_is_the_model_itself():
-    net = torch.nn.Conv2d(3, 2, 1)
-    x = torch.randn(1, 3, 8, 8)
-    assert torch.equal(TorchEngine(net)(x), net(x))
+def test_the_torch_engine_runs_the_model_itself(tiny_checkpoint):
+    engine = Predictor(load_checkpoint(tiny_checkpoint), "cpu", "fp32", tile=128, engine="torch").engine
+    assert engine.model is engine.module and engine.name == "torch" and engine.expected_runtime((128, 128)) is None
 
 
 def test_the_memory_estimate_counts_openvino_only_where_it_will_run(tiny_checkpoint, tmp_path, monkeypatch):
@@ -260,7 +260,7 @@ def test_the_memory_estimate_counts_openvino_only_where_it_will_run(tiny_checkpo
     assert ratio == pytest.approx(EXPORTED_MEMORY["openvino"][0] / CPU_ACTIVATION_OVERHEAD, rel=0.01)
     assert by_engine["auto"] == by_engine["openvino"]  # not timed yet: assume the export runs
 
-    monkeypatch.setattr(engines, "AUTO_EXPORT_AFTER_S", 0.0)
+    monkeypatch.setattr(exported_module, "AUTO_EXPORT_AFTER_S", 0.0)
     auto = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
     auto.scores(np.zeros((3, 128, 128), np.float32))  # times both engines and records which is faster
     meta = next((tmp_path / "onnx").glob("*.json"))
@@ -272,19 +272,19 @@ def test_the_memory_estimate_counts_openvino_only_where_it_will_run(tiny_checkpo
 
 
 def test_bf16_only_where_the_cpu_has_bf16_units_and_fp32_when_asked(tiny_checkpoint, tmp_path, monkeypatch):
-    from bigseg import device
+    from bigseg.infer import choose
 
     monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
     monkeypatch.delenv("BIGSEG_PRECISION")  # the tests pin fp32; here auto decides
     ckpt = load_checkpoint(tiny_checkpoint)
     for native, expected in ((False, "f32"), (True, "bf16")):
-        monkeypatch.setattr(device, "native_bf16", lambda: native)
+        monkeypatch.setattr(choose, "native_bf16", lambda: native)
         auto = Predictor(ckpt, "cpu", "auto", tile=128, engine="openvino")
-        assert auto.engine.precision == expected and auto.dtype == (torch.bfloat16 if native else torch.float32)
+        assert auto.engine.model.precision == expected and auto.engine.dtype == (torch.bfloat16 if native else torch.float32)
         forced = Predictor(ckpt, "cpu", "fp32", tile=128, engine="openvino")  # never bf16 behind the user's back
-        assert forced.engine.precision == "f32" and forced.dtype == torch.float32
+        assert forced.engine.model.precision == "f32" and forced.engine.dtype == torch.float32
     monkeypatch.setenv("BIGSEG_PRECISION", "fp32")
-    assert Predictor(ckpt, "cpu", "auto", tile=128, engine="openvino").engine.precision == "f32"
+    assert Predictor(ckpt, "cpu", "auto", tile=128, engine="openvino").engine.model.precision == "f32"
 
 
 def test_images_of_nearby_sizes_share_one_export_and_padding_changes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
@@ -297,7 +297,7 @@ def test_images_of_nearby_sizes_share_one_export_and_padding_changes_nothing(tin
         exported = seg.scores(image)
         in_torch = Predictor(ckpt, "cpu", "fp32", tile=256, engine="torch").scores(image)
         assert exported.shape == (3, h, w) and (exported.argmax(0) == in_torch.argmax(0)).mean() > 0.995
-    assert set(seg.engine.sessions) == {(128, 192)} and len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
+    assert set(seg.engine.model.sessions) == {(128, 192)} and len(list((tmp_path / "onnx").glob("*.onnx"))) == 1
 
 
 @pytest.mark.parametrize("name", sorted(TINY_BY_ARCH))
@@ -321,7 +321,7 @@ def test_every_model_predicts_the_same_from_an_input_already_padded_to_its_multi
 ])
 def test_bf16_units_are_decided_as_openvino_reports_them_and_asked_once(capabilities, flags, expected, tmp_path,
                                                                        monkeypatch):
-    from bigseg import cache
+    from bigseg.infer import cache
 
     monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
     asked = []

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from bigseg.checkpoint import load_checkpoint
-from bigseg.exported import exported_predictor
-from bigseg.predictor import Predictor
+from bigseg.infer.choose import warm_start
+from bigseg.infer.predictor import Predictor
+from bigseg.infer.settings import Settings
+from bigseg.infer.start import open_predictor
 
 pytest.importorskip("openvino")
 
@@ -97,22 +99,22 @@ def test_the_exported_predictor_resumes_what_the_torch_one_began_and_refuses_wha
     ckpt = load_checkpoint(tiny_checkpoint)
     torch_side = Predictor(ckpt, "cpu", "fp32", tile=128, engine="openvino")
     torch_side.predict(np.zeros((1, 3, 128, 128), np.float32))  # exports
-    build = lambda **kw: exported_predictor(**{**dict(
-        model=str(tiny_checkpoint), device="cpu", precision="fp32", tile=128, overlap=None, batch_size=4,
-        scales=(1.0,), flip=False, crf=None, compile=False, engine="openvino", threads=None,
-        fallback=lambda: None), **kw})
-    light = build()
+    settings = dict(device="cpu", precision="fp32", tile=128, engine="openvino")
+    light = open_predictor(str(tiny_checkpoint), Settings(**settings))
     same = lambda settings: json.dumps(settings, sort_keys=True, default=str)  # as the journal hashes them
-    assert light is not None and same(light.settings()) == same(torch_side.settings())  # one resume fingerprint
-    assert light.overlap == torch_side.overlap and light.runs((128, 128))
+    assert type(light.engine).__name__ == "CachedEngine"  # the same predictor, over an engine without torch
+    assert same(light.fingerprint()) == same(torch_side.fingerprint())  # one resume fingerprint
+    assert light.overlap == torch_side.overlap and light.engine.runs((128, 128))
     for refused in (dict(scales=(1.0, 1.5)), dict(flip=True), dict(compile=True), dict(engine="torch"),
-                    dict(device="cuda"), dict(precision="fp16"), dict(model=str(tmp_path / "other.pt"))):
-        assert build(**refused) is None, refused
+                    dict(device="cuda"), dict(precision="fp16")):
+        assert warm_start(str(tiny_checkpoint), Settings(**{**settings, **refused})) is None, refused
+    assert warm_start(str(tmp_path / "other.pt"), Settings(**settings)) is None
 
 
 def test_a_large_image_goes_to_the_torch_predictors_stitching_with_the_same_labels(tmp_path, tiny_checkpoint,
                                                                                    monkeypatch):
-    from bigseg import exported
+    from bigseg.infer.engines import cached
+    from bigseg.infer.start import model_engine
     from bigseg.run.file_job import predict_file
     from tests.conftest import write_geotiff
 
@@ -121,10 +123,12 @@ def test_a_large_image_goes_to_the_torch_predictors_stitching_with_the_same_labe
     ckpt = load_checkpoint(tiny_checkpoint)
     make = lambda: Predictor(ckpt, "cpu", "fp32", tile=128, engine="openvino")
     reference = predict_file(make(), src, tmp_path / "torch.tif")  # exports, keeps the card
-    monkeypatch.setattr(exported, "MAX_PIXELS", 10_000)
+    monkeypatch.setattr(cached, "MAX_PIXELS", 10_000)
+    settings = Settings("cpu", "fp32", 128, engine="openvino")
     built = []
-    light = exported_predictor(str(tiny_checkpoint), "cpu", "fp32", 128, None, 4, (1.0,), False, None, False,
-                               "openvino", None, lambda: built.append(1) or make())
+    light = Predictor.running(lambda note: cached.CachedEngine(
+        warm_start(str(tiny_checkpoint), settings), "openvino",
+        lambda: built.append(1) or model_engine(str(tiny_checkpoint), settings, note)), settings)
     result = predict_file(light, src, tmp_path / "light.tif")
     import rasterio
 
@@ -135,7 +139,7 @@ def test_a_large_image_goes_to_the_torch_predictors_stitching_with_the_same_labe
 def test_the_warm_start_takes_a_runtime_unless_torch_wins_back_its_start_up():
     """Timing of a tile: torch 0.10 s, OpenVINO 0.13 s. A photo (one tile) starts faster without
     torch; 200 tiles of it would not (0.03 s x 200 > torch's start-up)."""
-    from bigseg.exported import TORCH_START_S, warm_choice
+    from bigseg.infer.choose import TORCH_START_S, warm_choice
 
     timing = {"torch": 0.10, "openvino": 0.13, "onnx": 0.25}
     assert warm_choice(timing, (384, 512), tiles=1) == "openvino"
@@ -147,19 +151,19 @@ def test_the_warm_start_takes_a_runtime_unless_torch_wins_back_its_start_up():
 
 
 def test_dry_run_says_the_engine_and_why(tiny_checkpoint, tmp_path, monkeypatch):
-    from bigseg import engines
+    from bigseg.infer.engines.exported import ExportedModel
     from bigseg.run.plan import describe_engine
 
     monkeypatch.setenv("BIGSEG_CACHE", str(tmp_path))
     ckpt = load_checkpoint(tiny_checkpoint)
     predictor = Predictor(ckpt, "cpu", "fp32", tile=128, engine="auto")
     assert "torch (float32) at first" in describe_engine(predictor, (100, 120), (120, 100))
-    predictor.engine.export_after = 0.0  # as for a shipped model
+    predictor.engine.model.export_after = 0.0  # as for a shipped model
     assert "exported for" in describe_engine(predictor, (100, 120), (120, 100))
     predictor.scores(np.zeros((3, 100, 120), np.float32))  # exports, times
     said = describe_engine(predictor, (100, 120), (120, 100))
     assert "a tile" in said and ("timed on this machine" in said or "without torch" in said)
-    monkeypatch.setattr(engines.ExportedEngine, "failure", lambda self, shape, bands: "forced")
+    monkeypatch.setattr(ExportedModel, "failure", lambda self, shape: "forced")
     assert "does not export (forced)" in describe_engine(predictor, (100, 120), (120, 100))
 
 

@@ -14,7 +14,7 @@ import rasterio
 from bigseg.atomic import partial_path
 from bigseg.checkpoint import load_checkpoint
 from bigseg.io.outputs import WriteOptions
-from bigseg.predictor import Predictor
+from bigseg.infer.predictor import Predictor
 from bigseg.run.file_job import JobOptions, predict_file
 from bigseg.run.journal import journal_path, read_journal
 from tests.cli_helpers import run_cli
@@ -228,12 +228,12 @@ SPARSE_PROBE = """
 import resource, sys, time
 from pathlib import Path
 from bigseg.checkpoint import load_checkpoint
-from bigseg.predictor import Predictor
+from bigseg.infer.predictor import Predictor
 from bigseg.run.file_job import predict_file
 predictor = Predictor(load_checkpoint(sys.argv[1]), "cpu", tile=1024, overlap=256, batch_size=4)
 tiles = []
-real = predictor.forward
-predictor.forward = lambda batch: (tiles.append(len(batch)), real(batch))[1]
+real = predictor.engine.scores
+predictor.engine.scores = lambda batch: (tiles.append(len(batch)), real(batch))[1]
 start = time.perf_counter()
 predict_file(predictor, Path(sys.argv[2]), Path(sys.argv[3]))
 print(sum(tiles), round(time.perf_counter() - start, 2), int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]))

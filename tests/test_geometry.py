@@ -5,12 +5,12 @@ import numpy as np
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bigseg.geometry import (
+from bigseg.tiling.geometry import (
     TileGrid,
     edge_profile,
     stitcher_peak_pixels,
 )
-from bigseg.tiling import StreamingStitcher
+from bigseg.tiling.stitch import StreamingStitcher
 
 
 @settings(max_examples=60, deadline=None)

@@ -8,7 +8,7 @@ import pytest
 import rasterio
 
 from bigseg.atomic import partial_path
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 from bigseg.io.outputs import (
     OutputSet,
     WriteOptions,

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bigseg.checkpoint import load_checkpoint
-from bigseg.geometry import TileGrid
-from bigseg.predictor import Predictor
+from bigseg.tiling.geometry import TileGrid
+from bigseg.infer.engines.torch import TorchEngine
 from bigseg.run.plan import activation_bytes
 from tests.cli_helpers import run_cli
 from tests.conftest import write_geotiff
@@ -16,7 +16,7 @@ from tests.conftest import write_geotiff
 
 def test_dry_run_plans_without_predicting(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     src = write_geotiff(tmp_path / "a.tif", 700, 500)
-    monkeypatch.setattr(Predictor, "forward", lambda *a: pytest.fail("the model ran"))
+    monkeypatch.setattr(TorchEngine, "scores", lambda *a: pytest.fail("the model ran"))
     code, out, err = run_cli(capsys, "predict", src, "--model", tiny_checkpoint, "-o", tmp_path / "o.tif",
                              "--tile", "256", "--overlap", "64", "--device", "cpu", "--dry-run", "--json",
                              "--probs", "--cog")
@@ -44,7 +44,7 @@ def test_activation_trace_scales_with_batch_and_area(tiny_checkpoint):
 def test_writer_rows_in_flight_are_simulated_exactly(tmp_path):
     from bigseg.io.writers import GeoTiffWriter
     from bigseg.run.plan import writer_rows
-    from bigseg.tiling import Pipeline, stream_tiles
+    from bigseg.tiling.stitch import Pipeline, stream_tiles
 
     for w, h, t, o in ((300, 1700, 256, 64), (1500, 2100, 1024, 256), (150, 900, 128, 32)):  # 2+ tile columns
         grid = TileGrid(w, h, t, o)
@@ -61,7 +61,7 @@ def test_writer_rows_in_flight_are_simulated_exactly(tmp_path):
 def test_seam_report_counts_overlap_disagreement(tmp_path, tiny_checkpoint, capsys):
     import rasterio
 
-    from bigseg.tiling import Pipeline, stream_tiles
+    from bigseg.tiling.stitch import Pipeline, stream_tiles
     # scores that depend on the tile: two overlapping tiles disagree everywhere they overlap
     grid = TileGrid(100, 40, 64, 28)
     calls = {"n": 0}

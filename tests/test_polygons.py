@@ -11,8 +11,8 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from bigseg.areas import AreaStats, Ground
-from bigseg.polygons import StreamingPolygons
+from bigseg.vector.areas import AreaStats, Ground
+from bigseg.vector.polygons import StreamingPolygons
 from bigseg.run.vectorize import VectorOptions, vectorize_file
 from tests.cli_helpers import run_cli
 

@@ -8,10 +8,10 @@ import rasterio
 import torch
 
 from bigseg.checkpoint import from_model, load_checkpoint, save_checkpoint
-from bigseg.geometry import default_overlap
+from bigseg.tiling.geometry import default_overlap
 from bigseg.models import create_model
 from bigseg.models.receptive import effective_margin
-from bigseg.predictor import Predictor
+from bigseg.infer.predictor import Predictor
 from bigseg.run.file_job import predict_file
 from tests.cli_helpers import run_cli
 from tests.conftest import CLASSES, TINY_BY_ARCH, write_geotiff
@@ -20,13 +20,13 @@ FAST = ["--tile", "128", "--overlap", "32", "--device", "cpu"]
 
 
 def oom_above(seg, limit_tiles: int = 1, limit_side: int = 10 ** 9):
-    real = seg.forward
+    real = seg.engine.scores
 
     def guarded(batch):
         if len(batch) > limit_tiles or max(batch.shape[-2:]) > limit_side:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(batch)
-    seg.forward = guarded
+    seg.engine.scores = guarded
 
 
 def test_batch_size_does_not_change_the_result(tmp_path, tiny_checkpoint):
@@ -47,7 +47,7 @@ def test_multiscale_and_flip_average_probabilities(tiny_checkpoint, tmp_path, ca
     probs = seg.scores(image)
     assert np.allclose(probs.sum(0), 1, atol=1e-5)
     model = ckpt.build_model()
-    x = (torch.from_numpy(image)[None] - seg._mean) / seg._std
+    x = (torch.from_numpy(image)[None] - torch.tensor(ckpt.normalization.mean).view(1, -1, 1, 1)) / torch.tensor(ckpt.normalization.std).view(1, -1, 1, 1)
     expected = 0
     with torch.no_grad():
         for xs in (F.interpolate(x, (48, 64), mode="bilinear", align_corners=False), x):
@@ -120,14 +120,15 @@ def test_blending_on_the_host_when_the_band_does_not_fit_gives_the_same_mask(tmp
     import rasterio
 
     from bigseg.checkpoint import load_checkpoint
-    from bigseg.predictor import Predictor
+    from bigseg.infer.engines.torch import TorchEngine
+    from bigseg.infer.predictor import Predictor
     from bigseg.run.file_job import predict_file
     from tests.conftest import write_geotiff
 
     src = write_geotiff(tmp_path / "a.tif", 300, 200)
     seg = Predictor(load_checkpoint(tiny_checkpoint), "cpu", tile=64, overlap=16)
     predict_file(seg, src, tmp_path / "device.tif")
-    monkeypatch.setattr(Predictor, "blends_on_device", lambda self, grid: False)
+    monkeypatch.setattr(TorchEngine, "blends_on_device", lambda self, grid: False)
     result = predict_file(seg, src, tmp_path / "host.tif")
     assert any("blending on the host" in n for n in result.notes)
     with rasterio.open(tmp_path / "device.tif") as a, rasterio.open(tmp_path / "host.tif") as b:
@@ -139,7 +140,7 @@ def test_the_python_api_says_how_to_pass_an_image_and_scales_a_float_image_in_0_
 
     from bigseg import BigsegError
     from bigseg.checkpoint import load_checkpoint
-    from bigseg.predictor import Predictor
+    from bigseg.infer.predictor import Predictor
 
     seg = Predictor(load_checkpoint(tiny_checkpoint), "cpu", "fp32", tile=64)
     image = np.random.default_rng(0).integers(0, 256, (3, 48, 72)).astype(np.uint8)
@@ -160,7 +161,7 @@ def test_the_python_api_says_how_to_pass_an_image_and_scales_a_float_image_in_0_
 
 def test_predict_file_creates_a_missing_output_folder_as_the_cli_does(tmp_path, tiny_checkpoint):
     from bigseg.checkpoint import load_checkpoint
-    from bigseg.predictor import Predictor
+    from bigseg.infer.predictor import Predictor
     from bigseg.run.file_job import predict_file
 
     src = write_geotiff(tmp_path / "a.tif", 64, 48)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 from bigseg.io.readers import open_raster
 from tests.conftest import write_geotiff
 
@@ -64,7 +64,7 @@ def phone_jpeg(path, image_bgr, orientation: int):
 def test_exif_orientation_is_applied_so_pixels_are_as_every_viewer_shows_them(tmp_path, orientation):
     import cv2
 
-    from bigseg.geometry import Window
+    from bigseg.tiling.geometry import Window
     from bigseg.io.readers import open_raster
 
     image = np.zeros((60, 100, 3), np.uint8)
@@ -98,7 +98,7 @@ def test_the_mask_of_a_sideways_phone_photo_matches_the_photo_as_displayed(tmp_p
 def test_an_image_over_opencvs_pixel_limit_is_read_in_windows_by_gdal(tmp_path, monkeypatch):
     import cv2
 
-    from bigseg.geometry import Window
+    from bigseg.tiling.geometry import Window
     from bigseg.io.readers import open_raster
 
     image = np.random.default_rng(1).integers(0, 255, (50, 70, 3)).astype(np.uint8)

@@ -5,7 +5,7 @@ import rasterio
 
 from bigseg.checkpoint import load_checkpoint
 from bigseg.errors import BigsegError
-from bigseg.predictor import Predictor
+from bigseg.infer.predictor import Predictor
 from bigseg.run.file_job import predict_file
 
 REFUSED = {"corrupt.tif": "cannot be decoded"}

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bigseg.geometry import TileGrid, Window
-from bigseg.tiling import Pipeline, StreamingStitcher, stream_tiles
+from bigseg.tiling.geometry import TileGrid, Window
+from bigseg.tiling.stitch import Pipeline, StreamingStitcher, stream_tiles
 from tests.conftest import small_receptive_field_net, tiled_prediction
 
 

@@ -312,7 +312,7 @@ def test_train_plus_val_fits_both_splits_and_never_selects_on_its_own_images(tmp
 
 
 def test_validation_runs_at_the_scales_the_model_will_be_used_at(tmp_path, capsys):
-    from bigseg.predictor import Predictor
+    from bigseg.infer.predictor import Predictor
     from bigseg.train.evaluation import evaluate
 
     data = make_generic_dataset(tmp_path / "data", n=10)
@@ -652,7 +652,7 @@ def test_eval_stops_at_the_next_image_and_a_stopped_command_leaves_nothing_pendi
     import signal
 
     from bigseg import runtime
-    from bigseg.predictor import Predictor
+    from bigseg.infer.predictor import Predictor
     from bigseg.train import evaluation
 
     data = make_generic_dataset(tmp_path / "data", n=6)
@@ -668,7 +668,9 @@ def test_eval_stops_at_the_next_image_and_a_stopped_command_leaves_nothing_pendi
         evaluation.evaluate(seg, open_split(data, "train"), on_image=on_image)
     assert seen == [1, 2] and not runtime._pending
 
-    real, calls = evaluation.confusion, []
+    from bigseg.train.data import source  # raster scenes score their regions block by block (`Source.confusion`)
+
+    real, calls = source.confusion, []
 
     def ctrl_c_on_the_second_image(*args):
         calls.append(1)
@@ -676,13 +678,13 @@ def test_eval_stops_at_the_next_image_and_a_stopped_command_leaves_nothing_pendi
             os.kill(os.getpid(), signal.SIGINT)  # delivered as usual: the handler raises, the CLI catches
         return real(*args)
 
-    monkeypatch.setattr(evaluation, "confusion", ctrl_c_on_the_second_image)
+    monkeypatch.setattr(source, "confusion", ctrl_c_on_the_second_image)
     args = ("eval", "--data", data, "--model", tiny_checkpoint, "--split", "train", "--device", "cpu", "--tile", "64",
             "--engine", "torch", "-o", tmp_path / "e.json")
     code, _, err = run_cli(capsys, *args)
     assert code == 130 and "interrupted" in err, err
     assert not runtime._pending
-    monkeypatch.setattr(evaluation, "confusion", real)
+    monkeypatch.setattr(source, "confusion", real)
     code, _, err = run_cli(capsys, *args)
     assert code == 0, err
 
@@ -1022,10 +1024,10 @@ def test_eval_scores_in_fp32_on_the_cpu_and_keeps_its_report_beside_the_model_no
     in the working folder unasked."""
     import shutil
 
-    from bigseg import device
+    from bigseg.infer import choose
 
     monkeypatch.delenv("BIGSEG_PRECISION")  # the tests pin fp32; here eval's own default decides
-    monkeypatch.setattr(device, "native_bf16", lambda: True)
+    monkeypatch.setattr(choose, "native_bf16", lambda: True)
     monkeypatch.chdir(tmp_path)
     data = make_generic_dataset(tmp_path / "data", n=4)
     model = tmp_path / "run" / "best.pt"

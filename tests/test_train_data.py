@@ -14,7 +14,7 @@ import rasterio
 from rasterio.transform import from_origin
 
 from bigseg.errors import DatasetError
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 from bigseg.train.data import IGNORE, DataSet, DataSettings, ReadSettings, SplitSettings, open_split
 from bigseg.train.data.split import block_split
 from tests.cli_helpers import run_cli

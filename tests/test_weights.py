@@ -5,7 +5,7 @@ import pytest
 from bigseg.checkpoint import resolve_model
 from bigseg.examples import render_street
 from bigseg.manifest import read_manifest
-from bigseg.predictor import Predictor
+from bigseg.infer.predictor import Predictor
 
 SHIPPED = read_manifest()
 needs_weights = pytest.mark.skipif(not SHIPPED, reason="no weights shipped in weights/")
@@ -33,7 +33,7 @@ def test_rendered_street_scene_is_segmented_sensibly(seed, model):
     image, truth = render_street(480, 360, seed=seed)
     seg = Predictor(resolve_model(model), "cpu", "fp32", tile=512)
     labels = seg.segment(np.moveaxis(image, -1, 0))
-    classes = seg.checkpoint.classes
+    classes = seg.card.classes
     for name in ("sky", "road"):
         votes = np.bincount(labels[truth == classes.index(name)], minlength=len(classes))
         assert classes[votes.argmax()] == name, (name, dict(zip(classes, votes)))

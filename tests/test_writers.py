@@ -5,7 +5,7 @@ import rasterio
 
 from bigseg.atomic import partial_path
 from bigseg.errors import OutputError
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 from bigseg.io.writers import BLOCK, GeoTiffWriter
 
 
@@ -65,7 +65,7 @@ def test_commit_refuses_an_incomplete_output(tmp_path):
 
 def test_the_overlay_has_a_legend_of_the_classes_it_shows(tmp_path):
     """Each class the preview shows gets its colour swatch (and name); one it does not show, none."""
-    from bigseg.geometry import Window
+    from bigseg.tiling.geometry import Window
     from bigseg.io.writers import OverlayWriter
 
     palette = [[200, 30, 30], [30, 200, 30], [30, 30, 200]]

@@ -56,8 +56,8 @@ def evaluate(
         raise InputError(f"data not found: {data}")
 
     from bigseg.checkpoint import resolve_model
-    from bigseg.device import resolve_device
-    from bigseg.predictor import Predictor
+    from bigseg.infer.engines.torch import resolve_device
+    from bigseg.infer.predictor import Predictor
     from bigseg.runtime import keep_freed_memory, set_threads
     from bigseg.train.data import DataSet, DataSettings, ReadSettings, SplitSettings
     from bigseg.train.evaluation import evaluate as run_eval
@@ -79,7 +79,7 @@ def evaluate(
                           crf_settings, engine=engine, on_note=lambda message: print(f"note: {message}", file=sys.stderr))
     result = run_eval(predictor, subset)
     report = out or (Path(model).with_name(f"{Path(model).stem}.eval-{split}.json") if Path(model).is_file() else None)
-    numbers = str(predictor.dtype).removeprefix("torch.")
+    numbers = predictor.precision
     if report is not None:
         write_text(report, json.dumps({"model": model, "precision": numbers, "scales": list(predictor.scales),
                                        "flip": flip, "crf": None if predictor.crf is None else vars(predictor.crf),
@@ -87,7 +87,7 @@ def evaluate(
     s = result.scores
     if not quiet:
         table = Table(title=f"{subset.name} {split}: {result.images} "
-                            f"{'images' if subset.source.whole_images else 'regions'}, {result.seconds:.1f} s")
+                            f"{subset.source.regions_are}, {result.seconds:.1f} s")
         table.add_column("class")
         table.add_column("IoU %", justify="right")
         for name, iou in s["iou"].items():
@@ -98,4 +98,4 @@ def evaluate(
                   f"{100 * scene_scores['pixel_accuracy']:.2f}  ({scene_scores['pixels']} pixels)")
     kept = f"report: {report}" if report is not None else "report not kept: --out FILE keeps it"
     print(f"mIoU {100 * s['miou']:.2f}  pixel accuracy {100 * s['pixel_accuracy']:.2f}  ({numbers}, "
-          f"{predictor.device.type}; {kept})")
+          f"{predictor.device.split(':')[0]}; {kept})")

@@ -62,7 +62,7 @@ def _prepare(model: str, sizes: list[str]) -> None:
         if not sep or not h.strip().isdigit() or not w.strip().isdigit():
             raise InputError(f"--size takes HEIGHTxWIDTH, e.g. 360x480; got {text!r}")
         parsed.append((int(h), int(w)))
-    from bigseg.predictor import prepare_cpu_engine
+    from bigseg.infer.start import prepare_cpu_engine
 
     say = lambda note: print(f"note: {note}", file=sys.stderr, flush=True)
     print(f"preparing {model} for {', '.join(sizes)} on this CPU (an export takes tens of seconds each)",

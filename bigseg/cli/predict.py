@@ -77,7 +77,8 @@ def predict(
         _nothing_to_do(found, json_summary)
         return
 
-    from bigseg.exported import exported_predictor
+    from bigseg.infer.settings import Settings
+    from bigseg.infer.start import open_predictor
     from bigseg.run.batch import run_predict
     from bigseg.run.file_job import JobOptions
     from bigseg.runtime import keep_freed_memory
@@ -86,22 +87,15 @@ def predict(
         keep_freed_memory()
     progress = TileProgress(quiet or json_summary)
 
-    def torch_predictor():
+    single = not dry_run and rank == 0 and os.environ.get("WORLD_SIZE", "1") == "1"
+    if not single:  # under torchrun, `auto` and `cuda` mean this process's GPU
         from bigseg import distributed
-        from bigseg.checkpoint import resolve_model
-        from bigseg.predictor import Predictor
-        from bigseg.runtime import set_threads
 
-        set_threads(threads)
-        return Predictor(resolve_model(model), distributed.device_for_rank(device, distributed.rank_from_env()),
-                         precision, tile, overlap, batch_size, scale_factors, flip, crf_settings, compile_model,
-                         engine, on_note=progress.note)
-
+        device = distributed.device_for_rank(device, distributed.rank_from_env())
+    settings = Settings(device, precision, tile, overlap, batch_size, scale_factors, flip, crf_settings, compile_model,
+                        engine, threads)
     # a model whose export is compiled and cached predicts without torch (a warm start in a second)
-    predictor = None if dry_run or rank > 0 or os.environ.get("WORLD_SIZE", "1") != "1" else exported_predictor(
-        model, device, precision, tile, overlap, batch_size, scale_factors, flip, crf_settings, compile_model, engine,
-        threads, torch_predictor, progress.note)
-    predictor = predictor or torch_predictor()
+    predictor = open_predictor(model, settings, progress.note, warm=single, before_torch=lambda: _threads(threads))
     options = JobOptions(read, write, float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5")), io_threads, areas, polygons)
     if dry_run:
         _dry_run(predictor, inputs, out, recursive, options, estimate, json_summary, rank)
@@ -114,6 +108,12 @@ def predict(
     _report(summary, quiet, json_summary and rank == 0)
     if not summary.ok:
         raise typer.Exit(1)
+
+
+def _threads(threads: int | None) -> None:
+    from bigseg.runtime import set_threads
+
+    set_threads(threads)
 
 
 def _vector_options(vector, vector_classes, min_area, simplify, connectivity):

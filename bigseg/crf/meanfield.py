@@ -163,21 +163,25 @@ class Permutohedral(_Normalised):
         codes = self._encode(keys)
         self.vertex_codes, self.index = torch.unique(codes.reshape(-1), return_inverse=True)
         self.index = self.index.reshape(n, d + 1)
-        m = len(self.vertex_codes)
-        # codes are positional in `base`, and every key +- a lattice step stays inside the
-        # encoded range (offset and base carry a margin of d+2), so a neighbour's code is
-        # the vertex's code plus a constant per direction
+        self.m = len(self.vertex_codes)
+        self.neighbours = self._neighbours(dev)
+        self._init_norm(torch.ones(n, 1, device=dev))
+
+    def _neighbours(self, dev: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each vertex's two neighbours along each of the d+1 lattice directions. Codes are
+        positional in `base`, and every key +- a lattice step stays inside the encoded range
+        (offset and base carry a margin of d+2), so a neighbour's code is the vertex's code plus a
+        constant per direction; missing neighbours point at an extra all-zero row m."""
+        d, m = self.d, self.m
         place = self.base ** torch.arange(d - 1, -1, -1, device=dev)
-        self.neighbours = []
+        neighbours = []
         for j in range(d + 1):
             step = torch.full((d,), -1, dtype=torch.long, device=dev)
             if j < d:
                 step[j] = d
             delta = int((step * place).sum())
-            # missing neighbours point at an extra all-zero row m
-            self.neighbours.append((self._find(self.vertex_codes + delta, m), self._find(self.vertex_codes - delta, m)))
-        self.m = m
-        self._init_norm(torch.ones(n, 1, device=dev))
+            neighbours.append((self._find(self.vertex_codes + delta, m), self._find(self.vertex_codes - delta, m)))
+        return neighbours
 
     def _encode(self, keys: torch.Tensor) -> torch.Tensor:
         k = keys - self.offset

@@ -3,6 +3,7 @@ sidecar (`NAME.tif.aux.xml`, as bigseg writes beside its masks and GDAL writes f
 Read with the standard library: rasterio does not expose GDAL's category names."""
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -22,3 +23,17 @@ def category_names(raster: str | Path) -> list[str] | None:
             if names is not None:
                 return [(c.text or "").strip() for c in names.findall("Category")]
     return None
+
+
+def class_names(path: Path, tags: dict[str, str]) -> list[str] | None:
+    """A class raster's class names: bigseg's `classes` tag, the category names of its `.aux.xml`,
+    or None (classes are then their numbers)."""
+    if "classes" in tags:
+        try:
+            names = json.loads(tags["classes"])
+            if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                return names
+        except ValueError:
+            pass
+    names = category_names(path)
+    return names if names and any(names) else None

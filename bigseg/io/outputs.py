@@ -12,9 +12,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bigseg.areas import AreaStats
+from bigseg.vector.areas import AreaStats
 from bigseg.errors import InputError
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 from bigseg.io.readers import IMAGE_SUFFIXES, Georef
 from bigseg.io.writers import (
     NODATA,

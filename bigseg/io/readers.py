@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from bigseg.errors import InputError, RasterFormatError, first_line
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 from bigseg.io import bands as B
 from bigseg.io import exif
 

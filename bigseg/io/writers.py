@@ -30,7 +30,7 @@ from bigseg.atomic import partial_path, write_text
 from bigseg.atomic import remove as _remove
 from bigseg.io.gdal import captured_stderr, write_failure, writing
 from bigseg.errors import OutputError, first_line
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 from bigseg.io.readers import Georef
 from bigseg.palette import NODATA
 

@@ -8,7 +8,7 @@ local operations and mass 1 this is its receptive field radius; models with glob
 effective margin says where almost all of the influence lies.
 
 Tiling blends each tile with a weight that is zero within overlap/4 of its edges, so the
-default overlap is 4 x the architecture's `context_margin` (`bigseg.geometry.default_overlap`).
+default overlap is 4 x the architecture's `context_margin` (`bigseg.tiling.geometry.default_overlap`).
 """
 from __future__ import annotations
 

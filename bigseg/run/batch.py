@@ -5,18 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from bigseg import distributed
 from bigseg.atomic import write_text
 from bigseg.errors import describe_failure
+from bigseg.infer.predictor import Predictor
 from bigseg.run.discover import Failure, Job, prepare
 from bigseg.run.file_job import JobOptions, PredictResult, predict_file
 from bigseg.run.vectorize import VectorOptions, mask_areas, vector_paths, vectorize_file
 from bigseg.run.shards import predict_split
-
-if TYPE_CHECKING:  # the torch predictor, or the exported one (`bigseg.exported`) that needs no torch
-    from bigseg.predictor import Predictor
 
 Events = Callable[[str, object], None]
 

@@ -7,26 +7,22 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from bigseg.areas import AreaStats, Ground
+from bigseg.vector.areas import AreaStats, Ground
 from bigseg.errors import Interrupted, OutputError
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 from bigseg.io.gdal import gdal_env
 from bigseg.io.outputs import OutputSet, WriteOptions, writes_png
 from bigseg.io.readers import IMAGE_SUFFIXES, Reader, ReadOptions, beyond_opencv
+from bigseg.infer.predictor import Predictor
 from bigseg.run import journal
 from bigseg.run.inputs import open_for_model
 from bigseg.run.vectorize import VectorOptions
 from bigseg.runtime import check_stop, stop_handled
-from bigseg.tiling import PREFETCH_BATCHES
-
-if TYPE_CHECKING:  # a predictor may be the exported one (`bigseg.exported`), which needs no torch
-    import torch
-
-    from bigseg.predictor import Predictor
+from bigseg.tiling.stitch import PREFETCH_BATCHES
 
 JOURNAL_SECONDS = 5.0  # how often a journaled output is synced (resume granularity vs. a close/reopen)
 
@@ -44,10 +40,11 @@ class JobOptions:
     areas: bool = False  # count each class's area as the mask is written (PredictResult.areas, NAME.areas.csv)
     vector: VectorOptions | None = None  # polygons of the finished mask (NAME.polygons.gpkg)
 
-    def threads_for(self, device: torch.device) -> int:
+    def threads_for(self, on_gpu: bool) -> int:
+        """GDAL's threads: several where the reader must keep a GPU fed, else one."""
         if self.io_threads is not None:
             return self.io_threads
-        return min(8, os.cpu_count() or 1) if device.type == "cuda" else 1
+        return min(8, os.cpu_count() or 1) if on_gpu else 1
 
 
 @dataclass
@@ -71,7 +68,7 @@ class PredictResult:
 
 def fingerprint(predictor: Predictor, src: Path, dst: Path, options: JobOptions, **extra: Any) -> str:
     """The resume fingerprint: the input's identity and everything that shapes `dst`'s content."""
-    return journal.fingerprint(src, {**predictor.settings(), "read": vars(options.read),
+    return journal.fingerprint(src, {**predictor.fingerprint(), "read": vars(options.read),
                                      "write": vars(options.write), "output": dst.name, **extra})
 
 
@@ -88,12 +85,12 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
     start = time.perf_counter()
     say = on_event or (lambda kind, payload: None)
     dst.parent.mkdir(parents=True, exist_ok=True)  # as the CLI and `predict()` do
-    if predictor.device.type == "cuda":
+    if predictor.on_gpu:
         import torch
 
         torch.cuda.reset_peak_memory_stats(predictor.device)
-    ckpt = predictor.checkpoint
-    with _environment(src, dst, options, predictor.device), open_for_model(src, ckpt, options.read) as reader:
+    card = predictor.card
+    with _environment(src, dst, options, predictor.on_gpu), open_for_model(src, card, options.read) as reader:
         fp = fingerprint(predictor, src, dst, options)
         resumable = not writes_png(reader.kind, dst)
         rows_done, notes = _resume_point(dst, fp, reader.height, resumable)
@@ -105,7 +102,7 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
         advance = journal.Advance(dst, fp, reader.height, options.journal_seconds if resumable else None, rows_done)
         try:
             with outputs:
-                outputs.areas = _area_stats(options, reader, ckpt.classes, outputs, rows_done)
+                outputs.areas = _area_stats(options, reader, card.classes, outputs, rows_done)
                 if rows_done:
                     outputs.keep_partial = True
                     journal.write_journal(dst, fp, rows_done, reader.height)
@@ -119,18 +116,18 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
                     if advance.rows else f"nothing of {dst.name} was kept (no block row was finished)")
             raise Interrupted(f"interrupted: {kept}") from None
         journal.remove_journal(dst)
-    gpu_peak = _gpu_peak_mib(predictor.device) if predictor.device.type == "cuda" else None
+    gpu_peak = _gpu_peak_mib(predictor.device) if predictor.on_gpu else None
     return PredictResult(src, outputs.written[0], reader.width, reader.height, len(grid), time.perf_counter() - start,
                          outputs.written[1:], notes + reader.notes + predictor.take_notes(), seams, gpu_peak,
                          outputs.areas)
 
 
-def _environment(src: Path, dst: Path, options: JobOptions, device):
+def _environment(src: Path, dst: Path, options: JobOptions, on_gpu: bool):
     """GDAL's settings for the job (`bigseg.io.gdal`); none for a photograph OpenCV reads and writes,
     which then never loads GDAL (a quicker start for small images)."""
     photo = src.suffix.lower() in IMAGE_SUFFIXES and dst.suffix.lower() == ".png" and options.read.engine in (
         "auto", "opencv") and not beyond_opencv(src)
-    return contextlib.nullcontext() if photo else gdal_env(options.threads_for(device))
+    return contextlib.nullcontext() if photo else gdal_env(options.threads_for(on_gpu))
 
 
 def _finish_seams(outputs: OutputSet, seams: dict | None, rows_done: int) -> None:
@@ -157,11 +154,11 @@ def _resume_point(dst: Path, fp: str, height: int, resumable: bool) -> tuple[int
 def _open_outputs(dst: Path, reader: Reader, predictor: Predictor, write: WriteOptions, rows_done: int,
                   notes: list[str]) -> tuple[OutputSet, int]:
     """The job's OutputSet, continuing the partial files from `rows_done` when they are usable."""
-    ckpt = predictor.checkpoint
+    card = predictor.card
 
     def create(rows: int) -> OutputSet:
-        return OutputSet.create(dst, reader.kind, reader.width, reader.height, reader.georef, ckpt.classes,
-                                ckpt.palette, write, resume_rows=rows)
+        return OutputSet.create(dst, reader.kind, reader.width, reader.height, reader.georef, card.classes,
+                                card.palette, write, resume_rows=rows)
     try:
         return create(rows_done), rows_done
     except OutputError as e:
@@ -248,7 +245,7 @@ def replay_overlay(reader: Reader, outputs: OutputSet, rows: int) -> None:
         overlay.write(window, outputs.writers["mask"].read(window)[0])
 
 
-def _gpu_peak_mib(device: torch.device) -> float:
+def _gpu_peak_mib(device: str) -> float:
     """The process's peak GPU memory as nvidia-smi would show it on a GPU of its own: what is used
     now (CUDA context and libraries included) plus how far torch's reserved memory peaked above now."""
     import torch

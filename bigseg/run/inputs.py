@@ -5,19 +5,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from bigseg.infer.card import ModelCard
 from bigseg.io.readers import Reader, ReadOptions, open_input
 
-if TYPE_CHECKING:  # anything with a checkpoint's input description: a Checkpoint or an exported model's card
-    from bigseg.checkpoint import Checkpoint
 
 PIXEL_SIZE_TOLERANCE = 1.5  # a ground pixel this many times larger or smaller than the model's is noted
 
 
-def open_for_model(src: Path, checkpoint: Checkpoint, read: ReadOptions) -> Reader:
+def open_for_model(src: Path, checkpoint: ModelCard, read: ReadOptions) -> Reader:
     """`open_input` with the model's own band list and value range as defaults (the user's
     `--bands` and `--value-range` win), and notes on a band count or pixel size far from the model's."""
     trained = checkpoint.input

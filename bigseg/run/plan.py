@@ -42,13 +42,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from bigseg.errors import describe_failure
-from bigseg.exported import MAX_PIXELS, warm_choice
-from bigseg.geometry import TileGrid, stitcher_peak_pixels
+from bigseg.infer.choose import MAX_PIXELS, warm_choice
+from bigseg.tiling.geometry import TileGrid, stitcher_peak_pixels
 from bigseg.io.gdal import gdal_env
 from bigseg.io.outputs import describe
 from bigseg.io.writers import BLOCK
 from bigseg.models import create_model
-from bigseg.predictor import Predictor
+from bigseg.infer.predictor import Predictor
 from bigseg.run.discover import Failure, find_jobs
 from bigseg.run.file_job import JobOptions
 from bigseg.run.inputs import open_for_model
@@ -153,21 +153,21 @@ def writer_rows(grid: TileGrid, block: int = BLOCK) -> int:
 
 def memory_estimate(predictor: Predictor, width: int, height: int, bands: int, probs: bool = False) -> dict:
     """The formula of the module docstring, in MiB per term, with `host` and `gpu` totals."""
-    ckpt = predictor.checkpoint
+    engine = predictor.engine  # a dry run's: torch, which has the checkpoint
+    ckpt = engine.checkpoint
     th, tw = min(predictor.tile, height), min(predictor.tile, width)
     grid = predictor.grid(width, height)
     b = min(predictor.batch_size, len(grid))
     c = ckpt.num_classes
     params = sum(v.numel() for v in ckpt.state_dict.values() if v.is_floating_point())
     stored = sum(v.numel() * v.element_size() for v in ckpt.state_dict.values())
-    on_gpu = predictor.device.type == "cuda"
-    blend_on_gpu = on_gpu and predictor.blends_on_device(predictor.grid(width, height))
-    dtype = predictor.dtype if on_gpu else torch.float32
+    on_gpu = predictor.on_gpu
+    blend_on_gpu = on_gpu and engine.blends_on_device(grid)
+    dtype = engine.dtype if on_gpu else torch.float32
     scale_max = max(predictor.scales)
     act_h, act_w = max(1, round(th * scale_max)), max(1, round(tw * scale_max))
     act = activation_bytes(ckpt, b, act_h, act_w, dtype)
-    runtime = None if on_gpu or predictor.engine.name == "torch" else \
-        predictor.engine.expected_runtime((act_h, act_w), ckpt.in_channels)
+    runtime = None if on_gpu else engine.expected_runtime((act_h, act_w))
     exported = runtime is not None
     overhead, runtime_mib = EXPORTED_MEMORY.get(runtime, (CPU_ACTIVATION_OVERHEAD, 0))
     inputs = 2 * b * bands * th * tw * 4
@@ -199,21 +199,21 @@ def memory_estimate(predictor: Predictor, width: int, height: int, bands: int, p
 
 def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, estimate: bool = False) -> Plan:
     """Open `src` (metadata and the rescale statistics only) and describe the job."""
-    with gdal_env(options.threads_for(predictor.device)), \
-            open_for_model(src, predictor.checkpoint, options.read) as reader:
+    with gdal_env(options.threads_for(predictor.on_gpu)), \
+            open_for_model(src, predictor.card, options.read) as reader:
         grid = predictor.grid(reader.width, reader.height)
         plan = Plan(
             input=str(src), output=str(dst), width=reader.width, height=reader.height,
-            bands=predictor.checkpoint.in_channels, dtype=str(getattr(reader, "dtype", "uint8")),
+            bands=predictor.card.in_channels, dtype=str(getattr(reader, "dtype", "uint8")),
             reader=type(reader).__name__, tiles=len(grid), tile_rows=len(grid.row_starts),
             tile_cols=len(grid.col_starts), batches=-(-len(grid) // predictor.batch_size),
             tile=predictor.tile, overlap=predictor.overlap, overlap_from=predictor.overlap_from,
             blend=f"sin^2 ramp, zero weight within {predictor.overlap // 4} px of inner tile edges",
-            device=str(predictor.device), precision=str(predictor.dtype).removeprefix("torch."),
+            device=predictor.device, precision=predictor.precision,
             notes=list(reader.notes),
             outputs=describe(dst, reader.kind, reader.width, reader.height, predictor.num_classes, options.write))
         plan.memory_mib = memory_estimate(predictor, reader.width, reader.height, plan.bands, options.write.probs)
-        plan.model = predictor.checkpoint.source
+        plan.model = predictor.card.source
         plan.engine = describe_engine(predictor, (min(predictor.tile, reader.height), min(predictor.tile, reader.width)),
                                       (reader.width, reader.height))
         plan.notes += memory_warnings(plan.memory_mib, predictor.device)
@@ -225,23 +225,23 @@ def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, e
 def describe_engine(predictor: Predictor, shape: tuple[int, int], image: tuple[int, int] | None = None) -> str:
     """The engine and precision a run will use, and why, in words (`auto`: what it knows before
     running: timed here, exported but not timed, to be exported, or torch); with the image's
-    (width, height) `image`, whether it starts without torch (`bigseg.exported`)."""
-    engine, precision = predictor.engine, str(predictor.dtype).removeprefix("torch.")
-    if engine.name == "torch":
+    (width, height) `image`, whether it starts without torch (`bigseg.infer.choose.warm_start`)."""
+    precision = predictor.precision
+    if predictor.engine.name == "torch":
         return f"torch ({precision})"
-    bands = predictor.checkpoint.in_channels
+    engine = predictor.engine.model  # the exported runtimes inside the torch run
     in_runtime = lambda r: f"{r} ({engine.precision if r == 'openvino' else 'float32'})"
     padded = engine.padded(shape)
-    failed = engine.failure(padded, bands)
+    failed = engine.failure(padded)
     if failed is not None:
         if not engine.choose:
             return f"{engine.name}: cannot run this model ({failed}); the run will stop with an error"
         return f"torch ({precision}): the model does not export ({failed}) (auto)"
     if not engine.choose:
         return in_runtime(engine.name)
-    exported = (engine.folder / f"{engine.key(padded, bands)}.onnx").is_file()
-    runtime = engine.expected_runtime(shape, bands)
-    timing = engine.timing(padded, bands)
+    exported = engine.cache.path(padded).is_file()
+    runtime = engine.expected_runtime(shape)
+    timing = engine.cache.timing(padded, engine.machine, engine.runtimes)
     if timing is not None:
         times = ", ".join(f"{k} {v:.2f} s" for k, v in timing.items())
         plain = predictor.scales == (1.0,) and not predictor.flip and predictor.crf is None
@@ -262,7 +262,7 @@ def describe_engine(predictor: Predictor, shape: tuple[int, int], image: tuple[i
             f"here once torch has spent an export's cost on these tiles (auto)")
 
 
-def memory_warnings(memory_mib: dict, device: torch.device) -> list[str]:
+def memory_warnings(memory_mib: dict, device: str) -> list[str]:
     """A note for each estimate beyond the machine: host memory, and the GPU's."""
     notes = []
     try:
@@ -272,7 +272,7 @@ def memory_warnings(memory_mib: dict, device: torch.device) -> list[str]:
     if total and memory_mib["host"] > total:
         notes.append(f"needs about {memory_mib['host'] / 1024:.1f} GiB of memory and this machine has "
                      f"{total / 1024:.1f} GiB: use a smaller --tile or --batch-size")
-    if memory_mib.get("gpu") and device.type == "cuda":
+    if memory_mib.get("gpu") and device.startswith("cuda"):
         gpu_total = torch.cuda.get_device_properties(device).total_memory / MIB
         if memory_mib["gpu"] > gpu_total:
             notes.append(f"needs about {memory_mib['gpu'] / 1024:.1f} GiB on the GPU, which has "

@@ -16,12 +16,11 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bigseg import distributed
 from bigseg.distributed import Rank
 from bigseg.errors import BigsegError
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 from bigseg.io.gdal import gdal_env
 from bigseg.io.outputs import OutputSet, part_path
 from bigseg.run.discover import Job
@@ -33,10 +32,9 @@ from bigseg.run.file_job import (
     write_tiles,
 )
 from bigseg.run.inputs import open_for_model
-from bigseg.tiling import PREFETCH_BATCHES
+from bigseg.infer.predictor import Predictor
+from bigseg.tiling.stitch import PREFETCH_BATCHES
 
-if TYPE_CHECKING:
-    from bigseg.predictor import Predictor
 
 ROWS_PER_COPY = 512
 
@@ -71,9 +69,9 @@ def _part_done(path: Path, fp: str) -> bool:
 
 def predict_part(predictor: Predictor, src: Path, dst: Path, options: JobOptions, part: int, parts: int) -> bool:
     """Write part `part` of `parts` of `src`'s outputs; False when a finished one was kept."""
-    ckpt = predictor.checkpoint
+    ckpt = predictor.card
     probs = options.write.probs
-    with gdal_env(options.threads_for(predictor.device)), open_for_model(src, ckpt, options.read) as reader:
+    with gdal_env(options.threads_for(predictor.on_gpu)), open_for_model(src, ckpt, options.read) as reader:
         fp = fingerprint(predictor, src, dst, options, parts=parts)
         grid = predictor.grid(reader.width, reader.height)
         rows = part_rows(grid.row_starts, reader.height, parts)[part]
@@ -92,8 +90,8 @@ def assemble(predictor: Predictor, src: Path, dst: Path, options: JobOptions, pa
     written and the number of tiles."""
     from rasterio.windows import Window as RWindow
 
-    ckpt = predictor.checkpoint
-    with gdal_env(options.threads_for(predictor.device)), open_for_model(src, ckpt, options.read) as reader:
+    ckpt = predictor.card
+    with gdal_env(options.threads_for(predictor.on_gpu)), open_for_model(src, ckpt, options.read) as reader:
         grid = predictor.grid(reader.width, reader.height)
         spans = part_rows(grid.row_starts, reader.height, parts)
         outputs = OutputSet.create(dst, reader.kind, reader.width, reader.height, reader.georef, ckpt.classes,

@@ -1,7 +1,7 @@
 """A class mask to polygons and areas: `bigseg vectorize MASK` and `predict --vector`.
 
 The mask is read strip by strip (full width) and polygonised in bounded memory
-(`bigseg.polygons`): one polygon (8-connectivity: a multipolygon whose parts meet at corners) per
+(`bigseg.vector.polygons`): one polygon (8-connectivity: a multipolygon whose parts meet at corners) per
 connected region of a class, holes kept, nodata never a region, regions cut by strips joined.
 Each polygon carries its class value and name, its area and perimeter (square metres and metres,
 geodesic on the ellipsoid for a geographic CRS; pixels without a CRS) and the source file, in the
@@ -21,12 +21,13 @@ from typing import Callable
 
 import numpy as np
 
-from bigseg.areas import AreaStats, Ground
+from bigseg.vector.areas import AreaStats, Ground
 from bigseg.atomic import write_text
 from bigseg.errors import InputError, RasterFormatError, first_line
 from bigseg.io.gdal import gdal_env
-from bigseg.io.vectors import Field, VectorWriter, class_names, vector_format
-from bigseg.polygons import StreamingPolygons
+from bigseg.io.categories import class_names
+from bigseg.vector.layers import Field, VectorWriter, vector_format
+from bigseg.vector.polygons import StreamingPolygons
 
 STRIP_PIXELS = 1 << 22  # pixels of one strip (at least 64 rows): what bounds the memory
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bigseg.errors import TrainingError
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 from bigseg.train.data import IGNORE, DataSplit, RandomWindows
 from bigseg.train.transforms import Augment, Draw, draw, sample_rng, window_draw
 
@@ -40,7 +40,7 @@ class DeviceData:
     def __init__(self, data: DataSplit, device: torch.device):
         source = data.source
         room = _room(device)
-        bounds = [None if source.whole_images else source.bounds(r) for r in data.regions]
+        bounds = [source.extent(r) for r in data.regions]
         if bounds[0] is not None:  # a scene's size is known before it is read
             need = sum(b.width * b.height * (source.channels + 1) for b in bounds)
             if need > room:

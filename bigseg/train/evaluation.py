@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from bigseg.errors import DatasetError
-from bigseg.geometry import Window
 from bigseg.io.gdal import gdal_env
-from bigseg.metrics import confusion, scores
-from bigseg.predictor import Predictor
+from bigseg.metrics import scores
+from bigseg.infer.predictor import Predictor
 from bigseg.runtime import check_stop
-from bigseg.train.data import IGNORE, DataSplit, Region
+from bigseg.train.data import DataSplit, Region
 
 
 @dataclass
@@ -42,7 +40,7 @@ def evaluate(predictor: Predictor, data: DataSplit, on_image: Callable[[int, int
              ) -> EvalResult:
     """Confusion matrix, IoU per class, mIoU and pixel accuracy of `predictor` on `data`, overall
     and (for raster scenes) per scene."""
-    classes = predictor.checkpoint.classes
+    classes = predictor.card.classes
     if len(classes) != len(data.classes):
         raise DatasetError(f"the model predicts {len(classes)} classes but the {data.name} data "
                            f"has {len(data.classes)}")
@@ -58,40 +56,12 @@ def evaluate(predictor: Predictor, data: DataSplit, on_image: Callable[[int, int
             per_item[region.item] = per_item.get(region.item, 0) + c
             if on_image is not None:
                 on_image(done, len(data.regions))
-    per_scene = {}
-    if not data.source.whole_images:
-        per_scene = {Path(data.source.item_id(i)).stem: scores(c, list(data.classes)) for i, c in per_item.items()}
+    named = {i: data.source.scene_name(i) for i in per_item}
+    per_scene = {named[i]: scores(c, list(data.classes)) for i, c in per_item.items() if named[i] is not None}
     return EvalResult(data.name, data.split, len(data.regions), time.perf_counter() - start,
                       scores(conf, list(data.classes)), conf, per_scene)
 
 
 def region_confusion(predictor: Predictor, data: DataSplit, region: Region) -> np.ndarray:
-    """The confusion matrix of one region: its image streamed through the predictor's tiles, each
-    finished block's labels compared with the same block of the labels."""
-    source, n = data.source, predictor.num_classes
-    bounds = source.bounds(region)
-    conf = np.zeros((n, n), np.int64)
-    if source.whole_images:  # a small image: read once, tiled from memory
-        patch = source.read(region.item)
-        image, label = patch.image.astype(np.float32), patch.label
-        labels = predictor.scores(image, patch.valid).argmax(0)
-        return confusion(labels, label, n)
-
-    def read(window: Window):
-        window = _offset(window, bounds)
-        if source.empty(region.item, window):  # a sparse raster's absent blocks: no tile to predict
-            return None
-        patch = source.read(region.item, window)
-        return patch.image.astype(np.float32), patch.valid
-
-    finish = predictor.labels_and_probabilities(probs=False)
-    for window, copy, valid in predictor.stream(predictor.grid(bounds.width, bounds.height), read, finish):
-        if copy is None:  # no valid pixel in the block: nothing to score
-            continue
-        label = np.where(valid, source.read_label(region.item, _offset(window, bounds)), IGNORE)
-        conf += confusion(copy.numpy()["labels"], label, n)
-    return conf
-
-
-def _offset(window: Window, bounds: Window) -> Window:
-    return Window(window.col_off + bounds.col_off, window.row_off + bounds.row_off, window.width, window.height)
+    """The confusion matrix of one region, scored as its source scores it (`Source.confusion`)."""
+    return data.source.confusion(predictor, region)

@@ -22,7 +22,7 @@ from bigseg.checkpoint import Checkpoint, from_model, save_checkpoint
 from bigseg.errors import Interrupted, TrainingError
 from bigseg.io.gdal import gdal_env
 from bigseg.models.blocks import set_grad_checkpointing
-from bigseg.predictor import Predictor
+from bigseg.infer.predictor import Predictor
 from bigseg.runtime import check_stop, stop_handled, whole_step
 from bigseg.train.averaging import WeightAverage
 from bigseg.train.batches import batches, data_failure
@@ -152,7 +152,7 @@ class Run:
         self.on_event("start", {
             "steps_per_epoch": data.steps_per_epoch, "total_steps": self.total_steps, "epoch": self.at.epoch,
             "world": env.rank.world, "train_images": len(data.sampler),
-            "unit": "images" if data.source.whole_images else "windows", "device": str(env.device),
+            "unit": data.source.unit, "device": str(env.device),
             "precision": str(env.dtype).removeprefix("torch."), "threads": env.threads,
             "grad_checkpoint": checkpointing, "grad_checkpoint_auto": cfg.grad_checkpoint is None,
             "channels_last": cfg.channels_last, "compile": cfg.compile,

@@ -37,7 +37,7 @@ def write_data_description(run_dir: Path, train: DataSplit, val: DataSplit | Non
     source = train.source
     table = source.table
     write_text(run_dir / "data.json", json.dumps({
-        "data": source.name, "kind": "images" if source.whole_images else "scenes", "notes": notes,
+        "data": source.name, "kind": source.kind, "notes": notes,
         "classes": [{"name": n, "value": v, "colour": list(c)} for n, v, c in zip(table.names, table.codes, table.palette)],
         "bands": source.channels, "input": input, "train": _split(train), "val": None if val is None else _split(val),
         "prepared": prepared}, indent=1, default=float))
@@ -45,7 +45,4 @@ def write_data_description(run_dir: Path, train: DataSplit, val: DataSplit | Non
 
 def _split(split: DataSplit) -> dict:
     source = split.source
-    regions = [{"item": Path(source.item_id(r.item)).name,
-                **({} if r.window is None else {"window": [r.window.col_off, r.window.row_off, r.window.width,
-                                                           r.window.height]})} for r in split.regions]
-    return {"split": split.split, "regions": len(regions), **({} if source.whole_images else {"list": regions})}
+    return {"split": split.split, "regions": len(split.regions), **source.describe_regions(split.regions)}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -15,7 +14,7 @@ from torch import nn
 
 from bigseg import distributed as D
 from bigseg.checkpoint import Normalization, load_backbone_weights, load_checkpoint, pretrained_normalization
-from bigseg.device import resolve_device, resolve_precision
+from bigseg.infer.engines.torch import resolve_device, resolve_precision
 from bigseg.errors import Interrupted, TrainingError
 from bigseg.models import create_model
 from bigseg.runtime import set_threads, stop_handled
@@ -26,10 +25,10 @@ from bigseg.train.data import (
     DataSplit,
     RandomWindows,
     ReadSettings,
+    SamplerOptions,
     SplitSettings,
     WholeImages,
     label_statistics,
-    region_windows,
 )
 from bigseg.train.device_data import DeviceData
 from bigseg.train.losses import BALANCING, class_weights
@@ -150,28 +149,10 @@ def open_data(cfg: TrainConfig, world: int = 1) -> TrainingData:
         raise TrainingError(f"--val-split {cfg.val_split} overlaps --train-split {cfg.train_split}: its mIoU would "
                             f"select on training images; use --eval-every 0 (the last epoch is the model) "
                             f"or another --val-split")
-    notes: list[str] = []
-    if train.source.whole_images:
-        if cfg.rare_class_sampling:
-            raise TrainingError("--rare-class-sampling draws windows of raster scenes; the images of a folder are read whole "
-                                "(--class-balance weighs rare classes in the loss instead)")
-        if cfg.scene_balance:
-            raise TrainingError("--scene-balance weighs raster scenes against each other; the images of a folder are "
-                                "each read once an epoch")
-        sampler: WholeImages | RandomWindows = WholeImages(train.regions)
-        unit = "images"
-    else:
-        align = cfg.teacher_reduction if cfg.teacher else 1
-        sampler = RandomWindows(train.source, train.regions, 1, align, cfg.rare_class_sampling, len(train.classes),
-                                cfg.scene_balance)
-        sampler.per_epoch = cfg.windows_per_epoch or max(cfg.batch_size * world, round(sampler.labelled / cfg.crop ** 2))
-        unit = "windows"
-        if cfg.scene_balance and sampler.class_probabilities is None:
-            notes.append(f"scene balance {cfg.scene_balance:g}: windows from " + ", ".join(
-                f"{Path(train.source.item_id(item)).stem} {p:.0%}" for item, p in sampler.scene_shares().items()))
-        if sampler.class_probabilities is not None:
-            notes.append("rare-class sampling: windows centred on " + ", ".join(
-                f"{name} {p:.0%}" for name, p in zip(train.classes, sampler.class_probabilities)))
+    options = SamplerOptions(cfg.crop, cfg.teacher_reduction if cfg.teacher else 1, cfg.rare_class_sampling,
+                             cfg.scene_balance, cfg.windows_per_epoch or None, cfg.batch_size * world)
+    sampler, notes = train.source.sampler(train.regions, options)
+    unit = train.source.unit
     steps = len(sampler) // (cfg.batch_size * world)
     if steps == 0:
         raise TrainingError(f"{len(sampler)} training {unit} are fewer than one batch of {cfg.batch_size} x {world} "
@@ -182,14 +163,7 @@ def open_data(cfg: TrainConfig, world: int = 1) -> TrainingData:
 def input_description(train: DataSplit, cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint says of its input, for predict: the bands, the ground pixel size and the
     label values of the classes (raster scenes); nothing for image folders (RGB photographs)."""
-    source = train.source
-    if source.whole_images:
-        return {}
-    info = source.info[train.regions[0].item]  # the first training scene's (the notes say if others differ)
-    return {"bands": list(info.band_indexes), "value_range": list(cfg.value_range) if cfg.value_range else None,
-            "pixel_size": list(info.pixel_size) if info.pixel_size else None, "units": info.units,
-            "eight_bit": bool(info.eight_bit),
-            "label_values": list(source.table.codes)}
+    return train.source.input_description(train.regions, tuple(cfg.value_range) if cfg.value_range else None)
 
 
 def prepare(data: TrainingData, cfg: TrainConfig, net: nn.Module, computed_normalization: bool = True) -> dict[str, Any]:
@@ -199,7 +173,7 @@ def prepare(data: TrainingData, cfg: TrainConfig, net: nn.Module, computed_norma
     from `--init` takes its checkpoint's, and one with ImageNet weights its encoder's, instead:
     `computed_normalization=False`)."""
     prepared = net.prepare_training(LabelWindows(data.train), cfg.seed) if hasattr(net, "prepare_training") else {}
-    if computed_normalization and not data.source.whole_images:
+    if computed_normalization and data.source.own_normalisation:
         prepared = {**prepared, "normalization": band_statistics(data, cfg.seed)}
     weights = class_weights(*label_statistics(data.source, data.train.regions, len(data.train.classes)),
                             cfg.class_balance)
@@ -213,10 +187,7 @@ class LabelWindows:
 
     def __init__(self, data: DataSplit, side: int = 512):
         self.source = data.source
-        if self.source.whole_images:
-            self.keys = [(r.item, None) for r in data.regions]
-        else:
-            self.keys = [(r.item, w) for r in data.regions for w in region_windows(self.source.bounds(r), side)]
+        self.keys = [(r.item, w) for r in data.regions for w in self.source.windows(r, side)]
 
     def __len__(self) -> int:
         return len(self.keys)

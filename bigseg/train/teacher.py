@@ -26,10 +26,10 @@ import torch
 from bigseg import distributed as D
 from bigseg.atomic import atomic_path, write_text
 from bigseg.checkpoint import resolve_model
-from bigseg.device import HostCopy
+from bigseg.infer.engines.torch import HostCopy
 from bigseg.errors import BigsegError, TrainingError
-from bigseg.geometry import Window
-from bigseg.predictor import Predictor
+from bigseg.tiling.geometry import Window
+from bigseg.infer.predictor import Predictor
 from bigseg.runtime import check_stop
 from bigseg.train.data import DataSplit, Region
 from bigseg.train.transforms import resize_channels
@@ -72,7 +72,8 @@ def _check_space(folder: Path, missing: list[int], data: DataSplit, classes: int
     hours of computing fill it."""
     sizes = [data.source.size(i) for i in missing]
     need = sum(np.prod(kept_size(h, w, reduction)) * classes * 2 + 128 for w, h in sizes)
-    scratch = 0 if data.source.whole_images or reduction == 1 else max(w * h for w, h in sizes) * classes * 2
+    read_whole = data.source.extent(Region(missing[0])) is None  # images: resized once, no full-size scratch
+    scratch = 0 if read_whole or reduction == 1 else max(w * h for w, h in sizes) * classes * 2
     free = shutil.disk_usage(folder).free
     if need + scratch + MARGIN > free:
         raise TrainingError(f"--teacher: the targets of {len(missing)} images take about {need / 1e9:.2f} GB "
@@ -118,7 +119,7 @@ def prepare_teacher(spec: str | tuple[str, ...], data: DataSplit, run_dir: Path,
     process computes every world-th missing item, and all wait for the rest."""
     specs = (spec,) if isinstance(spec, str) else tuple(spec)
     predictors = [_predictor(s, data, device, scales, flip, tile) for s in specs]
-    digests = [p.weights_digest for p in predictors]
+    digests = [p.card.weights for p in predictors]
     for i, digest in enumerate(digests):
         if digest in digests[:i]:
             raise TrainingError(f"--teacher {specs[i]} has the weights of --teacher {specs[digests.index(digest)]}; "
@@ -128,7 +129,8 @@ def prepare_teacher(spec: str | tuple[str, ...], data: DataSplit, run_dir: Path,
               "scales": list(scales), "flip": flip, "tile": tile,
               "images": [str(Path(data.source.item_id(i))) for i in items],
               **({"reduction": reduction} if reduction != 1 else {}),  # full size: as specs were before it
-              **({} if data.source.whole_images else {"regions": [_region_spec(data, r) for r in data.regions]})}
+              **({} if data.source.extent(data.regions[0]) is None else
+                 {"regions": [_region_spec(data, r) for r in data.regions]})}
     folder = Path(run_dir) / FOLDER
     spec_file = folder / "spec.json"
     if d.main:
@@ -147,7 +149,7 @@ def prepare_teacher(spec: str | tuple[str, ...], data: DataSplit, run_dir: Path,
                              "scales": list(scales), "flip": flip, "bytes": need})
     for n, item in enumerate(todo):
         check_stop()
-        if data.source.whole_images:
+        if data.source.extent(Region(item)) is None:  # an image read whole
             _image_targets(predictors, data, item, targets)
         else:
             _scene_targets(predictors, data, item, targets)

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bigseg.errors import DatasetError, RasterFormatError
-from bigseg.geometry import Window
+from bigseg.errors import DatasetError, RasterFormatError, TrainingError
+from bigseg.tiling.geometry import Window
 from bigseg.io.readers import open_raster
 from bigseg.train.data.classes import ClassTable, fixed_table
-from bigseg.train.data.source import Patch, Source, as_model_input
+from bigseg.metrics import confusion
+from bigseg.train.data.samplers import SamplerOptions, WholeImages
+from bigseg.train.data.source import Patch, Region, Source, as_model_input
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -41,8 +43,9 @@ class ImageFolder(Source):
     """Labelled images read whole: RGB through `bigseg.io.readers` (as predict reads them),
     labels as single-channel value PNGs mapped through the data set's class table."""
 
-    whole_images = True
     channels = 3
+    kind, unit, regions_are = "images", "images", "images"
+    own_normalisation = False  # photographs keep the ImageNet normalisation the backbones were made for
 
     def __init__(self, name: str, pairs: list[Pair], table: ClassTable):
         self.name, self.pairs, self.table = name, pairs, table
@@ -60,6 +63,34 @@ class ImageFolder(Source):
     def size(self, i: int) -> tuple[int, int]:
         label = self.read_label(i)
         return label.shape[1], label.shape[0]
+
+    def extent(self, region: Region) -> None:
+        return None  # each image is read whole
+
+    def windows(self, region: Region, side: int) -> list[None]:
+        return [None]
+
+    def scene_name(self, item: int) -> None:
+        return None  # one score over all the images
+
+    def describe_regions(self, regions: list[Region]) -> dict:
+        return {}
+
+    def sampler(self, regions: list[Region], options: SamplerOptions) -> tuple[WholeImages, list[str]]:
+        """Every image once an epoch (augmentation scales and crops each whole image)."""
+        if options.rare_classes:
+            raise TrainingError("--rare-class-sampling draws windows of raster scenes; the images of a folder are read "
+                                "whole (--class-balance weighs rare classes in the loss instead)")
+        if options.scene_balance:
+            raise TrainingError("--scene-balance weighs raster scenes against each other; the images of a folder are "
+                                "each read once an epoch")
+        return WholeImages(regions), []
+
+    def confusion(self, predictor, region: Region) -> np.ndarray:
+        """A small image: read once and tiled from memory, scored where it has data."""
+        patch = self.read(region.item)
+        labels = predictor.scores(patch.image.astype(np.float32), patch.valid).argmax(0)
+        return confusion(labels, patch.label, predictor.num_classes)
 
     def read(self, i: int, window: Window | None = None) -> Patch:
         if self._cache is None or self._cache[0] != i:

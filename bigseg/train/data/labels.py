@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from bigseg.errors import DatasetError, first_line
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 
 VECTOR_SUFFIXES = {".gpkg", ".shp", ".geojson", ".json", ".fgb", ".gml", ".kml", ".sqlite"}
 GRID_TOLERANCE = 1e-6  # relative difference of two transforms still called the same grid

@@ -1,4 +1,6 @@
-"""`--data` recognised by layout, and split into regions:
+"""`--data` recognised by layout, and split into regions. Each layout is registered here
+(`register_layout`): how to recognise it and how to open it into splits; its source then says how
+its regions are read, sampled and scored (`bigseg.train.data.source.Source`). The layouts:
 
 - Cityscapes (`leftImg8bit/` + `gtFine/`) and CamVid (`train/` + `trainannot/`, ...): image
   folders, one folder per split.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Protocol
 
 from bigseg.errors import DatasetError
 from bigseg.train.data.classes import ClassTable, read_classes_csv, read_classes_json
@@ -30,9 +33,6 @@ from bigseg.train.data.scenes import ReadSettings, Scene, SceneSource
 from bigseg.train.data.source import Region, Source, regions_overlap
 from bigseg.train.data.split import SplitSettings, split_scenes
 
-LAYOUTS = ("Cityscapes (leftImg8bit/ + gtFine/), CamVid (train/ + trainannot/, ...), raster scenes "
-           "(images/ + labels/ with the same stems, images/ + one vector file, or a scenes CSV "
-           "image,labels[,split][,aoi])")
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2", ".png", ".jpg", ".jpeg", ".bmp", ".gtif")
 
 
@@ -76,41 +76,56 @@ def split_names(split: str) -> list[str]:
     return names
 
 
+class Splits(Protocol):
+    """A `--data` opened by its layout: what to note of it, and the regions of each split."""
+
+    notes: list[str]
+
+    def split(self, names: list[str], split: str) -> DataSplit:
+        """The regions of the splits `names` (as the user wrote them: `split`)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A kind of `--data`: `recognise(root)` says whether a path is one, `open(root, settings)`
+    reads it into `Splits`; `describe` names it where a path is none of the layouts."""
+
+    kind: str
+    describe: str
+    recognise: Callable[[Path], bool]
+    open: Callable[[Path, "DataSettings"], Splits]
+
+
+LAYOUTS: list[Layout] = []  # tried in order
+
+
+def register_layout(layout: Layout) -> Layout:
+    LAYOUTS.append(layout)
+    return layout
+
+
+def layouts_described() -> str:
+    return ", ".join(layout.describe for layout in LAYOUTS)
+
+
 class DataSet:
-    """`--data` opened once; `split(name)` gives the regions of a split."""
+    """`--data` opened once by the first layout that recognises it; `split(name)` gives the
+    regions of a split."""
 
     def __init__(self, root: str | Path, settings: DataSettings = DataSettings()):
         self.root = Path(root)
         self.settings = settings
-        self.notes: list[str] = []
-        self.scenes: SceneSource | None = None
-        self._regions: dict[str, list[Region]] = {}
         if not self.root.exists():
             raise DatasetError(f"data not found: {self.root}")
-        if self.root.is_dir() and (is_cityscapes(self.root) or is_camvid(self.root)):
-            self.kind = "cityscapes" if is_cityscapes(self.root) else "camvid"
-            return
-        self.kind = "scenes"
-        scenes, table = _scenes(self.root)
-        self.scenes = SceneSource(self.root.stem, scenes, settings.read, table)
-        names = [s.image.stem for s in scenes]
-        sizes = [self.scenes.size(i) for i in range(len(scenes))]
-        self._regions, how = split_scenes(names, sizes, [s.split for s in scenes], settings.split)
-        self.notes = [*self.scenes.notes, how]
+        layout = next((layout for layout in LAYOUTS if layout.recognise(self.root)), None)
+        if layout is None:
+            raise DatasetError(f"{self.root}: unknown data layout; expected one of: {layouts_described()}")
+        self.kind = layout.kind
+        self.splits = layout.open(self.root, settings)
+        self.notes: list[str] = list(self.splits.notes)
 
     def split(self, split: str) -> DataSplit:
-        names = split_names(split)
-        if self.scenes is None:
-            return _folder_split(self.root, self.kind, names, split)
-        if names == ["all"] and "all" not in self._regions:  # every scene, whole (to score a model on new data)
-            return DataSplit(self.scenes, [Region(i) for i in range(len(self.scenes))], split)
-        missing = [n for n in names if n not in self._regions]
-        if missing:
-            raise DatasetError(f"{self.root}: no {missing[0]!r} split (it has: {', '.join(sorted(self._regions))})")
-        for n in names:
-            if isinstance(self._regions[n], DatasetError):
-                raise self._regions[n]
-        return DataSplit(self.scenes, [r for n in names for r in self._regions[n]], split)
+        return self.splits.split(split_names(split), split)
 
     def check_disjoint(self, a: DataSplit, b: DataSplit) -> bool:
         """True when the two splits share no pixel."""
@@ -124,26 +139,66 @@ def open_split(root: str | Path, split: str, settings: DataSettings = DataSettin
     return DataSet(root, settings).split(split)
 
 
-def _folder_split(root: Path, kind: str, names: list[str], split: str) -> DataSplit:
-    opener = cityscapes if kind == "cityscapes" else camvid
-    parts = [opener(root, name) for name in names]
-    pairs = [p for part in parts for p in part.pairs]
-    if len({p.image for p in pairs}) != len(pairs):
-        raise DatasetError(f"{root}: the splits in {split!r} share images")
-    source = parts[0] if len(parts) == 1 else ImageFolder(parts[0].name, pairs, parts[0].table)
-    return DataSplit(source, [Region(i) for i in range(len(pairs))], split)
+class FolderSplits:
+    """Image folders, one folder per split (Cityscapes, CamVid): `opener(root, name)` reads one."""
+
+    def __init__(self, root: Path, opener: Callable[[Path, str], ImageFolder]):
+        self.root, self.opener, self.notes = root, opener, []
+
+    def split(self, names: list[str], split: str) -> DataSplit:
+        parts = [self.opener(self.root, name) for name in names]
+        pairs = [p for part in parts for p in part.pairs]
+        if len({p.image for p in pairs}) != len(pairs):
+            raise DatasetError(f"{self.root}: the splits in {split!r} share images")
+        source = parts[0] if len(parts) == 1 else ImageFolder(parts[0].name, pairs, parts[0].table)
+        return DataSplit(source, [Region(i) for i in range(len(pairs))], split)
+
+
+class SceneSplits:
+    """Raster scenes, split by the split column or folders, else by the whole-scene rule or blocks
+    (`bigseg.train.data.split`)."""
+
+    def __init__(self, root: Path, settings: DataSettings):
+        self.root = root
+        scenes, table = _scenes(root)
+        self.source = SceneSource(root.stem, scenes, settings.read, table)
+        sizes = [self.source.size(i) for i in range(len(scenes))]
+        self.regions, how = split_scenes([s.image.stem for s in scenes], sizes, [s.split for s in scenes],
+                                         settings.split)
+        self.notes = [*self.source.notes, how]
+
+    def split(self, names: list[str], split: str) -> DataSplit:
+        if names == ["all"] and "all" not in self.regions:  # every scene, whole (to score a model on new data)
+            return DataSplit(self.source, [Region(i) for i in range(len(self.source))], split)
+        missing = [n for n in names if n not in self.regions]
+        if missing:
+            raise DatasetError(f"{self.root}: no {missing[0]!r} split (it has: {', '.join(sorted(self.regions))})")
+        for n in names:
+            if isinstance(self.regions[n], DatasetError):
+                raise self.regions[n]
+        return DataSplit(self.source, [r for n in names for r in self.regions[n]], split)
+
+
+register_layout(Layout("cityscapes", "Cityscapes (leftImg8bit/ + gtFine/)",
+                       lambda root: root.is_dir() and is_cityscapes(root), lambda root, _: FolderSplits(root, cityscapes)))
+register_layout(Layout("camvid", "CamVid (train/ + trainannot/, ...)",
+                       lambda root: root.is_dir() and is_camvid(root), lambda root, _: FolderSplits(root, camvid)))
+register_layout(Layout("scenes", "raster scenes (images/ + labels/ with the same stems, images/ + one vector file, "
+                                 "or a scenes CSV image,labels[,split][,aoi])",
+                       lambda root: root.is_file() or (root / "images").is_dir(), SceneSplits))
 
 
 def _scenes(root: Path) -> tuple[list[Scene], ClassTable | None]:
     if root.is_file():
         if root.suffix.lower() != ".csv":
-            raise DatasetError(f"{root}: --data takes a folder or a scenes file (.csv); expected one of: {LAYOUTS}")
+            raise DatasetError(f"{root}: --data takes a folder or a scenes file (.csv); expected one of: "
+                               f"{layouts_described()}")
         scenes = _read_scenes_csv(root)
         return scenes, _class_table(root.parent, scenes)
     images = root / "images"
     labels = next((root / n for n in ("labels", "masks") if (root / n).is_dir()), None)
     if not images.is_dir():
-        raise DatasetError(f"{root}: unknown data layout; expected one of: {LAYOUTS}")
+        raise DatasetError(f"{root}: unknown data layout; expected one of: {layouts_described()}")
     vector = _vector_file(root, labels)
     splits = sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
     scenes = []

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bigseg.errors import DatasetError
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 from bigseg.train.data.classes import IGNORE
 from bigseg.train.data.source import Region, Source, region_windows
 from bigseg.train.transforms import Augment, apply, augment, sample_rng, window_draw
@@ -102,6 +102,20 @@ def coverage(source: Source, region: Region, scan: int = 2048, classes: int = 0)
             labelled = per_cell(label != IGNORE)
         counts[r0:r0 + labelled.shape[0], c0:c0 + labelled.shape[1]] = labelled
     return Coverage(b, cell, counts, class_counts)
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """What training asks of a sampler: windows of `crop` pixels, corners and sides multiples of
+    `align`; `rare_classes` (T) and `scene_balance` (B) as `RandomWindows` takes them; windows an
+    epoch: `per_epoch`, else the labelled area over crop^2, at least `at_least` (one batch)."""
+
+    crop: int
+    align: int = 1
+    rare_classes: float = 0.0
+    scene_balance: float = 0.0
+    per_epoch: int | None = None
+    at_least: int = 1
 
 
 class WholeImages:

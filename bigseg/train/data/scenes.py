@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bigseg.errors import BigsegError, DatasetError
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 from bigseg.io.categories import category_names
 from bigseg.io.readers import Reader, open_raster
 from bigseg.train.data.classes import IGNORE, ClassTable, table_from_values
@@ -28,7 +28,8 @@ from bigseg.train.data.labels import (
     VectorLabels,
     VectorLayer,
 )
-from bigseg.train.data.source import Patch, Source, as_model_input, region_windows
+from bigseg.train.data.samplers import RandomWindows, SamplerOptions
+from bigseg.train.data.source import Patch, Region, Source, as_model_input, region_windows
 
 OPEN_SCENES = 8      # image readers a process keeps open at once
 SCAN_SIDE = 2048     # window side of the passes over whole label rasters
@@ -74,8 +75,6 @@ class SceneInfo:
 
 class SceneSource(Source):
     """Raster scenes with one class table. `notes` says once what was decided for all of them."""
-
-    whole_images = False
 
     def __init__(self, name: str, scenes: list[Scene], settings: ReadSettings, table: ClassTable | None):
         if not scenes:
@@ -191,6 +190,28 @@ class SceneSource(Source):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": OrderedDict()}
+
+    def sampler(self, regions: list[Region], options: SamplerOptions) -> tuple[RandomWindows, list[str]]:
+        """Random windows of the regions' labelled areas, with what to note of them."""
+        sampler = RandomWindows(self, regions, 1, options.align, options.rare_classes, len(self.classes),
+                                options.scene_balance)
+        sampler.per_epoch = options.per_epoch or max(options.at_least, round(sampler.labelled / options.crop ** 2))
+        notes = []
+        if options.scene_balance and sampler.class_probabilities is None:
+            notes.append(f"scene balance {options.scene_balance:g}: windows from " + ", ".join(
+                f"{Path(self.item_id(item)).stem} {p:.0%}" for item, p in sampler.scene_shares().items()))
+        if sampler.class_probabilities is not None:
+            notes.append("rare-class sampling: windows centred on " + ", ".join(
+                f"{name} {p:.0%}" for name, p in zip(self.classes, sampler.class_probabilities)))
+        return sampler, notes
+
+    def input_description(self, regions: list[Region], value_range: tuple[float, float] | None) -> dict:
+        """The bands, the ground pixel size and the label values of the classes, as the first
+        training scene gives them (the notes say if others differ)."""
+        info = self.info[regions[0].item]
+        return {"bands": list(info.band_indexes), "value_range": list(value_range) if value_range else None,
+                "pixel_size": list(info.pixel_size) if info.pixel_size else None, "units": info.units,
+                "eight_bit": bool(info.eight_bit), "label_values": list(self.table.codes)}
 
     def __len__(self) -> int:
         return len(self.scenes)

@@ -8,11 +8,13 @@ Samplers (`samplers.py`) choose which windows of the regions to read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
-from bigseg.geometry import Window
+from bigseg.metrics import confusion
+from bigseg.tiling.geometry import Window
 from bigseg.train.data.classes import IGNORE, ClassTable
 
 
@@ -48,16 +50,24 @@ def as_model_input(data: np.ndarray, eight_bit: bool) -> np.ndarray:
 
 
 class Source:
-    """Items (images or scenes) with a class table; `read(i, window)` gives a `Patch`.
+    """Items (images or scenes) with a class table; `read(i, window)` gives a `Patch`. Each kind of
+    data says here how it is read, sampled and scored, so nothing outside asks which kind it is:
+    this base is the large rasters' way (regions read in windows, streamed through the predictor's
+    tiles when scored, scores per scene); a source of small images read whole overrides it
+    (`bigseg.train.data.folders.ImageFolder`).
 
-    Subclasses set `name`, `table`, `channels` and `whole_images` (True: the items are small
-    images read whole, and augmentation scales and crops each whole image; False: large rasters
-    read in windows)."""
+    Subclasses set `name`, `table`, `channels`, `kind` (what data.json calls it), `unit` (what one
+    training sample is: "windows" or "images"), `regions_are` (what a region is called), and
+    `own_normalisation` (whether a run computes its bands' mean and spread from it), and define
+    `sampler`."""
 
     name: str
     table: ClassTable
     channels: int
-    whole_images: bool
+    kind: str = "scenes"
+    unit: str = "windows"
+    regions_are: str = "regions"
+    own_normalisation: bool = True
 
     @property
     def classes(self) -> list[str]:
@@ -99,8 +109,62 @@ class Source:
         w, h = self.size(region.item)
         return Window(0, 0, w, h)
 
+    def extent(self, region: Region) -> Window | None:
+        """The rectangle `region` is read in, or None where its image is read whole."""
+        return self.bounds(region)
+
+    def windows(self, region: Region, side: int) -> list[Window | None]:
+        """Windows of at most `side` pixels covering `region` exactly once (None: the whole image)."""
+        return list(region_windows(self.bounds(region), side))
+
+    def scene_name(self, item: int) -> str | None:
+        """The name item `item` is scored under on its own (None: only the overall score)."""
+        return Path(self.item_id(item)).stem
+
+    def describe_regions(self, regions: list[Region]) -> dict:
+        """What data.json records of a split's regions beyond their number."""
+        return {"list": [{"item": Path(self.item_id(r.item)).name,
+                          **({} if r.window is None else {"window": [r.window.col_off, r.window.row_off,
+                                                                     r.window.width, r.window.height]})}
+                         for r in regions]}
+
+    def input_description(self, regions: list[Region], value_range: tuple[float, float] | None) -> dict:
+        """What a checkpoint trained on these regions says of its input, for predict."""
+        return {}
+
+    def sampler(self, regions: list[Region], options: Any) -> tuple[Any, list[str]]:  # pragma: no cover
+        """The training sampler of `regions` (`bigseg.train.data.samplers.SamplerOptions`) and what
+        to note of it."""
+        raise NotImplementedError
+
+    def confusion(self, predictor: Any, region: Region) -> np.ndarray:
+        """The confusion matrix of `predictor` on `region`: its image streamed through the
+        predictor's tiles, each finished block's labels compared with the same block of the labels;
+        pixels without image data are not scored."""
+        bounds, n = self.bounds(region), predictor.num_classes
+        conf = np.zeros((n, n), np.int64)
+
+        def read(window: Window):
+            window = _offset(window, bounds)
+            if self.empty(region.item, window):  # a sparse raster's absent blocks: no tile to predict
+                return None
+            patch = self.read(region.item, window)
+            return patch.image.astype(np.float32), patch.valid
+
+        finish = predictor.labels_and_probabilities(probs=False)
+        for window, copy, valid in predictor.stream(predictor.grid(bounds.width, bounds.height), read, finish):
+            if copy is None:  # no valid pixel in the block: nothing to score
+                continue
+            label = np.where(valid, self.read_label(region.item, _offset(window, bounds)), IGNORE)
+            conf += confusion(copy.numpy()["labels"], label, n)
+        return conf
+
     def close(self) -> None:
         pass
+
+
+def _offset(window: Window, bounds: Window) -> Window:
+    return Window(window.col_off + bounds.col_off, window.row_off + bounds.row_off, window.width, window.height)
 
 
 def region_windows(r: Window, side: int) -> Iterator[Window]:
@@ -118,8 +182,7 @@ def label_statistics(source: Source, regions: list[Region], classes: int, side: 
     pixels = np.zeros(classes, np.int64)
     image_pixels = np.zeros(classes, np.int64)
     for region in regions:
-        windows = [None] if source.whole_images else region_windows(source.bounds(region), side)
-        for window in windows:
+        for window in source.windows(region, side):
             counts = np.bincount(source.read_label(region.item, window).ravel(), minlength=256)[:classes]
             pixels += counts
             image_pixels += np.where(counts > 0, counts.sum(), 0)

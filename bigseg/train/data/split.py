@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bigseg.errors import DatasetError
-from bigseg.geometry import Window
+from bigseg.tiling.geometry import Window
 from bigseg.train.data.source import Region
 
 VAL_SHARE = 5         # one block in five (one scene in ten) is validation

@@ -1,5 +1,5 @@
 """Tile geometry as values: windows, the tile grid, the blend window and the default overlap
-rule. Pure numpy; the tiling engine (`bigseg.tiling`) and every reader and writer build on it.
+rule. Pure numpy; the tiling engine (`bigseg.tiling.stitch`) and every reader and writer build on it.
 
 Grid: along each axis n = ceil((L - overlap) / (tile - overlap)) tiles are spread evenly from
 0 to L - tile (no padding, no tile hanging over the edge), so every overlap lies between `overlap`

@@ -1,7 +1,7 @@
 """The streaming stitcher and `stream_tiles(grid, read, pipeline)`: tiles read, predicted in
 batches, blended, and handed out as finished rectangles. Knows arrays and windows, never models.
 
-Streaming: each axis is cut at every tile edge into atoms (`bigseg.geometry`); an atom is final
+Streaming: each axis is cut at every tile edge into atoms (`bigseg.tiling.geometry`); an atom is final
 as soon as the last tile covering it (in row-major order) has been added, and is handed out and
 freed at once. Only the band where one tile row overlaps the next is held across the full width,
 so the stitcher holds at most about
@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from bigseg.geometry import AtomAxis, TileGrid, Window
+from bigseg.tiling.geometry import AtomAxis, TileGrid, Window
 
 PREFETCH_BATCHES = 2  # batches read ahead in a background thread while the model runs
 
@@ -49,6 +49,35 @@ class NumpyArrays:
     def labels(self, scores: np.ndarray) -> np.ndarray:
         """(C, h, w) -> (h, w) index of the largest score, the first on ties."""
         return scores.argmax(0).astype(np.uint8)
+
+    def probabilities(self, block: np.ndarray, averaged: bool) -> np.ndarray:
+        """uint8 probabilities p x 255 of a finished rectangle's logits (or averaged probabilities)."""
+        if averaged:
+            p = block / np.maximum(block.sum(0, keepdims=True), 1e-12)
+        else:
+            e = np.exp(block - block.max(0, keepdims=True))
+            p = e / e.sum(0, keepdims=True)
+        return np.round(p * 255).astype(np.uint8)
+
+    def host(self, arrays: dict[str, np.ndarray]) -> "OnHost":
+        """Finished arrays as the writers take them (`numpy()`), already on the host."""
+        return OnHost(arrays)
+
+    def numpy(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def from_numpy(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def concatenate(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts)
+
+
+class OnHost(dict):
+    """Finished arrays already on the host (what a device's copy to the host gives, without one)."""
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        return self
 
 
 NUMPY = NumpyArrays()

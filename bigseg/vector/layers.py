@@ -3,7 +3,6 @@ to a temporary name beside the target, renamed when complete (a killed run leave
 looks finished), and the class names a class raster carries."""
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,6 @@ import numpy as np
 
 from bigseg.atomic import partial_path, remove
 from bigseg.errors import InputError, OutputError, first_line
-from bigseg.io.categories import category_names
 
 # name -> (OGR driver, suffix, the files it writes beside the main one)
 FORMATS = {"gpkg": ("GPKG", ".gpkg", ()), "geojson": ("GeoJSON", ".geojson", ()),
@@ -99,17 +97,3 @@ class VectorWriter:
         remove(self.tmp)
         for side in self._sides:
             remove(self.tmp.with_suffix(side))
-
-
-def class_names(path: Path, tags: dict[str, str]) -> list[str] | None:
-    """A class raster's class names: bigseg's `classes` tag, the category names of its `.aux.xml`,
-    or None (classes are then their numbers)."""
-    if "classes" in tags:
-        try:
-            names = json.loads(tags["classes"])
-            if isinstance(names, list) and all(isinstance(n, str) for n in names):
-                return names
-        except ValueError:
-            pass
-    names = category_names(path)
-    return names if names and any(names) else None

@@ -7,15 +7,15 @@ import rasterio
 import torch
 
 from bigseg.errors import TrainingError
-from bigseg.train.data import IGNORE, DataSplit, Patch, Region, Source
+from bigseg.train.data import IGNORE, DataSplit, ImageSource, Patch, Region
 from bigseg.train.device_data import DeviceData
 from bigseg.train.transforms import Augment, augment, sample_rng
 
 
-class Frames(Source):
+class Frames(ImageSource):
     """Images of textured synthetic frames with thin structures (the cases resampling changes)."""
 
-    whole_images, channels, name = True, 3, "frames"
+    channels, name = 3, "frames"
 
     def __init__(self, n=6, size=(90, 130)):
         rng = np.random.default_rng(0)

@@ -134,12 +134,11 @@ class ArraySource:
     source module would define it."""
 
     def __init__(self, path):
-        from bigseg.train.data import Source
+        from bigseg.train.data import ImageSource
         from bigseg.train.data.classes import fixed_table
-        from bigseg.train.data.samplers import WholeImages
 
-        class Arrays(Source):
-            name, channels, kind, unit, regions_are, own_normalisation = path.stem, 3, "arrays", "images", "images", False
+        class Arrays(ImageSource):  # images read whole: sampled, augmented and scored as image folders are
+            name, channels, kind = path.stem, 3, "arrays"
 
             def __init__(inner):
                 arrays = np.load(path)
@@ -162,21 +161,6 @@ class ArraySource:
                 if window is not None:
                     image, label = image[(slice(None), *window.slices)], label[window.slices]
                 return Patch(image.copy(), label.copy(), np.ones(label.shape, bool))
-
-            def extent(inner, region):
-                return None
-
-            def windows(inner, region, side):
-                return [None]
-
-            def scene_name(inner, item):
-                return None
-
-            def describe_regions(inner, regions):
-                return {}
-
-            def sampler(inner, regions, options):
-                return WholeImages(regions), []
 
         self.source = Arrays()
 

@@ -2,6 +2,7 @@
 validity (image folders and raster scenes), regions that make up each split, and samplers that
 choose the windows an epoch reads."""
 from bigseg.train.data.classes import IGNORE, ClassTable
+from bigseg.train.data.images import ImageSource
 from bigseg.train.data.layouts import (
     LAYOUTS,
     DataSet,
@@ -17,6 +18,6 @@ from bigseg.train.data.scenes import ReadSettings, Scene, SceneSource
 from bigseg.train.data.source import Patch, Region, Source, label_statistics, region_windows
 from bigseg.train.data.split import SplitSettings
 
-__all__ = ["IGNORE", "LAYOUTS", "ClassTable", "DataSet", "DataSettings", "DataSplit", "EpochView", "Layout", "Patch",
+__all__ = ["IGNORE", "LAYOUTS", "ClassTable", "DataSet", "DataSettings", "DataSplit", "EpochView", "ImageSource", "Layout", "Patch",
            "RandomWindows", "ReadSettings", "Region", "SamplerOptions", "Scene", "SceneSource", "Source", "SplitSettings",
            "WholeImages", "label_statistics", "open_split", "region_windows", "register_layout", "split_names"]

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bigseg.errors import DatasetError, RasterFormatError, TrainingError
+from bigseg.errors import DatasetError, RasterFormatError
 from bigseg.tiling.geometry import Window
 from bigseg.io.readers import open_raster
 from bigseg.train.data.classes import ClassTable, fixed_table
-from bigseg.metrics import confusion
-from bigseg.train.data.samplers import SamplerOptions, WholeImages
-from bigseg.train.data.source import Patch, Region, Source, as_model_input
+from bigseg.train.data.images import ImageSource
+from bigseg.train.data.source import Patch, as_model_input
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -39,13 +38,11 @@ class Pair:
     label: Path
 
 
-class ImageFolder(Source):
+class ImageFolder(ImageSource):
     """Labelled images read whole: RGB through `bigseg.io.readers` (as predict reads them),
     labels as single-channel value PNGs mapped through the data set's class table."""
 
     channels = 3
-    kind, unit, regions_are = "images", "images", "images"
-    own_normalisation = False  # photographs keep the ImageNet normalisation the backbones were made for
 
     def __init__(self, name: str, pairs: list[Pair], table: ClassTable):
         self.name, self.pairs, self.table = name, pairs, table
@@ -63,34 +60,6 @@ class ImageFolder(Source):
     def size(self, i: int) -> tuple[int, int]:
         label = self.read_label(i)
         return label.shape[1], label.shape[0]
-
-    def extent(self, region: Region) -> None:
-        return None  # each image is read whole
-
-    def windows(self, region: Region, side: int) -> list[None]:
-        return [None]
-
-    def scene_name(self, item: int) -> None:
-        return None  # one score over all the images
-
-    def describe_regions(self, regions: list[Region]) -> dict:
-        return {}
-
-    def sampler(self, regions: list[Region], options: SamplerOptions) -> tuple[WholeImages, list[str]]:
-        """Every image once an epoch (augmentation scales and crops each whole image)."""
-        if options.rare_classes:
-            raise TrainingError("--rare-class-sampling draws windows of raster scenes; the images of a folder are read "
-                                "whole (--class-balance weighs rare classes in the loss instead)")
-        if options.scene_balance:
-            raise TrainingError("--scene-balance weighs raster scenes against each other; the images of a folder are "
-                                "each read once an epoch")
-        return WholeImages(regions), []
-
-    def confusion(self, predictor, region: Region) -> np.ndarray:
-        """A small image: read once and tiled from memory, scored where it has data."""
-        patch = self.read(region.item)
-        labels = predictor.scores(patch.image.astype(np.float32), patch.valid).argmax(0)
-        return confusion(labels, patch.label, predictor.num_classes)
 
     def read(self, i: int, window: Window | None = None) -> Patch:
         if self._cache is None or self._cache[0] != i:

@@ -92,7 +92,7 @@ def test_a_label_raster_in_another_crs_and_resolution_is_warped_onto_the_image_g
     labels = np.kron(coarse, np.ones((7, 7), np.uint8))[:lh, :lw]
     write_labels(tmp_path / "labels" / "a.tif", labels, crs="EPSG:4326", transform=lt)
     classes_csv(tmp_path / "classes.csv")
-    source = DataSet(tmp_path).scenes
+    source = DataSet(tmp_path).splits.source
     # the truth: each image pixel centre mapped to the label raster, nearest pixel
     t = rasterio.open(tmp_path / "images" / "a.tif").transform
     cols, rows = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
@@ -118,7 +118,7 @@ def test_vector_labels_rasterised_per_window_equal_a_whole_raster_rasterisation(
                 shapely.box(x0 + 52, y0 - 10, x0 + 99, y0 - 2).difference(shapely.box(x0 + 60, y0 - 8, x0 + 70, y0 - 4))]
     kinds = ["house", "pool", "house", "pool"]
     write_vector(tmp_path / "labels.gpkg", polygons, {"kind": kinds}, CRS)
-    source = DataSet(tmp_path, DataSettings(ReadSettings(class_field="kind"))).scenes
+    source = DataSet(tmp_path, DataSettings(ReadSettings(class_field="kind"))).splits.source
     assert source.classes == ["background", "house", "pool"]
     t = rasterio.open(tmp_path / "images" / "a.tif").transform
     codes = {"house": 1, "pool": 2}
@@ -199,7 +199,7 @@ def test_the_spatial_split_of_one_scene_has_no_pixel_in_both_sides_and_windows_s
     data = DataSet(tmp_path, DataSettings(split=SplitSettings(block=256, buffer=32)))
     train, val = data.split("train"), data.split("val")
     assert data.check_disjoint(train, val) and "one scene: validation on" in data.notes[-1]
-    sampler = RandomWindows(data.scenes, train.regions, 50)
+    sampler = RandomWindows(data.splits.source, train.regions, 50)
     for k in range(50):
         _, window, _ = sampler.draw(sample_rng(0, 0, k), 96, 0.5, 2.0)
         assert any(r.window.col_off <= window.col_off and window.col_end <= r.window.col_end
@@ -291,13 +291,13 @@ def test_an_unknown_label_value_is_an_error_naming_it_and_the_file(tmp_path):
     with rasterio.open(tmp_path / "labels" / "a.tif", "r+") as ds:
         ds.write_colormap(1, {0: (10, 20, 30), 1: (40, 50, 60), 2: (70, 80, 90)})
     data = DataSet(tmp_path)
-    assert data.scenes.classes == ["class 0", "class 1", "class 2"]
-    assert data.scenes.palette[2] == [70, 80, 90] and "no classes.csv" in data.notes[0]
+    assert data.splits.source.classes == ["class 0", "class 1", "class 2"]
+    assert data.splits.source.palette[2] == [70, 80, 90] and "no classes.csv" in data.notes[0]
     # and named by the category names GIS tools keep beside a class raster (as bigseg writes its masks)
     from bigseg.io.writers import write_class_styles
 
     write_class_styles(tmp_path / "labels" / "a.tif", ["sea", "sand", "road"], [[0, 0, 255], [9, 9, 9], [5, 5, 5]])
-    assert DataSet(tmp_path).scenes.classes == ["sea", "sand", "road"]
+    assert DataSet(tmp_path).splits.source.classes == ["sea", "sand", "road"]
 
 
 @pytest.mark.parametrize("case", ["no overlap", "no class field", "crs-less vector", "size without georeference"])
@@ -452,7 +452,7 @@ def test_a_data_worker_forked_after_a_read_opens_its_own_files(tmp_path):
     learnable_scene(tmp_path, "a", 96, 80)
     learnable_scene(tmp_path, "b", 96, 80, seed=1)
     classes_csv(tmp_path / "classes.csv")
-    source = DataSet(tmp_path).scenes
+    source = DataSet(tmp_path).splits.source
     parent_reader = source.reader(0)
     parent_labels = source.labels[0]._source()
     read, write = os.pipe()
@@ -513,8 +513,8 @@ def test_real_spacenet_buildings_from_geojson_and_a_road_mask_in_epsg4326(shared
     (tmp_path / "roads.csv").write_text(
         f"image,labels\n{spacenet / 'road_mask_input.tif'},{spacenet / 'sample_road_raster_mask.tif'}\n")
     roads = DataSet(tmp_path / "roads.csv")
-    assert roads.scenes.classes == ["class 0", "class 255"]  # a 0/255 mask: two classes, not one and ignore
-    patch = roads.scenes.read(0, Window(300, 300, 256, 256))
+    assert roads.splits.source.classes == ["class 0", "class 255"]  # a 0/255 mask: two classes, not one and ignore
+    patch = roads.splits.source.read(0, Window(300, 300, 256, 256))
     assert patch.image.dtype == np.float32 and patch.image.max() <= 255  # 16-bit rescaled as predict rescales
 
 
@@ -603,7 +603,7 @@ def test_self_intersecting_polygons_are_repaired_and_counted(tmp_path):
     assert not bowtie.is_valid
     write_vector(tmp_path / "labels.gpkg", [bowtie, shapely.box(x0 + 120, y0 - 60, x0 + 180, y0 - 20)],
                  {"kind": ["house", "house"]}, CRS)
-    source = DataSet(tmp_path, DataSettings(ReadSettings(class_field="kind"))).scenes
+    source = DataSet(tmp_path, DataSettings(ReadSettings(class_field="kind"))).splits.source
     assert any("1 invalid polygon(s)" in n and "make_valid" in n for n in source.notes)
     labels = source.read_label(0)
     t = rasterio.open(tmp_path / "images" / "a.tif").transform

@@ -17,6 +17,12 @@ from bigseg.manifest import find_entry, read_manifest, sha256, weights_dir
 CARDS = "models"
 
 
+def padded(shape: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """(h, w) rounded up to `multiple`, as the models pad (`bigseg.models.blocks.pad_to_multiple`):
+    tiles whose sizes differ by less than a multiple share one export."""
+    return -(-shape[0] // multiple) * multiple, -(-shape[1] // multiple) * multiple
+
+
 @dataclass(frozen=True)
 class Normalisation:
     mean: list[float]
@@ -48,9 +54,7 @@ class ModelCard:
         return {"weights": self.weights, "arch": self.arch, "config": self.config}
 
     def padded(self, shape: tuple[int, int]) -> tuple[int, int]:
-        """(h, w) rounded up to the padding multiple, as the models pad (one export serves both)."""
-        m = self.output_multiple
-        return -(-shape[0] // m) * m, -(-shape[1] // m) * m
+        return padded(shape, self.output_multiple)
 
     @property
     def shipped(self) -> bool:

@@ -15,7 +15,7 @@ from bigseg.io.gdal import gdal_env
 from bigseg.metrics import scores
 from bigseg.infer.predictor import Predictor
 from bigseg.runtime import check_stop
-from bigseg.train.data import DataSplit, Region
+from bigseg.train.data import DataSplit
 
 
 @dataclass
@@ -51,7 +51,7 @@ def evaluate(predictor: Predictor, data: DataSplit, on_image: Callable[[int, int
     with gdal_env():  # GDAL's block cache bounded, as in predict
         for done, region in enumerate(data.regions, 1):
             check_stop()
-            c = region_confusion(predictor, data, region)
+            c = data.source.confusion(predictor, region)  # as its kind of data is scored
             conf += c
             per_item[region.item] = per_item.get(region.item, 0) + c
             if on_image is not None:
@@ -60,8 +60,3 @@ def evaluate(predictor: Predictor, data: DataSplit, on_image: Callable[[int, int
     per_scene = {named[i]: scores(c, list(data.classes)) for i, c in per_item.items() if named[i] is not None}
     return EvalResult(data.name, data.split, len(data.regions), time.perf_counter() - start,
                       scores(conf, list(data.classes)), conf, per_scene)
-
-
-def region_confusion(predictor: Predictor, data: DataSplit, region: Region) -> np.ndarray:
-    """The confusion matrix of one region, scored as its source scores it (`Source.confusion`)."""
-    return data.source.confusion(predictor, region)

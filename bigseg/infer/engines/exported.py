@@ -27,6 +27,7 @@ from torch import nn
 
 from bigseg.errors import EngineError
 from bigseg.infer.cache import machine, native_bf16
+from bigseg.infer.card import padded
 from bigseg.infer.choose import AUTO_EXPORT_AFTER_S, fastest, names
 from bigseg.infer.engines.base import RUNTIMES, Compiled, label
 from bigseg.infer.engines.export import ExportCache, Shape, export
@@ -81,8 +82,7 @@ class ExportedModel:
         return machine(self.threads, self.precision)
 
     def padded(self, shape: Shape) -> Shape:
-        m = self.multiple
-        return -(-shape[0] // m) * m, -(-shape[1] // m) * m
+        return padded(shape, self.multiple)
 
     def failure(self, shape: Shape) -> str | None:
         """Why the export of `shape` failed, in this run or an earlier one with these versions."""

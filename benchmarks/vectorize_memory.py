@@ -28,7 +28,7 @@ import json, resource, sys, time
 from pathlib import Path
 from bigseg.run.vectorize import VectorOptions, vectorize_file
 t = time.perf_counter()
-r = vectorize_file(Path(sys.argv[1]), Path(sys.argv[2]), VectorOptions(areas=True))
+r = vectorize_file(Path(sys.argv[1]), Path(sys.argv[2]), VectorOptions(), Path(sys.argv[2]).with_suffix('.csv'))
 u = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"polygons": r.polygons, "seconds": time.perf_counter() - t, "cpu_s": u.ru_utime + u.ru_stime,
                   "peak_mib": int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024}))

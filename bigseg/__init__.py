@@ -16,7 +16,8 @@ _API = {
     "predict": ("bigseg.run.batch", "predict"),
     "JobOptions": ("bigseg.run.file_job", "JobOptions"),
     "ReadOptions": ("bigseg.io.readers", "ReadOptions"),
-    "WriteOptions": ("bigseg.io.outputs", "WriteOptions"),
+    "WriteOptions": ("bigseg.io.kinds", "WriteOptions"),
+    "VectorOptions": ("bigseg.vector.features", "VectorOptions"),
 }
 
 

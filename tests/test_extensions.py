@@ -13,6 +13,7 @@ from bigseg.checkpoint import load_checkpoint
 from bigseg.infer.card import card_of
 from bigseg.infer.engines import base as engines
 from bigseg.infer.predictor import Predictor
+from bigseg.io.kinds import Output
 from bigseg.models.base import FlatConfig, SegmentationModel
 from bigseg.tiling.stitch import NUMPY
 from tests.cli_helpers import run_cli
@@ -213,3 +214,59 @@ def test_a_new_data_source_is_one_registered_module_and_trains_and_scores_from_t
                              "--device", "cpu")
     assert code == 0, err
     assert "val: 2 images" in out and "mIoU" in out
+
+
+class CountsOutput(Output):
+    """A toy output format: each class's pixel count, from the mask's rows as they are written."""
+
+    takes_rows = True
+
+    def __init__(self, target):
+        self.path, self.counts = target.sibling("counts", ".json"), np.zeros(256, np.int64)
+
+    def rows(self, top, labels):
+        self.counts += np.bincount(labels.ravel(), minlength=256)
+
+    def commit(self):
+        from bigseg.atomic import write_text
+
+        return write_text(self.path, json.dumps({str(v): int(n) for v, n in enumerate(self.counts) if n}))
+
+
+@pytest.fixture
+def counts_kind(request):
+    """The `counts` output kind, registered as an output format module registers itself."""
+    from bigseg.io.kinds import OUTPUT_KINDS, OutputKind, register_output
+
+    kind = register_output(OutputKind("counts", ".counts.", "a counts table", lambda write: False,
+                                      lambda t: t.sibling("counts", ".json"), CountsOutput,
+                                      lambda t: {"format": "JSON"}))
+    request.addfinalizer(lambda: OUTPUT_KINDS.pop("counts"))
+    return kind
+
+
+def test_a_new_output_format_is_one_registered_module_and_is_written_from_the_cli(
+        counts_kind, tiny_checkpoint, tmp_path, capsys):
+    from tests.conftest import write_geotiff
+
+    data = np.random.default_rng(2).integers(1, 255, (3, 700, 150)).astype(np.uint8)
+    data[:, 100:200, :40] = 0  # nodata
+    src = write_geotiff(tmp_path / "a.tif", 150, 700, nodata=0, data=data)  # two block rows of the mask
+    args = ("predict", src, "-m", tiny_checkpoint, "-o", tmp_path / "out", "--tile", "64", "--overlap", "16",
+            "--device", "cpu", "--also", "counts")
+    code, out, err = run_cli(capsys, *args, "--dry-run", "--json")
+    assert code == 0, err
+    assert [o["path"].split("/")[-1] for o in json.loads(out)[0]["outputs"]] == ["a.mask.tif", "a.counts.json"]
+    code, out, err = run_cli(capsys, *args, "--json")
+    assert code == 0, err
+    import rasterio
+
+    with rasterio.open(tmp_path / "out" / "a.mask.tif") as ds:
+        mask = ds.read(1)
+    counts = json.loads((tmp_path / "out" / "a.counts.json").read_text())
+    assert counts == {str(v): int(n) for v, n in enumerate(np.bincount(mask.ravel())) if n}
+    assert counts["255"] == 100 * 40  # the input's nodata, counted as the mask holds it
+    code, out, err = run_cli(capsys, *args, "--json")  # every file there: nothing to do
+    assert code == 0 and json.loads(out)["skipped"]
+    code, out, err = run_cli(capsys, *args[:-1], "nonesuch")
+    assert code != 0 and "no output kind 'nonesuch'; there are mask, probs, overlay, polygons, areas, counts" in err

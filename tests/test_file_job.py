@@ -272,12 +272,18 @@ def test_a_huge_mostly_nodata_raster_costs_what_its_valid_area_costs(tmp_path, t
         assert not ds.overviews(1)                  # mostly empty: no overviews to build from 10 GB of nodata
 
 
-def test_areas_after_a_resume_inside_a_tile_equal_the_uninterrupted_runs(tmp_path, tiny_checkpoint):
+def test_areas_and_polygons_after_a_resume_inside_a_tile_equal_the_uninterrupted_runs(tmp_path, tiny_checkpoint):
     """The journal keeps whole 512-row blocks; tiles of 64 px at a stride of 48 cross them, so the
-    resumed tiles start above the journaled row: those rows are counted once, not twice."""
+    resumed tiles start above the journaled row: those rows are counted once, not twice, and the
+    polygons made from the rows of the mask as it is written are whole again."""
+    import pyogrio.raw
+    import shapely
+
+    from bigseg.vector.features import VectorOptions
+
     src = write_geotiff(tmp_path / "a.tif", 300, 1200, nodata=0, seed=3)
     ckpt = load_checkpoint(tiny_checkpoint)
-    options = lambda **kw: JobOptions(areas=True, **kw)
+    options = lambda **kw: JobOptions(write=WriteOptions(areas=True, polygons=VectorOptions()), **kw)
     whole = predict_file(Predictor(ckpt, "cpu", tile=64, overlap=16), src, tmp_path / "w.tif", options=options())
     seg = Predictor(ckpt, "cpu", tile=64, overlap=16)
     interrupt_after(seg, 30)
@@ -290,3 +296,9 @@ def test_areas_after_a_resume_inside_a_tile_equal_the_uninterrupted_runs(tmp_pat
     assert resumed.areas.pixels.sum() + resumed.areas.nodata_pixels == 300 * 1200
     assert resumed.areas.nodata_pixels == whole.areas.nodata_pixels
     np.testing.assert_allclose(resumed.areas.area_m2, whole.areas.area_m2, rtol=1e-12)
+    (_, _, wkb_w, (cls_w, *_)), (_, _, wkb_r, (cls_r, *_)) = (
+        pyogrio.raw.read(tmp_path / f"{n}.polygons.gpkg") for n in ("w", "r"))
+    assert len(cls_w) > 10 and sorted(cls_w) == sorted(cls_r)
+    w, r = shapely.from_wkb(wkb_w), shapely.from_wkb(wkb_r)
+    assert sorted(shapely.area(w).round(6)) == sorted(shapely.area(r).round(6))
+    assert shapely.union_all(w).symmetric_difference(shapely.union_all(r)).area == 0

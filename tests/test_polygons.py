@@ -11,6 +11,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
+from bigseg.tiling.geometry import Georef
 from bigseg.vector.areas import AreaStats, Ground
 from bigseg.vector.polygons import StreamingPolygons
 from bigseg.run.vectorize import VectorOptions, vectorize_file
@@ -69,7 +70,7 @@ def test_block_by_block_equals_the_whole_mask_at_once(rows, connectivity):
 
 def test_areas_are_pixel_counts_times_the_ground_area_of_a_pixel():
     mask = mask_with_every_case()
-    utm = Ground(rasterio.crs.CRS.from_epsg(32633), from_origin(500000, 4000000, 0.5, 0.5))
+    utm = Ground(Georef(rasterio.crs.CRS.from_epsg(32633), from_origin(500000, 4000000, 0.5, 0.5)))
     stats = AreaStats(["a", "b", "c", "d"], utm)
     for top in range(0, 240, 50):
         stats.add(top, mask[top:top + 50])
@@ -80,7 +81,7 @@ def test_areas_are_pixel_counts_times_the_ground_area_of_a_pixel():
     assert table[1]["area_ha"] == pytest.approx(counts[1] * 0.25 / 1e4) and sum(r["share"] for r in table) == \
         pytest.approx(1, abs=1e-5)
     # EPSG:4326: a one-degree cell from 60 N to 61 N, against the ellipsoid's zone area (WGS84)
-    wgs = Ground(rasterio.crs.CRS.from_epsg(4326), from_origin(10.0, 61.0, 1.0, 1.0))
+    wgs = Ground(Georef(rasterio.crs.CRS.from_epsg(4326), from_origin(10.0, 61.0, 1.0, 1.0)))
     geo = AreaStats(["land"], wgs)
     geo.add(0, np.zeros((1, 1), np.uint8))
     a, f = 6378137.0, 1 / 298.257223563
@@ -130,10 +131,10 @@ def test_the_vector_file_carries_the_crs_classes_areas_and_source(tmp_path):
 
 
 def test_a_killed_run_leaves_no_finished_looking_file_and_the_rerun_completes_it(tmp_path, capsys, monkeypatch):
-    from bigseg.run import vectorize
+    from bigseg.vector import features
 
     src = write_mask(tmp_path / "a.mask.tif", mask_with_every_case())
-    real = vectorize.StreamingPolygons.add
+    real = features.StreamingPolygons.add
     calls = {"n": 0}
 
     def killed(self, labels, row_off, valid=None):
@@ -142,12 +143,12 @@ def test_a_killed_run_leaves_no_finished_looking_file_and_the_rerun_completes_it
             raise KeyboardInterrupt
         yield from real(self, labels, row_off, valid)
 
-    monkeypatch.setattr(vectorize, "STRIP_PIXELS", 64 * 320)
-    monkeypatch.setattr(vectorize.StreamingPolygons, "add", killed)
+    monkeypatch.setattr(features, "STRIP_PIXELS", 64 * 320)
+    monkeypatch.setattr(features.StreamingPolygons, "add", killed)
     code, _, _ = run_cli(capsys, "vectorize", src)
     assert code != 0 and not (tmp_path / "a.polygons.gpkg").exists()
     assert not [p for p in tmp_path.iterdir() if "polygons" in p.name]  # the partial file removed too
-    monkeypatch.setattr(vectorize.StreamingPolygons, "add", real)
+    monkeypatch.setattr(features.StreamingPolygons, "add", real)
     code, _, err = run_cli(capsys, "vectorize", src)
     assert code == 0 and (tmp_path / "a.polygons.gpkg").is_file(), err
     code, out, _ = run_cli(capsys, "vectorize", src, "--json")
@@ -201,9 +202,9 @@ def test_web_mercator_areas_are_ellipsoidal_ground_areas_and_utm_stays_planar():
     from pyproj import Geod, Transformer
 
     transform = from_origin(-8_000_000, 4_900_000, 0.5, 0.5)  # 40.2 N, as the shared orthomosaic
-    mercator = Ground(rasterio.crs.CRS.from_epsg(3857), transform, 2000, 2000)
+    mercator = Ground(Georef(rasterio.crs.CRS.from_epsg(3857), transform), 2000, 2000)
     assert mercator.method == "ellipsoidal"
-    assert Ground(rasterio.crs.CRS.from_epsg(32633), from_origin(500000, 4000000, 0.5, 0.5), 2000, 2000).method \
+    assert Ground(Georef(rasterio.crs.CRS.from_epsg(32633), from_origin(500000, 4000000, 0.5, 0.5)), 2000, 2000).method \
         == "planar"
     mask = np.zeros((2000, 2000), np.uint8)
     mask[:, 1000:] = 1

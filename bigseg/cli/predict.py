@@ -12,6 +12,7 @@ from bigseg.cli import options as O
 from bigseg.cli.render import TileProgress, failure_line, note, print_plans
 from bigseg.crf.params import parse_crf
 from bigseg.io.bands import parse_bands, parse_value_range
+from bigseg.io.kinds import check_kinds
 from bigseg.io.outputs import WriteOptions
 from bigseg.io.readers import ReadOptions
 from bigseg.run.discover import prepare
@@ -52,6 +53,9 @@ def predict(
         None, "--vector", metavar="FORMAT", help="Also write the mask's polygons as NAME.polygons.gpkg (gpkg, "
         "geojson, fgb or shp), with class, area, perimeter and source."),
     areas: O.Areas = False,
+    also: str | None = typer.Option(None, "--also", metavar="KIND,...",
+                                    help="Also write these registered output kinds (probs, overlay, polygons, "
+                                         "areas, or one a module adds: docs/development.md)."),
     vector_classes: O.VectorClasses = None,
     min_area: O.MinArea = 0.0,
     simplify: O.Simplify = 0.0,
@@ -63,8 +67,10 @@ def predict(
 ) -> None:
     """Segment images of any size into class masks, tile by tile, in bounded memory."""
     read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader)
-    write = WriteOptions(probs, overlay, cog, seams)
-    polygons = _vector_options(vector, vector_classes, min_area, simplify, connectivity)
+    write = WriteOptions(probs, overlay, cog, seams, areas,
+                         _vector_options(vector, vector_classes, min_area, simplify, connectivity),
+                         tuple(O.parse_names(also) or ()))
+    check_kinds(write.extra)
     scale_factors, crf_settings = O.parse_scales(scales), parse_crf(crf, crf_params)
     O.check_threads(threads)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 speaks for everyone
@@ -96,7 +102,7 @@ def predict(
                         engine, threads)
     # a model whose export is compiled and cached predicts without torch (a warm start in a second)
     predictor = open_predictor(model, settings, progress.note, warm=single, before_torch=lambda: _threads(threads))
-    options = JobOptions(read, write, float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5")), io_threads, areas, polygons)
+    options = JobOptions(read, write, float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5")), io_threads)
     if dry_run:
         _dry_run(predictor, inputs, out, recursive, options, estimate, json_summary, rank)
         return
@@ -120,7 +126,7 @@ def _vector_options(vector, vector_classes, min_area, simplify, connectivity):
     """--vector and its settings, checked before any work; None without --vector."""
     if vector is None:
         return None
-    from bigseg.run.vectorize import VectorOptions
+    from bigseg.vector.features import VectorOptions
 
     polygons = VectorOptions(vector, O.parse_names(vector_classes) or None, min_area, simplify, connectivity)
     polygons.check()

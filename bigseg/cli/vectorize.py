@@ -29,18 +29,22 @@ def vectorize(
 ) -> None:
     """Polygons of each class region of a mask (holes kept, regions whole whatever the mask's size), and areas."""
     from bigseg.errors import InputError
+    from bigseg.io.kinds import WriteOptions
     from bigseg.run.vectorize import VectorOptions, find_masks, vectorize_all
 
-    options = VectorOptions(vector, O.parse_names(classes) or None, min_area, simplify, connectivity, areas)
+    options = VectorOptions(vector, O.parse_names(classes) or None, min_area, simplify, connectivity)
     try:
         options.check()
     except InputError as e:  # the library's `vector` format is this command's --format
         raise InputError(e.reason, param="format" if e.param == "vector" else e.param) from None
     jobs, failed = find_masks(inputs, out, options, recursive)
-    summary = vectorize_all(jobs, options, overwrite,
-                            on_done=lambda r: None if quiet or json_summary else note(
-                                f"{r.mask} -> {r.output} ({r.polygons} polygons, {r.seconds:.1f} s)"),
-                            on_note=lambda m: None if quiet else note(f"note: {m}"))
+    def said(kind: str, payload) -> None:
+        if kind == "done" and not (quiet or json_summary):
+            note(f"{payload.mask} -> {payload.output} ({payload.polygons} polygons, {payload.seconds:.1f} s)")
+        elif kind == "note" and not quiet:
+            note(f"note: {payload}")
+
+    summary = vectorize_all(jobs, WriteOptions(areas=areas, polygons=options), overwrite, said)
     for failure in failed + summary.failed:
         error_line(failure.error)
     if json_summary:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from bigseg.errors import InputError, RasterFormatError, first_line
-from bigseg.tiling.geometry import Window
+from bigseg.tiling.geometry import Georef, Window
 from bigseg.io import bands as B
 from bigseg.io import exif
 
@@ -35,15 +35,6 @@ class ReadOptions:
     value_range: tuple[float, float] | None = None
     engine: str = "auto"
 
-
-@dataclass
-class Georef:
-    """Where the pixels are on Earth: CRS and affine transform, or ground control points."""
-
-    crs: Any = None
-    transform: Any = None
-    gcps: list | None = None
-    gcps_crs: Any = None
 
 
 @dataclass
@@ -193,7 +184,7 @@ class GdalReader(Reader):
         if all(c in interp for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)):
             rgb = tuple(interp.index(c) + 1 for c in (ColorInterp.red, ColorInterp.green, ColorInterp.blue))
         plan = B.plan_bands(path.name, ds.count, alpha, palette, wanted, bands, rgb)
-        georef = Georef(ds.crs, ds.transform, *(ds.gcps if ds.gcps[0] else (None, None)))
+        georef = Georef.of(ds)
         super().__init__(path, ds.width, ds.height, np.dtype(ds.dtypes[plan.indexes[0] - 1]), plan,
                          "raster", georef, list(plan.notes))
         self._sparse_map(path, alpha)

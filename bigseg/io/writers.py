@@ -30,8 +30,7 @@ from bigseg.atomic import partial_path, write_text
 from bigseg.atomic import remove as _remove
 from bigseg.io.gdal import captured_stderr, write_failure, writing
 from bigseg.errors import OutputError, first_line
-from bigseg.tiling.geometry import Window
-from bigseg.io.readers import Georef
+from bigseg.tiling.geometry import Georef, Window
 from bigseg.palette import NODATA
 
 BLOCK = 512
@@ -75,8 +74,6 @@ def write_class_styles(mask: Path, classes: Sequence[str], palette: Sequence[Seq
 class Writer(Protocol):
     """What every output writer offers (see the module docstring)."""
 
-    resumable: bool
-
     def write(self, window: Window, data: np.ndarray, valid: np.ndarray | None = None) -> None: ...
 
     def write_nodata(self, window: Window) -> None: ...
@@ -103,8 +100,6 @@ class GeoTiffWriter:
     `rows_written` counts the rows on disk from the top (what a journal may record after `sync`).
     `resume_rows`: continue the partial file of an interrupted job whose first `resume_rows` rows
     (a whole number of block rows, or the height) are on disk; rectangles above are ignored."""
-
-    resumable = True
 
     def __init__(self, path: Path, width: int, height: int, count: int, georef: Georef | None,
                  palette: Sequence[Sequence[int]] | None = None, tags: dict | None = None,
@@ -303,8 +298,6 @@ class PngWriter:
     """Grayscale PNG of class indices; PNG has no windows, so rows are gathered and encoded at the end
     (the input image is held whole by its reader anyway)."""
 
-    resumable = False
-
     def __init__(self, path: Path, width: int, height: int):
         self.path, self.tmp = path, partial_path(path)
         self.array = np.full((height, width), NODATA, np.uint8)
@@ -340,8 +333,6 @@ class OverlayWriter:
     image pixels it samples are kept as tiles are read (`add_image`), so no input row is read
     twice; each rectangle of labels is blended in as it arrives. Memory: the preview and its image
     samples, bounded by `max_side` whatever the raster's size."""
-
-    resumable = True
 
     def __init__(self, path: Path, width: int, height: int, palette, max_side: int = 2048, alpha: float = 0.5,
                  classes: list[str] | None = None):

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bigseg.vector.areas import AreaStats, Ground
+from bigseg.vector.areas import AreaStats
 from bigseg.errors import Interrupted, OutputError
 from bigseg.tiling.geometry import Window
 from bigseg.io.gdal import gdal_env
@@ -20,7 +20,6 @@ from bigseg.io.readers import IMAGE_SUFFIXES, Reader, ReadOptions, beyond_opencv
 from bigseg.infer.predictor import Predictor
 from bigseg.run import journal
 from bigseg.run.inputs import open_for_model
-from bigseg.run.vectorize import VectorOptions
 from bigseg.runtime import check_stop, stop_handled
 from bigseg.tiling.stitch import PREFETCH_BATCHES
 
@@ -37,8 +36,6 @@ class JobOptions:
     write: WriteOptions = WriteOptions()
     journal_seconds: float = JOURNAL_SECONDS
     io_threads: int | None = None
-    areas: bool = False  # count each class's area as the mask is written (PredictResult.areas, NAME.areas.csv)
-    vector: VectorOptions | None = None  # polygons of the finished mask (NAME.polygons.gpkg)
 
     def threads_for(self, on_gpu: bool) -> int:
         """GDAL's threads: several where the reader must keep a GPU fed, else one."""
@@ -59,7 +56,7 @@ class PredictResult:
     notes: list[str] = field(default_factory=list)
     seams: dict | None = None  # overlap pixels compared / disagreeing (with WriteOptions.seams)
     gpu_peak_mib: float | None = None  # peak GPU memory of this process during the file (on a GPU)
-    areas: AreaStats | None = None  # per-class pixels and areas (with JobOptions.areas)
+    areas: AreaStats | None = None  # per-class pixels and areas (with WriteOptions.areas)
 
     @property
     def megapixels(self) -> float:
@@ -69,7 +66,7 @@ class PredictResult:
 def fingerprint(predictor: Predictor, src: Path, dst: Path, options: JobOptions, **extra: Any) -> str:
     """The resume fingerprint: the input's identity and everything that shapes `dst`'s content."""
     return journal.fingerprint(src, {**predictor.fingerprint(), "read": vars(options.read),
-                                     "write": vars(options.write), "output": dst.name, **extra})
+                                     "write": options.write.shaping(), "output": dst.name, **extra})
 
 
 def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions = JobOptions(),
@@ -102,11 +99,10 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
         advance = journal.Advance(dst, fp, reader.height, options.journal_seconds if resumable else None, rows_done)
         try:
             with outputs:
-                outputs.areas = _area_stats(options, reader, card.classes, outputs, rows_done)
                 if rows_done:
                     outputs.keep_partial = True
                     journal.write_journal(dst, fp, rows_done, reader.height)
-                    replay_overlay(reader, outputs, rows_done)
+                    outputs.replay(rows_done, lambda window: reader.read(window)[0])
                 _run_tiles(predictor, reader, outputs, grid, rows_done, seams, lambda d, t: say("tile", (d, t)),
                            advance)
                 _finish_seams(outputs, seams, rows_done)
@@ -117,9 +113,10 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
             raise Interrupted(f"interrupted: {kept}") from None
         journal.remove_journal(dst)
     gpu_peak = _gpu_peak_mib(predictor.device) if predictor.on_gpu else None
+    areas = outputs.outputs.get("areas")
     return PredictResult(src, outputs.written[0], reader.width, reader.height, len(grid), time.perf_counter() - start,
                          outputs.written[1:], notes + reader.notes + predictor.take_notes(), seams, gpu_peak,
-                         outputs.areas)
+                         None if areas is None else areas.stats)
 
 
 def _environment(src: Path, dst: Path, options: JobOptions, on_gpu: bool):
@@ -188,7 +185,7 @@ def _run_tiles(predictor: Predictor, reader: Reader, outputs: OutputSet, grid, r
 
     if on_tile is not None:
         on_tile(0, len(grid))
-    finish = predictor.labels_and_probabilities("probs" in outputs.writers)
+    finish = predictor.labels_and_probabilities(outputs.probabilities)
 
     def journal_rows() -> None:
         if advance.due(outputs.rows_on_disk):
@@ -212,37 +209,6 @@ def write_tiles(stream, outputs: OutputSet, after_tile: Callable[[], None] | Non
             outputs.write(window, arrays["labels"], arrays.get("probs"), valid)
         if after_tile is not None:
             after_tile()
-
-
-def _area_stats(options: JobOptions, reader: Reader, classes: list[str], outputs: OutputSet,
-                rows_done: int) -> AreaStats | None:
-    """The per-class areas counted as the mask is written; a resumed job first counts the rows it
-    wrote before from the partial mask (those tiles are not run again)."""
-    if not options.areas:
-        return None
-    g = reader.georef
-    ground = Ground(g.crs, g.transform, reader.width, reader.height) if g is not None and g.crs is not None \
-        else Ground()
-    stats = AreaStats(list(classes), ground)
-    for top in range(0, rows_done, 512):
-        window = Window(0, top, reader.width, min(512, rows_done - top))
-        stats.add(top, outputs.writers["mask"].read(window)[0])
-    stats.counted_rows = rows_done  # the resumed tiles start above this row: their rows are counted once
-    return stats
-
-
-def replay_overlay(reader: Reader, outputs: OutputSet, rows: int) -> None:
-    """Rebuild the overlay preview of the first `rows` rows from the finished mask on disk (a
-    resumed job; the image rows it samples are read, since those tiles are not run again)."""
-    overlay = outputs.overlay
-    if overlay is None:
-        return
-    for top in range(0, rows, 512):
-        window = Window(0, top, reader.width, min(512, rows - top))
-        for r in overlay.rows_in(window):
-            row = Window(0, int(r), reader.width, 1)
-            overlay.add_image(row, reader.read(row)[0])
-        overlay.write(window, outputs.writers["mask"].read(window)[0])
 
 
 def _gpu_peak_mib(device: str) -> float:

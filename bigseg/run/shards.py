@@ -85,9 +85,9 @@ def predict_part(predictor: Predictor, src: Path, dst: Path, options: JobOptions
     return True
 
 
-def assemble(predictor: Predictor, src: Path, dst: Path, options: JobOptions, parts: int) -> tuple[list[Path], int]:
-    """Rank 0: stream the parts into the final outputs, then remove the parts. Returns the paths
-    written and the number of tiles."""
+def assemble(predictor: Predictor, src: Path, dst: Path, options: JobOptions, parts: int) -> tuple[OutputSet, int]:
+    """Rank 0: stream the parts into the final outputs (and the files made from the mask's rows:
+    polygons, areas), then remove the parts. Returns the committed outputs and the number of tiles."""
     from rasterio.windows import Window as RWindow
 
     ckpt = predictor.card
@@ -104,10 +104,9 @@ def assemble(predictor: Predictor, src: Path, dst: Path, options: JobOptions, pa
                     for row in range(0, bottom - top, ROWS_PER_COPY):
                         h = min(ROWS_PER_COPY, bottom - top - row)
                         window, rw = Window(0, top + row, reader.width, h), RWindow(0, row, reader.width, h)
-                        if outputs.overlay is not None:
-                            for r in outputs.overlay.rows_in(window):
-                                line = Window(0, int(r), reader.width, 1)
-                                outputs.add_image(line, reader.read(line)[0])
+                        for r in outputs.image_rows(window):
+                            line = Window(0, r, reader.width, 1)
+                            outputs.add_image(line, reader.read(line)[0])
                         outputs.write(window, mask.read(1, window=rw),
                                       None if probs is None else probs.read(window=rw),
                                       None if probs is None else probs.read_masks(1, window=rw) > 0)
@@ -118,7 +117,7 @@ def assemble(predictor: Predictor, src: Path, dst: Path, options: JobOptions, pa
     for p in range(len(spans)):
         for tag in ("", "probs"):
             part_path(dst, p, parts, tag).unlink(missing_ok=True)
-    return outputs.written, len(grid)
+    return outputs, len(grid)
 
 
 def predict_split(predictor: Predictor, job: Job, rank: Rank, options: JobOptions) -> PredictResult | None:
@@ -141,10 +140,11 @@ def predict_split(predictor: Predictor, job: Job, rank: Rank, options: JobOption
         errors = distributed.gather(rank, error)  # also the barrier: every part is finished
         if rank.main and not any(errors):
             try:
-                written, tiles = assemble(predictor, job.input, job.output, options, rank.world)
-                size = _size(written[0])
-                result = PredictResult(job.input, written[0], *size, tiles, time.perf_counter() - start,
-                                       written[1:], [f"{rank.world} parts"])
+                outputs, tiles = assemble(predictor, job.input, job.output, options, rank.world)
+                written, areas = outputs.written, outputs.outputs.get("areas")
+                result = PredictResult(job.input, written[0], *_size(written[0]), tiles, time.perf_counter() - start,
+                                       written[1:], [f"{rank.world} parts"],
+                                       areas=None if areas is None else areas.stats)
             except BigsegError as e:
                 error = str(e)
         distributed.barrier(rank)

@@ -23,11 +23,33 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from bigseg.errors import InputError
+
+
+@dataclass
+class Georef:
+    """Where a pixel grid is on Earth: CRS and affine transform, or ground control points (the one
+    georeference type: readers give it, writers keep it, areas and polygons measure with it)."""
+
+    crs: Any = None
+    transform: Any = None
+    gcps: list | None = None
+    gcps_crs: Any = None
+
+    @property
+    def mapped(self) -> bool:
+        """A CRS and an affine transform: positions and areas on the ground can be computed."""
+        return self.crs is not None and self.transform is not None and not self.gcps
+
+    @classmethod
+    def of(cls, ds: Any) -> Georef:
+        """The georeference of an open rasterio data set."""
+        gcps, gcps_crs = ds.gcps if ds.gcps[0] else (None, None)
+        return cls(ds.crs, ds.transform, gcps, gcps_crs)
 
 
 @dataclass(frozen=True)

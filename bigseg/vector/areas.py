@@ -1,5 +1,5 @@
 """How much of each class a mask holds: pixel counts, area in square metres and hectares, and the
-share of valid pixels, accumulated block by block as the mask is written (no second read).
+share of valid pixels, accumulated row block by row block as the mask is written (no second read).
 
 Areas are ground areas, on the CRS's ellipsoid wherever the map's scale is not true (`method`):
 - `geodesic` in a geographic CRS: each row's cells get their exact area between two parallels
@@ -21,23 +21,32 @@ from typing import Any
 
 import numpy as np
 
+from bigseg.tiling.geometry import Georef
+
 SCALE_TOLERANCE = 0.005  # planar areas where the map's scale is within 0.5% of true over the grid
 SCALE_STEP = 64          # pixels between the samples of a distorted projection's areal scale
 
 
 @dataclass
 class Ground:
-    """The pixel grid's place on Earth: CRS and transform (None: pixels only) and, to judge the
-    projection's scale over the whole grid, its width and height in pixels."""
+    """The pixel grid's place on Earth (a `Georef`; None or one without CRS and transform: pixels
+    only) and, to judge the projection's scale over the whole grid, its width and height in pixels."""
 
-    crs: Any = None
-    transform: Any = None
+    georef: Georef | None = None
     width: int = 1
     height: int = 1
 
     @property
     def georeferenced(self) -> bool:
-        return self.crs is not None and self.transform is not None
+        return self.georef is not None and self.georef.mapped
+
+    @property
+    def crs(self) -> Any:
+        return self.georef.crs if self.georeferenced else None
+
+    @property
+    def transform(self) -> Any:
+        return self.georef.transform if self.georeferenced else None
 
     @cached_property
     def method(self) -> str:
@@ -171,7 +180,6 @@ class AreaStats:
     area_m2: np.ndarray = None
     valid_pixels: int = 0
     nodata_pixels: int = 0
-    counted_rows: int = 0  # rows from the top already counted (a resumed job's): blocks above are skipped
 
     def __post_init__(self):
         n = len(self.classes)
@@ -181,12 +189,7 @@ class AreaStats:
 
     def add(self, row_off: int, labels: np.ndarray, valid: np.ndarray | None = None) -> None:
         """The labels (h, w) of a block whose first row is `row_off`; pixels `valid` marks False
-        and values of no class (NODATA) are no data. Rows above `counted_rows` were counted already."""
-        skip = max(0, self.counted_rows - row_off)
-        if skip >= labels.shape[0]:
-            return
-        labels, row_off = labels[skip:], row_off + skip
-        valid = valid[skip:] if valid is not None else None
+        and values of no class (NODATA) are no data."""
         n = len(self.classes)
         h = labels.shape[0]
         labels = np.where(valid, labels, n) if valid is not None else labels
@@ -209,10 +212,6 @@ class AreaStats:
         valid = int(counts.sum())
         self.valid_pixels += valid
         self.nodata_pixels += labels.size - valid
-
-    def add_nodata(self, row_off: int, width: int, height: int) -> None:
-        """A block without a valid pixel (rows above `counted_rows` were counted already)."""
-        self.nodata_pixels += width * max(0, row_off + height - max(row_off, self.counted_rows))
 
     def _areas(self, rows: np.ndarray) -> np.ndarray:
         missing = [int(r) for r in rows if int(r) not in self._row_areas]

@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from bigseg.errors import InputError
+from bigseg.palette import NODATA
 
 
 @dataclass
@@ -47,7 +48,7 @@ class StreamingPolygons:
     never a region (besides pixels `valid` marks False)."""
 
     def __init__(self, width: int, height: int, connectivity: int = 4, keep: set[int] | None = None,
-                 nodata: int | None = 255, max_open_vertices: int = 50_000_000):
+                 nodata: int | None = NODATA, max_open_vertices: int = 50_000_000):
         if connectivity not in (4, 8):
             raise InputError(f"must be 4 or 8, got {connectivity}", param="connectivity")
         self.width, self.height, self.connectivity = width, height, connectivity

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from bigseg.errors import DatasetError
+from bigseg.metrics import IGNORE
 from bigseg.palette import default_palette
 
-IGNORE = 255
 LUT_SIZE = 1 << 16  # label values a lookup table covers (8- and 16-bit label rasters)
 
 

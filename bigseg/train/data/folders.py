@@ -10,7 +10,7 @@ import numpy as np
 from bigseg.errors import DatasetError, RasterFormatError
 from bigseg.tiling.geometry import Window
 from bigseg.io.readers import open_raster
-from bigseg.train.data.classes import ClassTable, fixed_table
+from bigseg.train.data.classes import IGNORE, ClassTable, fixed_table
 from bigseg.train.data.images import ImageSource
 from bigseg.train.data.source import Patch, as_model_input
 
@@ -73,7 +73,7 @@ class ImageFolder(ImageSource):
             label = self.read_label(i)
             if label.shape != image.shape[1:]:
                 raise DatasetError(f"{pair.label}: label size {label.shape} differs from image {image.shape[1:]}")
-            label[~valid] = 255
+            label[~valid] = IGNORE
             self._cache = (i, Patch(image, label, valid))
         patch = self._cache[1]
         if window is None:

@@ -117,6 +117,15 @@ def shared_data() -> Path:
     return SHARED
 
 
+def tiny_config(data, run_dir, **kw):
+    """A `TrainConfig` of the tiny ladder on the CPU in fp32: two epochs of 64-px crops."""
+    from bigseg.train.loop import TrainConfig
+
+    base = dict(data=str(data), run_dir=str(run_dir), arch_config=TINY, epochs=2, batch_size=2, crop=64,
+                workers=0, device="cpu", precision="fp32", val_tile=128, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
 def make_generic_dataset(root: Path, n: int = 6, size: tuple[int, int] = (80, 96), seed: int = 0) -> Path:
     """images/ + masks/ + classes.json with learnable content: class = which colour a region has."""
     import json

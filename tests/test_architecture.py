@@ -146,3 +146,15 @@ def test_the_layout_picture_in_the_docs_is_drawn_from_the_code_as_it_is():
     spec.loader.exec_module(layout)
     text = (ROOT.parent / "docs" / "development.md").read_text()
     assert layout.diagram() in text, "run `python docs/make_layout.py`"
+
+
+def test_the_tests_mirror_the_wings():
+    """Every wing (a folder of `bigseg/`) has its test module, `tests/test_WING.py` (training, the
+    largest, one per part: `tests/test_train_*.py`); no test module is named after a wing that is gone."""
+    wings = {p.name for p in ROOT.iterdir() if p.is_dir() and any(p.glob("*.py"))}
+    tests = {p.stem[len("test_"):] for p in (ROOT.parent / "tests").glob("test_*.py")}
+    missing = [w for w in sorted(wings) if w not in tests and not any(t.startswith(w + "_") for t in tests)]
+    assert not missing, f"wings without a test module: {missing}"
+    whole = {"architecture", "docs", "extensions", "install", "checkpoint"}  # the package as a whole, and a root module
+    strays = [t for t in sorted(tests) if t not in whole and t.split("_")[0] not in wings]
+    assert not strays, f"test modules named after no wing: {strays}"

@@ -1,13 +1,70 @@
-"""Tile geometry, blend window and streaming stitcher: exact coverage, exact stitching, bounded memory."""
+"""Tiling (`bigseg.tiling`): the grid and blend window as values, and the streaming stitcher:
+tiled equals whole-image where the receptive field allows."""
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import example, given, settings, strategies as st
 
-from bigseg.tiling.geometry import TileGrid, Window
+from bigseg.tiling.geometry import TileGrid, edge_profile, stitcher_peak_pixels, Window
 from bigseg.tiling.stitch import Pipeline, StreamingStitcher, stream_tiles
 from tests.conftest import small_receptive_field_net, tiled_prediction
+
+
+# --- Tile geometry: tiles in bounds, spread evenly, blend weights summing to one, the stitcher's peak
+# simulated exactly.
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=st.integers(1, 700), h=st.integers(1, 700), tile=st.integers(16, 300), frac=st.floats(0, 0.9))
+def test_tiles_stay_in_bounds_and_every_pixel_gets_weight(w, h, tile, frac):
+    grid = TileGrid(w, h, tile, int(tile * frac))
+    total = np.zeros((h, w))
+    for win in grid:
+        assert 0 <= win.col_off and win.col_end <= w and 0 <= win.row_off and win.row_end <= h
+        assert (win.height, win.width) == grid.tile_shape
+        total[win.slices] += grid.weights(win)
+    assert total.min() > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(w=st.integers(1, 3000), tile=st.integers(16, 400), frac=st.floats(0, 0.49))
+@example(w=58, tile=36, frac=0.4375)  # three tiles over one pixel (found by a full run here)
+def test_tiles_are_spread_evenly_and_neighbour_weights_sum_to_one(w, tile, frac):
+    grid = TileGrid(w, 1, tile, int(tile * frac))
+    starts = grid.col_starts
+    assert starts[0] == 0 and starts[-1] + grid.tile_shape[1] == w  # no padding, nothing hangs over
+    gaps = np.diff(starts)
+    assert len(gaps) == 0 or gaps.max() - gaps.min() <= 1
+    assert grid.max_overlap >= grid.overlap or len(starts) == 1
+    total, cover = np.zeros(w), np.zeros(w, int)
+    for win in grid:
+        total[win.col_off:win.col_end] += grid.weights(win)[0]
+        cover[win.col_off:win.col_end] += 1
+    # two neighbours' ramps are mirror images: they sum to one; where a narrow image packs three
+    # tiles over a pixel (e.g. w=58, tile 36) a tile's two ramps meet (sum 1 - 1.2e-4) and the
+    # stitcher's division by the weight sum does the normalising, so the sum need only stay far from 0
+    assert np.allclose(total[cover <= 2], 1.0, atol=1e-5)
+    assert (total > 0.5).all()
+
+
+def test_blend_weight_is_zero_near_cuts_and_one_at_image_borders():
+    p = edge_profile(256, 64, 64)
+    assert (p[:16] == 0).all() and (p[-16:] == 0).all() and (p[48:-48] == 1).all()
+    assert np.all(np.diff(p[16:48]) > 0)  # smooth rise, no hard cut line
+    assert (edge_profile(256, 0, 0) == 1).all()
+
+
+def test_stitcher_peak_is_simulated_exactly():
+    for w, h, t, o in ((1000, 700, 256, 64), (300, 90, 64, 16), (2000, 2000, 512, 128)):
+        grid = TileGrid(w, h, t, o)
+        s = StreamingStitcher(grid, 1)
+        for win in grid:
+            s.add(win, np.zeros((1, win.height, win.width), np.float32))
+            list(s.pop_finished())
+        assert s.peak_pixels == stitcher_peak_pixels(grid)
+
+
+# --- Tile geometry, blend window and streaming stitcher: exact coverage, exact stitching, bounded memory.
 
 
 @settings(max_examples=40, deadline=None)
@@ -23,10 +80,6 @@ def test_identity_model_gives_back_the_input(w, h, tile, frac):
         cover[win.slices] += 1
     assert (cover == 1).all()  # finished rectangles cover the image exactly once
     np.testing.assert_allclose(out, image, rtol=1e-6, atol=1e-6)
-
-
-
-
 
 
 def test_tiled_equals_whole_image_when_receptive_field_fits_in_the_overlap():

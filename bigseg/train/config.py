@@ -107,8 +107,8 @@ def crop_at(cfg: TrainConfig, epoch: int) -> int:
 
 def check_crops(cfg: TrainConfig, multiple: int) -> None:
     """Crops that are not multiples of the model's padding cost as much as the next multiple."""
-    for crop in {cfg.crop, *(c for c, _ in cfg.crop_schedule)}:
+    for crop, param in sorted({(cfg.crop, "crop"), *((c, "crop_schedule") for c, _ in cfg.crop_schedule)}):
         if crop % multiple:
             lower, upper = crop // multiple * multiple, -(-crop // multiple) * multiple
-            raise TrainingError(f"crop {crop} is not a multiple of {multiple}: the model pads it to {upper} "
-                                f"and pays for {upper}; use {upper}" + (f" or {lower}" if lower else ""))
+            raise TrainingError(f"{crop} is not a multiple of {multiple}: the model pads it to {upper} "
+                                f"and pays for {upper}; use {upper}" + (f" or {lower}" if lower else ""), param=param)

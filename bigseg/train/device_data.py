@@ -13,7 +13,7 @@ The random choices are the CPU path's (`transforms.draw`, or the sampler's windo
 resume and whatever the batch composition. Only the resampling runs on the device: labels by
 nearest neighbour with OpenCV's INTER_NEAREST mapping (equal labels), images by bilinear
 interpolation when enlarging (OpenCV's INTER_LINEAR rounded to 8 bits, so within one grey level)
-and antialiased bilinear when shrinking, where OpenCV averages areas (`tests/test_device_data.py`
+and antialiased bilinear when shrinking, where OpenCV averages areas (`tests/test_train_data.py`
 bounds the differences).
 """
 from __future__ import annotations

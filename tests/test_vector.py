@@ -11,10 +11,10 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
+from bigseg.run.vectorize import VectorOptions, vectorize_file
 from bigseg.tiling.geometry import Georef
 from bigseg.vector.areas import AreaStats, Ground
 from bigseg.vector.polygons import StreamingPolygons
-from bigseg.run.vectorize import VectorOptions, vectorize_file
 from tests.cli_helpers import run_cli
 
 

@@ -1,5 +1,6 @@
-"""One file job: file output equals the in-memory API, nodata forms kept, interrupted runs leave
-nothing that looks finished, killed runs resume bit for bit, damaged partials start over."""
+"""File jobs and batches (`bigseg.run`): the journaled file job and its resume, the dry-run plan,
+and a raster cut into parts under torchrun."""
+import json
 import os
 import signal
 import subprocess
@@ -10,15 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 
 from bigseg.atomic import partial_path
 from bigseg.checkpoint import load_checkpoint
-from bigseg.io.outputs import WriteOptions
+from bigseg.infer.engines.torch import TorchEngine
 from bigseg.infer.predictor import Predictor
+from bigseg.io.outputs import WriteOptions, part_path
 from bigseg.run.file_job import JobOptions, predict_file
 from bigseg.run.journal import journal_path, read_journal
+from bigseg.run.plan import activation_bytes
+from bigseg.run.shards import part_rows
+from bigseg.tiling.geometry import TileGrid
 from tests.cli_helpers import run_cli
 from tests.conftest import interrupt_after, write_geotiff
+
+
+# --- One file job: file output equals the in-memory API, nodata forms kept, interrupted runs leave nothing
+# that looks finished, killed runs resume bit for bit, damaged partials start over.
 
 
 def files(folder: Path) -> list[str]:
@@ -302,3 +312,200 @@ def test_areas_and_polygons_after_a_resume_inside_a_tile_equal_the_uninterrupted
     w, r = shapely.from_wkb(wkb_w), shapely.from_wkb(wkb_r)
     assert sorted(shapely.area(w).round(6)) == sorted(shapely.area(r).round(6))
     assert shapely.union_all(w).symmetric_difference(shapely.union_all(r)).area == 0
+
+
+# --- The dry run: a plan without running the model, its memory terms simulated or traced exactly; the seam
+# report.
+
+
+def test_dry_run_plans_without_predicting(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    src = write_geotiff(tmp_path / "a.tif", 700, 500)
+    monkeypatch.setattr(TorchEngine, "scores", lambda *a: pytest.fail("the model ran"))
+    code, out, err = run_cli(capsys, "predict", src, "--model", tiny_checkpoint, "-o", tmp_path / "o.tif",
+                             "--tile", "256", "--overlap", "64", "--device", "cpu", "--dry-run", "--json",
+                             "--probs", "--cog")
+    assert code == 0, err
+    plan = json.loads(out)[0]
+    grid = TileGrid(700, 500, 256, 64)
+    assert (plan["width"], plan["height"], plan["tiles"], plan["overlap"]) == (700, 500, len(grid), 64)
+    assert plan["batches"] == -(-len(grid) // 4) and plan["overlap_from"] == "--overlap"
+    assert [o["format"] for o in plan["outputs"]] == ["COG", "COG"] and not plan["outputs"][0]["bigtiff"]
+    m = plan["memory_mib"]
+    assert m["gpu"] is None and m["host"] == pytest.approx(sum(v for k, v in m.items() if k not in ("host", "gpu")), abs=1)
+    assert not (tmp_path / "o.tif").exists()
+    code, out, err = run_cli(capsys, "predict", src, "--model", tiny_checkpoint, "--device", "cpu", "--dry-run")
+    assert code == 0 and "tiles" in out and "memory" in out and "host" in out
+
+
+def test_activation_trace_scales_with_batch_and_area(tiny_checkpoint):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    one = activation_bytes(ckpt, 1, 128, 128)
+    assert activation_bytes(ckpt, 2, 128, 128) == pytest.approx(2 * one, rel=0.05)
+    assert activation_bytes(ckpt, 1, 256, 256) == pytest.approx(4 * one, rel=0.1)
+    assert activation_bytes(ckpt, 1, 128, 128, torch.bfloat16) == pytest.approx(one / 2, rel=0.05)
+
+
+def test_writer_rows_in_flight_are_simulated_exactly(tmp_path):
+    from bigseg.io.writers import GeoTiffWriter
+    from bigseg.run.plan import writer_rows
+    from bigseg.tiling.stitch import Pipeline, stream_tiles
+
+    for w, h, t, o in ((300, 1700, 256, 64), (1500, 2100, 1024, 256), (150, 900, 128, 32)):  # 2+ tile columns
+        grid = TileGrid(w, h, t, o)
+        writer = GeoTiffWriter(tmp_path / f"o{h}.tif", w, h, 1, None)
+        peak = 0
+        read = lambda win: (np.zeros((1, win.height, win.width), np.float32), np.ones((win.height, win.width), bool))
+        for win, block, _ in stream_tiles(grid, read, Pipeline(lambda x: x, 1, np.zeros((1, 1, 1), np.float32), 2)):
+            writer.write(win, block[0].astype(np.uint8))
+            peak = max(peak, sum(b[0].shape[1] for b in writer._bands.values()))
+        writer.abort()
+        assert peak <= writer_rows(grid) <= peak + 512, (w, h, t, o, peak, writer_rows(grid))
+
+
+def test_seam_report_counts_overlap_disagreement(tmp_path, tiny_checkpoint, capsys):
+    import rasterio
+
+    from bigseg.tiling.stitch import Pipeline, stream_tiles
+    # scores that depend on the tile: two overlapping tiles disagree everywhere they overlap
+    grid = TileGrid(100, 40, 64, 28)
+    calls = {"n": 0}
+
+    def predict(batch):
+        calls["n"] += 1
+        out = np.zeros((len(batch), 2, *batch.shape[-2:]), np.float32)
+        out[:, calls["n"] % 2] = 1
+        return out
+
+    seams = {}
+    read = lambda w: (np.zeros((1, w.height, w.width), np.float32), np.ones((w.height, w.width), bool))
+    list(stream_tiles(grid, read, Pipeline(predict, 2, np.zeros((1, 1, 1), np.float32), 1), seams=seams))
+    assert seams["compared"] > 0 and seams["disagreed"] == seams["compared"]
+    seams = {}
+    list(stream_tiles(grid, read, Pipeline(lambda b: np.ones((len(b), 2, *b.shape[-2:]), np.float32), 2,
+                                           np.zeros((1, 1, 1), np.float32), 1), seams=seams))
+    assert seams["compared"] > 0 and seams["disagreed"] == 0
+    src = write_geotiff(tmp_path / "a.tif", 300, 200)
+    code, out, err = run_cli(capsys, "predict", src, "--model", tiny_checkpoint, "-o", tmp_path / "m.tif",
+                             "--tile", "64", "--device", "cpu", "--seams", "--json")
+    assert code == 0, err
+    report = json.loads(out)["done"][0]["seams"]
+    assert 0 <= report["disagreed"] <= report["compared"] > 0
+    with rasterio.open(tmp_path / "m.tif") as ds:
+        assert float(ds.tags()["seam_disagreement"]) == report["rate"]
+
+
+# --- predict under torchrun (gloo, 2 CPU processes): parts and files split across ranks, outputs equal to one
+# process bit for bit, a dead rank's part redone on the rerun.
+
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="torchrun tests run on Linux CI")
+
+
+def torchrun(args, port, env=None, nproc=2, script=None):
+    entry = [str(script)] if script else ["-m", "bigseg"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port),
+           *entry, "predict", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def single(args):
+    return subprocess.run([sys.executable, "-m", "bigseg", "predict", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def same_raster(a, b):
+    with rasterio.open(a) as x, rasterio.open(b) as y:
+        assert np.array_equal(x.read(), y.read()) and x.transform == y.transform and x.crs == y.crs
+        assert np.array_equal(x.read_masks(1), y.read_masks(1))
+        assert x.colormap(1) == y.colormap(1) if x.count == 1 else True
+
+
+def test_part_rows_cut_at_tile_rows():
+    starts = [0, 48, 96, 144, 192]
+    assert part_rows(starts, 256, 2) == [(0, 96), (96, 256)]
+    assert part_rows(starts, 256, 9) == [(0, 48), (48, 96), (96, 144), (144, 192), (192, 256)]
+    assert part_rows(starts, 256, 1) == [(0, 256)]
+
+
+@linux_only
+def test_one_raster_split_across_ranks_equals_one_process(tmp_path, tiny_checkpoint):
+    src = write_geotiff(tmp_path / "big.tif", 300, 420, nodata=0)
+    common = ["--model", tiny_checkpoint, "--device", "cpu", "--tile", "64", "--overlap", "16", "--probs",
+              "--overlay"]
+    assert single([src, "-o", tmp_path / "one.tif", *common]).returncode == 0
+    proc = torchrun([src, "-o", tmp_path / "two.tif", *common, "--json"], 29521)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert len(report["done"]) == 1 and "2 parts" in report["done"][0]["notes"]
+    same_raster(tmp_path / "one.tif", tmp_path / "two.tif")
+    same_raster(tmp_path / "one.probs.tif", tmp_path / "two.probs.tif")
+    import cv2
+    assert np.array_equal(cv2.imread(str(tmp_path / "one.overlay.png")), cv2.imread(str(tmp_path / "two.overlay.png")))
+    assert not list(tmp_path.glob(".*part*"))
+
+
+@linux_only
+def test_a_dead_rank_leaves_its_part_and_the_rerun_redoes_only_that(tmp_path, tiny_checkpoint):
+    src = write_geotiff(tmp_path / "big.tif", 200, 300)
+    common = ["--model", tiny_checkpoint, "--device", "cpu", "--tile", "64", "--overlap", "16"]
+    assert single([src, "-o", tmp_path / "one.tif", *common]).returncode == 0
+    # rank 1 dies (hard exit) before writing anything: torchrun fails the job, rank 0's part stays
+    dying = tmp_path / "dying.py"
+    dying.write_text(
+        "import os, sys\n"
+        "import bigseg.run.shards as s\n"
+        "from bigseg.io.outputs import part_path\n"
+        "real = s.predict_part\n"
+        "def part(predictor, src, dst, options, p, n):\n"
+        "    if p == 1:  # die once rank 0's part is committed\n"
+        "        import time\n"
+        "        while not part_path(dst, 0, n).exists():\n"
+        "            time.sleep(0.01)\n"
+        "        os._exit(3)\n"
+        "    return real(predictor, src, dst, options, p, n)\n"
+        "s.predict_part = part\n"
+        "sys.argv = ['bigseg'] + sys.argv[1:]\n"
+        "from bigseg.cli import main\n"
+        "main()\n")
+    proc = torchrun([src, "-o", tmp_path / "two.tif", *common], 29522, script=dying)
+    assert proc.returncode != 0
+    kept = part_path(tmp_path / "two.tif", 0, 2)
+    assert kept.is_file() and not part_path(tmp_path / "two.tif", 1, 2).exists()
+    assert not (tmp_path / "two.tif").exists()
+    before = kept.stat().st_mtime_ns
+    proc = torchrun([src, "-o", tmp_path / "two.tif", *common], 29523)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    same_raster(tmp_path / "one.tif", tmp_path / "two.tif")
+    assert not kept.exists() and before  # assembled and cleaned up
+
+
+@linux_only
+def test_many_files_are_shared_round_robin(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        write_geotiff(folder / f"f{i}.tif", 90, 70, seed=i)
+    common = ["--model", tiny_checkpoint, "--device", "cpu", "--tile", "64", "--overlap", "16"]
+    assert single([folder, "-o", tmp_path / "one", *common]).returncode == 0
+    proc = torchrun([folder, "-o", tmp_path / "two", *common, "--json"], 29524)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(json.loads(proc.stdout)["done"]) == 3
+    for i in range(3):
+        same_raster(tmp_path / "one" / f"f{i}.mask.tif", tmp_path / "two" / f"f{i}.mask.tif")
+
+
+def test_process_groups_wait_longer_than_torch_default(monkeypatch):
+    """Ranks wait at barriers while one works alone (main-rank validation, a slow part): the group
+    must not time out after torch's 30 (gloo) or 10 (NCCL) minutes."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from bigseg import distributed
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    distributed.init(distributed.Rank(0, 2), "nccl")
+    assert seen["backend"] == "nccl" and seen["timeout"] >= timedelta(days=1)

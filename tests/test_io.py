@@ -1,0 +1,387 @@
+"""Reading and writing rasters (`bigseg.io`): readers of every kind and their validity masks, the
+streaming writers, the output kinds of a job and their names, and real rasters' edge cases."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from bigseg.atomic import partial_path
+from bigseg.checkpoint import load_checkpoint
+from bigseg.errors import BigsegError, OutputError
+from bigseg.infer.predictor import Predictor
+from bigseg.io.outputs import (
+    OutputSet,
+    WriteOptions,
+    describe,
+    is_output_name,
+    mask_path,
+    part_path,
+    sibling,
+    writes_png,
+)
+from bigseg.io.readers import Georef, open_raster
+from bigseg.io.writers import BLOCK, GeoTiffWriter, NODATA, OverlayWriter
+from bigseg.run.file_job import predict_file
+from bigseg.tiling.geometry import Window
+from tests.conftest import write_geotiff
+
+
+# --- Readers: band choice and order, deterministic rescaling, windowed tifffile reads.
+
+
+def test_bands_option_picks_and_orders_bands(tmp_path):
+    data = np.stack([np.full((40, 50), v, np.uint8) for v in (10, 20, 30, 40)])
+    src = write_geotiff(tmp_path / "rgbn.tif", 50, 40, count=4, data=data, photometric="MINISBLACK")
+    with open_raster(src, 3, (4, 3, 2)) as r:
+        pixels, _ = r.read(Window(0, 0, 50, 40))
+    assert [float(b.mean()) for b in pixels] == [40, 30, 20]
+    with open_raster(src, 3) as r:
+        assert r.plan.indexes == (1, 2, 3) and "pass --bands" in r.notes[0]
+
+
+def test_sixteen_bit_rescale_is_deterministic_percentiles(tmp_path):
+    ramp = np.tile(np.arange(1000, dtype=np.uint16) * 10, (3, 50, 1))
+    src = write_geotiff(tmp_path / "u16.tif", 1000, 50, dtype="uint16", data=ramp)
+    with open_raster(src) as r:
+        a, _ = r.read(Window(0, 0, 1000, 50))
+    with open_raster(src) as r:
+        b, _ = r.read(Window(0, 0, 1000, 50))
+    assert np.array_equal(a, b)
+    assert a.min() == 0 and a.max() == 255
+    assert a[0, 0, 500] == pytest.approx(127.5, abs=2)  # the middle of the 2..98 % range
+    with open_raster(src, value_range=(0, 20000)) as r:
+        c, _ = r.read(Window(0, 0, 1000, 50))
+    assert c[0, 0, 999] == pytest.approx(9990 * 255 / 20000, abs=0.01)
+
+
+def test_tifffile_reader_reads_windows_of_tiled_and_striped_tiffs(tmp_path):
+    import tifffile
+
+    img = np.random.default_rng(0).integers(0, 255, (300, 500, 3)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "t.ome.tif", img, tile=(128, 128), photometric="rgb", compression="zlib")
+    tifffile.imwrite(tmp_path / "s.tif", img, photometric="rgb", rowsperstrip=37)
+    for path, engine in ((tmp_path / "t.ome.tif", "auto"), (tmp_path / "s.tif", "tifffile")):
+        with open_raster(path, engine=engine) as r:
+            assert type(r).__name__ == "TiffFileReader"
+            data, valid = r.read(Window(130, 70, 250, 200))
+        assert valid.all() and np.array_equal(data, np.moveaxis(img[70:270, 130:380], -1, 0))
+
+
+def phone_jpeg(path, image_bgr, orientation: int):
+    """A JPEG with an EXIF Orientation tag, as phones write them (pixels stored as the sensor saw them)."""
+    import struct
+
+    import cv2
+
+    ok, jpg = cv2.imencode(".jpg", image_bgr, [cv2.IMWRITE_JPEG_QUALITY, 98])
+    jpg = jpg.tobytes()
+    tiff = (b"MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", 1)
+            + struct.pack(">HHI", 0x0112, 3, 1) + struct.pack(">HH", orientation, 0) + struct.pack(">I", 0))
+    app1 = b"\xff\xe1" + struct.pack(">H", 8 + len(tiff)) + b"Exif\x00\x00" + tiff
+    path.write_bytes(jpg[:2] + app1 + jpg[2:])
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_so_pixels_are_as_every_viewer_shows_them(tmp_path, orientation):
+    import cv2
+
+    from bigseg.tiling.geometry import Window
+    from bigseg.io.readers import open_raster
+
+    image = np.zeros((60, 100, 3), np.uint8)
+    image[:20, :30] = (0, 0, 255)   # a red block top-left, a green one bottom-right: every turn differs
+    image[45:, 80:] = (0, 255, 0)
+    path = phone_jpeg(tmp_path / "phone.jpg", image, orientation)
+    shown = cv2.imread(str(path), cv2.IMREAD_COLOR)  # OpenCV's own EXIF handling: what viewers show
+    with open_raster(path) as reader:
+        data, _ = reader.read(Window(0, 0, reader.width, reader.height))
+        notes = reader.notes
+    assert (reader.height, reader.width) == shown.shape[:2]
+    assert np.abs(data.transpose(1, 2, 0)[..., ::-1] - shown.astype(np.float32)).max() == 0
+    assert any("EXIF orientation" in n for n in notes) == (orientation != 1)
+
+
+def test_the_mask_of_a_sideways_phone_photo_matches_the_photo_as_displayed(tmp_path, tiny_checkpoint, capsys):
+    import cv2
+
+    from tests.cli_helpers import run_cli
+
+    image = np.random.default_rng(0).integers(0, 255, (60, 100, 3)).astype(np.uint8)
+    phone_jpeg(tmp_path / "phone.jpg", image, 6)
+    code, _, err = run_cli(capsys, "predict", tmp_path / "phone.jpg", "-m", tiny_checkpoint, "-o", tmp_path / "out",
+                           "--overlay", "--device", "cpu", "--tile", "64")
+    assert code == 0 and "EXIF orientation 6" in err, err
+    mask = cv2.imread(str(tmp_path / "out" / "phone.mask.png"), cv2.IMREAD_UNCHANGED)
+    overlay = cv2.imread(str(tmp_path / "out" / "phone.overlay.png"))
+    assert mask.shape == (100, 60) and overlay.shape[:2] == (100, 60)  # turned, as the photo is shown
+
+
+def test_an_image_over_opencvs_pixel_limit_is_read_in_windows_by_gdal(tmp_path, monkeypatch):
+    import cv2
+
+    from bigseg.tiling.geometry import Window
+    from bigseg.io.readers import open_raster
+
+    image = np.random.default_rng(1).integers(0, 255, (50, 70, 3)).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), image)
+    monkeypatch.setenv("CV_IO_MAX_IMAGE_PIXELS", "1000")  # as if this small PNG were beyond OpenCV
+    with open_raster(tmp_path / "a.png") as reader:
+        data, _ = reader.read(Window(10, 5, 30, 20))
+        assert type(reader).__name__ == "GdalReader" and "over OpenCV's limit" in reader.notes[-1]
+    assert np.array_equal(data.transpose(1, 2, 0), image[5:25, 10:40, ::-1])
+
+
+# --- GeoTIFF writer: every block written once, whatever order rectangles arrive in; resumable.
+
+
+def rectangles(width, height, seed):
+    """A random partition of the image into rectangles, in a shuffled order."""
+    rng = np.random.default_rng(seed)
+    rows = sorted({0, height, *rng.integers(1, height, 6).tolist()})
+    cols = sorted({0, width, *rng.integers(1, width, 5).tolist()})
+    out = [Window(c0, r0, c1 - c0, r1 - r0) for r0, r1 in zip(rows, rows[1:]) for c0, c1 in zip(cols, cols[1:])]
+    rng.shuffle(out)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_block_row_is_written_once_and_whole(tmp_path, seed):
+    width, height = 700, 1300
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 200, (2, height, width)).astype(np.uint8)
+    valid = rng.random((height, width)) > 0.1
+    writer = GeoTiffWriter(tmp_path / "o.tif", width, height, 2, None, mask=True)
+    writes = []
+    real = writer.ds.write
+    writer.ds.write = lambda arr, window: (writes.append(window), real(arr, window=window))
+    for w in rectangles(width, height, seed):
+        writer.write(w, data[(slice(None), *w.slices)], valid[w.slices])
+    assert writer.rows_written == height
+    assert sorted((int(w.row_off), int(w.height), int(w.col_off), int(w.width)) for w in writes) == \
+        [(r, min(BLOCK, height - r), 0, width) for r in range(0, height, BLOCK)]
+    writer.commit()
+    with rasterio.open(tmp_path / "o.tif") as ds:
+        assert np.array_equal(ds.read(), data)
+        assert np.array_equal(ds.read_masks(1) > 0, valid)
+
+
+def test_rows_written_counts_whole_block_rows_from_the_top(tmp_path):
+    writer = GeoTiffWriter(tmp_path / "o.tif", 100, 1100, 1, None)
+    writer.write(Window(0, 0, 100, 600), np.ones((600, 100), np.uint8))
+    assert writer.rows_written == 512
+    writer.write(Window(0, 1024, 100, 76), np.ones((76, 100), np.uint8))   # the last, short block row
+    assert writer.rows_written == 512
+    writer.write(Window(0, 600, 100, 424), np.ones((424, 100), np.uint8))
+    assert writer.rows_written == 1100
+    writer.abort()
+
+
+def test_commit_refuses_an_incomplete_output(tmp_path):
+    writer = GeoTiffWriter(tmp_path / "o.tif", 64, 600, 1, None)
+    writer.write(Window(0, 0, 64, 512), np.zeros((512, 64), np.uint8))
+    with pytest.raises(OutputError, match="never computed"):
+        writer.commit()
+    assert not (tmp_path / "o.tif").exists() and not partial_path(tmp_path / "o.tif").exists()
+
+
+def test_the_overlay_has_a_legend_of_the_classes_it_shows(tmp_path):
+    """Each class the preview shows gets its colour swatch (and name); one it does not show, none."""
+    from bigseg.tiling.geometry import Window
+    from bigseg.io.writers import OverlayWriter
+
+    palette = [[200, 30, 30], [30, 200, 30], [30, 30, 200]]
+    labels = np.zeros((400, 600), np.uint8)
+    labels[:, 300:] = 2  # classes 0 and 2 shown, 1 not
+    writer = OverlayWriter(tmp_path / "o.png", 600, 400, palette, classes=["red", "green", "blue"])
+    writer.add_image(Window(0, 0, 600, 400), np.full((3, 400, 600), 128, np.float32))
+    writer.write(Window(0, 0, 600, 400), labels)
+    bare, drawn = writer.preview, writer.legend()
+    changed = np.any(bare != drawn, axis=2)
+    rows, cols = np.nonzero(changed)
+    assert changed.any() and rows.min() > 200 and cols.max() < 300  # a panel in the lower left corner only
+    panel = drawn[rows.min():rows.max() + 1, cols.min():cols.max() + 1].reshape(-1, 3).tolist()
+    assert [200, 30, 30] in panel and [30, 30, 200] in panel and [30, 200, 30] not in panel
+    tiny = OverlayWriter(tmp_path / "t.png", 12, 10, palette, classes=["red", "green", "blue"])
+    tiny.add_image(Window(0, 0, 12, 10), np.zeros((3, 10, 12), np.float32))
+    tiny.write(Window(0, 0, 12, 10), np.zeros((10, 12), np.uint8))
+    assert np.array_equal(tiny.legend(), tiny.preview)  # no room for a legend: none
+
+
+# --- OutputSet: one place for output names and formats; every file committed together on success, all removed
+# on an error (or kept for a journaled resume); nodata applied to every output.
+
+
+CLASSES = ["sky", "road", "car"]
+
+
+PALETTE = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
+
+
+ALL = WriteOptions(probs=True, overlay=True)
+
+
+def create(dst: Path, kind: str = "raster", write: WriteOptions = ALL, w: int = 64, h: int = 40) -> OutputSet:
+    return OutputSet.create(dst, kind, w, h, Georef(), CLASSES, PALETTE, write)
+
+
+def fill(outputs: OutputSet, w: int = 64, h: int = 40, valid: np.ndarray | None = None) -> None:
+    labels = np.arange(w * h, dtype=np.uint8).reshape(h, w) % 3
+    probs = np.full((3, h, w), 85, np.uint8)
+    outputs.add_image(Window(0, 0, w, h), np.full((3, h, w), 200, np.float32))
+    outputs.write(Window(0, 0, w, h), labels, probs, np.ones((h, w), bool) if valid is None else valid)
+
+
+def test_names_and_formats_are_decided_in_one_place(tmp_path):
+    assert mask_path(Path("a/b/photo.jpg"), Path("b/photo.jpg"), tmp_path) == tmp_path / "b" / "photo.mask.png"
+    assert mask_path(Path("scene.tif"), Path("scene.tif"), tmp_path) == tmp_path / "scene.mask.tif"
+    assert sibling(tmp_path / "scene.mask.tif", "probs", ".tif") == tmp_path / "scene.probs.tif"
+    assert sibling(tmp_path / "out.tif", "overlay", ".png") == tmp_path / "out.overlay.png"
+    assert part_path(tmp_path / "m.tif", 2, 8, "probs").name == ".m.probs.part-002-of-008.tif"
+    assert all(is_output_name(Path(n)) for n in ("a.mask.tif", "a.probs.tif", "a.overlay.png", ".a.partial.tif"))
+    assert not is_output_name(Path("mask_of_city.tif"))
+    assert writes_png("image", Path("x.png")) and not writes_png("image", Path("x.tif"))
+    assert not writes_png("raster", Path("x.png"))
+    formats = [o["format"] for o in describe(tmp_path / "x.png", "image", 10, 10, 3, ALL)]
+    assert formats == ["PNG", "GeoTIFF", "PNG"]
+    assert [o["format"] for o in describe(tmp_path / "x.tif", "raster", 10, 10, 3, WriteOptions(cog=True))] == ["COG"]
+
+
+@pytest.mark.parametrize("kind,name", [("raster", "o.mask.tif"), ("image", "o.mask.png")])
+def test_every_file_is_committed_together_when_the_block_ends(tmp_path, kind, name):
+    with create(tmp_path / name, kind) as outputs:
+        fill(outputs)
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
+    assert [p.name for p in outputs.written] == [name, "o.probs.tif", "o.overlay.png"]
+    styles = [f"{name}.aux.xml", "o.mask.qml"] if kind == "raster" else []  # class names for GIS tools
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "o.probs.tif", "o.overlay.png", *styles])
+
+
+def test_an_error_inside_the_block_removes_every_file(tmp_path):
+    with pytest.raises(RuntimeError):
+        with create(tmp_path / "o.mask.tif") as outputs:
+            fill(outputs)
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keep_partial_keeps_only_the_resumable_geotiff_partials(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with create(tmp_path / "o.mask.tif") as outputs:
+            fill(outputs)
+            outputs.keep_partial = True
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [partial_path(tmp_path / "o.mask.tif").name, partial_path(tmp_path / "o.probs.tif").name])
+
+
+def test_invalid_pixels_are_nodata_in_the_mask_zero_in_probabilities_and_bare_in_the_overlay(tmp_path):
+    valid = np.ones((40, 64), bool)
+    valid[:10, :20] = False
+    with create(tmp_path / "o.mask.tif") as outputs:
+        fill(outputs, valid=valid)
+    with rasterio.open(tmp_path / "o.mask.tif") as m, rasterio.open(tmp_path / "o.probs.tif") as p:
+        mask = m.read(1)
+        assert (mask[:10, :20] == NODATA).all() and (mask[valid] < 3).all() and m.nodata == NODATA
+        assert json.loads(m.tags()["classes"]) == CLASSES
+        probs = p.read()
+        assert (probs[:, :10, :20] == 0).all() and (probs[:, valid] == 85).all()
+        assert ((p.read_masks(1) > 0) == valid).all()
+    import cv2
+    overlay = cv2.imread(str(tmp_path / "o.overlay.png"))[..., ::-1]
+    assert (overlay[:10, :20] == 200).all()                  # the image itself where there is no label
+    assert (overlay[valid] != 200).any()                      # blended with the palette elsewhere
+
+
+def test_part_files_hold_their_rows_and_the_fingerprint(tmp_path):
+    with OutputSet.part(tmp_path / "m.tif", 1, 2, 64, (24, 40), 3, True, "abc") as outputs:
+        labels = np.full((16, 64), 2, np.uint8)
+        outputs.write(Window(0, 24, 64, 16), labels, np.zeros((3, 16, 64), np.uint8), np.ones((16, 64), bool))
+    for path in (part_path(tmp_path / "m.tif", 1, 2), part_path(tmp_path / "m.tif", 1, 2, "probs")):
+        with rasterio.open(path) as ds:
+            assert (ds.height, ds.width) == (16, 64) and ds.tags()["bigseg_fingerprint"] == "abc"
+    with rasterio.open(part_path(tmp_path / "m.tif", 1, 2)) as ds:
+        assert (ds.read(1) == 2).all()
+
+
+def test_overlay_blends_the_image_samples_kept_from_the_reads():
+    overlay = OverlayWriter(Path("unused.png"), 5000, 300, PALETTE, max_side=1000)
+    image = np.random.default_rng(0).uniform(0, 255, (3, 300, 5000)).astype(np.float32)
+    labels = np.random.default_rng(1).integers(0, 3, (300, 5000)).astype(np.uint8)
+    labels[:, :100] = NODATA
+    for c in range(0, 5000, 700):  # tiles arrive as rectangles; samples are kept per tile
+        window = Window(c, 0, min(700, 5000 - c), 300)
+        overlay.add_image(window, image[(slice(None), *window.slices)])
+    overlay.write(Window(0, 0, 5000, 300), labels)
+    rows, cols = overlay.rows, overlay.cols
+    img = np.moveaxis(image[:, rows][:, :, cols], 0, -1)
+    lab = labels[np.ix_(rows, cols)]
+    expected = np.where((lab == NODATA)[..., None], img, 0.5 * img + 0.5 * overlay.lut[lab])
+    assert np.array_equal(overlay.preview, np.clip(expected, 0, 255).astype(np.uint8))
+
+
+def test_gis_tools_see_class_names_band_names_and_overviews(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    with create(tmp_path / "o.mask.tif", w=5000, h=40) as outputs:
+        fill(outputs, w=5000, h=40)
+    pam = ET.parse(tmp_path / "o.mask.tif.aux.xml").getroot()
+    assert [c.text for c in pam.iter("Category")] == CLASSES
+    rows = [[f.text for f in row] for row in pam.iter("Row")]
+    assert rows == [[str(i), c, *map(str, PALETTE[i])] for i, c in enumerate(CLASSES)]
+    qml = ET.parse(tmp_path / "o.mask.qml").getroot()
+    entries = [(e.get("value"), e.get("label"), e.get("color")) for e in qml.iter("paletteEntry")]
+    assert entries == [("0", "sky", "#ff0000"), ("1", "road", "#00ff00"), ("2", "car", "#0000ff")]
+    with rasterio.open(tmp_path / "o.probs.tif") as p, rasterio.open(tmp_path / "o.mask.tif") as m:
+        assert p.descriptions == ("p(sky)", "p(road)", "p(car)")
+        assert m.overviews(1) == [2, 4, 8, 16]   # 5000 px wide: drawn from overviews when zoomed out
+
+
+def test_a_probability_file_without_any_valid_pixel_is_all_masked(tmp_path):
+    with create(tmp_path / "o.mask.tif", write=WriteOptions(probs=True)) as outputs:
+        outputs.write_nodata(Window(0, 0, 64, 40))     # nothing written: a sparse file
+    with rasterio.open(tmp_path / "o.probs.tif") as p, rasterio.open(tmp_path / "o.mask.tif") as m:
+        assert (p.read_masks(1) == 0).all() and (p.read() == 0).all()
+        assert (m.read(1) == NODATA).all()
+
+
+# --- Every real edge-case raster in ../shared/data/rasters either predicts with its georeference and nodata
+# kept, or is refused with a clear reason. Skipped when the folder is absent.
+
+
+REFUSED = {"corrupt.tif": "cannot be decoded"}
+
+
+def test_every_shared_raster_predicts_or_is_refused(shared_data, tiny_checkpoint, tmp_path):
+    seg = Predictor(load_checkpoint(tiny_checkpoint), "cpu", tile=256, overlap=64, batch_size=4)
+    rasters = sorted((shared_data / "rasters").rglob("*.tif"))
+    assert len(rasters) >= 15
+    for src in rasters:
+        dst = tmp_path / f"{src.stem}.mask.tif"
+        if src.name in REFUSED:
+            with pytest.raises(BigsegError, match=REFUSED[src.name]):
+                predict_file(seg, src, dst)
+            assert not dst.exists()
+            continue
+        predict_file(seg, src, dst)
+        with rasterio.open(src) as a, rasterio.open(dst) as b:
+            assert (b.width, b.height) == (a.width, a.height), src.name
+            assert b.crs == (a.crs if not a.gcps[0] else None), src.name
+            if a.gcps[0]:
+                assert len(b.gcps[0]) == len(a.gcps[0]) and b.gcps[1] == a.gcps[1], src.name
+            else:
+                assert b.transform == a.transform, src.name
+            invalid = a.dataset_mask() == 0
+            out = b.read(1)
+            assert (out[invalid] == 255).all(), src.name
+            assert (out[~invalid] < 3).all(), src.name
+
+
+def test_gdal_block_cache_is_64_mib_not_64_bytes():
+    import rasterio
+
+    from bigseg.io.gdal import gdal_env
+    with gdal_env():
+        assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == 64 * 2 ** 20

@@ -25,6 +25,7 @@ from bigseg.io.readers import Georef, open_raster
 from bigseg.io.writers import BLOCK, GeoTiffWriter, NODATA, OverlayWriter
 from bigseg.run.file_job import predict_file
 from bigseg.tiling.geometry import Window
+from tests.cli_helpers import run_cli
 from tests.conftest import write_geotiff
 
 
@@ -385,3 +386,184 @@ def test_gdal_block_cache_is_64_mib_not_64_bytes():
     from bigseg.io.gdal import gdal_env
     with gdal_env():
         assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == 64 * 2 ** 20
+
+
+# --- remote inputs and areas of interest: imagery where it lives (bigseg.io.remote, bigseg.io.area)
+
+def _cog(path: Path, width: int = 700, height: int = 600, seed: int = 4) -> Path:
+    """A cloud-optimised GeoTIFF (256-px blocks, overviews) of random pixels in UTM, 0.5 m pixels."""
+    from rasterio.transform import from_origin
+
+    data = np.random.default_rng(seed).integers(1, 255, (3, height, width)).astype(np.uint8)
+    with rasterio.open(path, "w", driver="COG", width=width, height=height, count=3, dtype="uint8", nodata=0,
+                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 0.5, 0.5), blocksize=256) as ds:
+        ds.write(data)
+    return path
+
+
+def _predict(capsys, *args) -> None:
+    code, _, err = run_cli(capsys, "predict", *map(str, args), "--tile", "128", "--overlap", "32", "--device", "cpu")
+    assert code == 0, err
+
+
+def _read(path: Path):
+    with rasterio.open(path) as ds:
+        return ds.read(1), ds.transform, ds.crs
+
+
+def test_a_remote_cog_predicts_equal_to_the_same_file_read_locally_and_resumes_and_skips(
+        tmp_path, tiny_checkpoint, capsys):
+    from tests.http_server import serve
+
+    (tmp_path / "served").mkdir()
+    cog = _cog(tmp_path / "served" / "scene.tif")
+    _predict(capsys, cog, "-m", tiny_checkpoint, "-o", tmp_path / "local.mask.tif")
+    with serve(tmp_path / "served") as (url, sent):
+        _predict(capsys, f"{url}/scene.tif?token=abc", "-m", tiny_checkpoint, "-o", tmp_path / "out")
+        local, remote = _read(tmp_path / "local.mask.tif"), _read(tmp_path / "out" / "scene.mask.tif")
+        assert np.array_equal(local[0], remote[0]) and local[1:] == remote[1:]
+        fetched = sum(sent)
+        code, out, err = run_cli(capsys, "predict", f"{url}/scene.tif?token=abc", "-m", tiny_checkpoint, "-o",
+                                 tmp_path / "out", "--device", "cpu", "--json")
+        assert code == 0 and json.loads(out)["skipped"] and sum(sent) == fetched  # finished: not even opened
+        # /vsicurl/ paths are inputs too, and a text file lists a batch (URLs and paths beside it)
+        (tmp_path / "copy.tif").write_bytes(cog.read_bytes())
+        (tmp_path / "list.txt").write_text(f"# a batch\n/vsicurl/{url}/scene.tif\n\ncopy.tif\n")
+        _predict(capsys, tmp_path / "list.txt", "-m", tiny_checkpoint, "-o", tmp_path / "batch")
+    for name in ("scene", "copy"):
+        assert np.array_equal(_read(tmp_path / "batch" / f"{name}.mask.tif")[0], local[0])
+
+
+def test_a_server_without_range_requests_or_a_missing_url_is_one_clear_line(tmp_path, tiny_checkpoint, capsys):
+    from tests.http_server import serve
+
+    (tmp_path / "served").mkdir()
+    _cog(tmp_path / "served" / "scene.tif")
+    with serve(tmp_path / "served", ranges=False) as (url, _):
+        code, _, err = run_cli(capsys, "predict", f"{url}/scene.tif", "-m", tiny_checkpoint, "-o", tmp_path / "o",
+                               "--device", "cpu")
+        assert code == 1 and "does not answer range requests" in err and "Traceback" not in err
+        assert len([line for line in err.splitlines() if line.startswith("Error")]) == 1
+    with serve(tmp_path / "served") as (url, _):
+        code, _, err = run_cli(capsys, "predict", f"{url}/nothing.tif", "-m", tiny_checkpoint, "-o", tmp_path / "o",
+                               "--device", "cpu")
+        assert code == 1 and "nothing.tif" in err and "Traceback" not in err
+    assert not list((tmp_path / "o").glob("*.tif")) if (tmp_path / "o").exists() else True
+
+
+def _tiling_tolerance(capsys, src: Path, model: Path, whole: np.ndarray, tmp_path: Path) -> float:
+    """How often the tiny model's labels agree between two tilings of the same scene (its receptive
+    field reaches far beyond the overlap, so where tiles fall changes some labels): the tolerance a
+    prediction on another tile grid is held to."""
+    code, _, err = run_cli(capsys, "predict", src, "-m", model, "-o", tmp_path / "other.mask.tif", "--tile", "160",
+                           "--overlap", "32", "--device", "cpu")
+    assert code == 0, err
+    return float((_read(tmp_path / "other.mask.tif")[0] == whole).mean())
+
+
+def test_a_bbox_predicts_the_same_window_of_the_whole_scene_on_its_grid(tmp_path, tiny_checkpoint, capsys):
+    from rasterio.windows import Window as RWindow
+
+    src = _cog(tmp_path / "scene.tif")
+    _predict(capsys, src, "-m", tiny_checkpoint, "-o", tmp_path / "whole.mask.tif")
+    whole, transform, crs = _read(tmp_path / "whole.mask.tif")
+    # columns 100..400 and rows 150..450, with edges inside pixels: the extent is rounded outward
+    box = (500000 + 100.2 * 0.5, 4000000 - 449.7 * 0.5, 500000 + 399.6 * 0.5, 4000000 - 150.4 * 0.5)
+    _predict(capsys, src, "-m", tiny_checkpoint, "-o", tmp_path / "box.mask.tif", "--bbox", ",".join(map(str, box)))
+    part, part_transform, part_crs = _read(tmp_path / "box.mask.tif")
+    assert part.shape == (300, 300) and part_crs == crs and part_transform == transform * transform.translation(100, 150)
+    # exactly what the same window cut out as a file gives
+    with rasterio.open(src) as ds:
+        window = RWindow(100, 150, 300, 300)
+        profile = {**ds.profile, "driver": "GTiff", "width": 300, "height": 300,
+                   "transform": ds.window_transform(window)}
+        with rasterio.open(tmp_path / "crop.tif", "w", **profile) as out:
+            out.write(ds.read(window=window))
+    _predict(capsys, tmp_path / "crop.tif", "-m", tiny_checkpoint, "-o", tmp_path / "crop.mask.tif")
+    assert np.array_equal(_read(tmp_path / "crop.mask.tif")[0], part)
+    # and the whole scene's labels there, away from the box's edges, within the tiling tolerance
+    inner = (slice(40, -40), slice(40, -40))
+    agree = (part[inner] == whole[150:450, 100:400][inner]).mean()
+    assert agree >= _tiling_tolerance(capsys, src, tiny_checkpoint, whole, tmp_path) - 0.03, agree
+    # the same box in longitudes and latitudes
+    from pyproj import Transformer
+
+    to_lonlat = Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True)
+    (x0, y0), (x1, y1) = to_lonlat.transform(box[0] + 20, box[1] + 20), to_lonlat.transform(box[2] - 20, box[3] - 20)
+    _predict(capsys, src, "-m", tiny_checkpoint, "-o", tmp_path / "ll.mask.tif", "--bbox", f"{x0},{y0},{x1},{y1}",
+             "--bbox-crs", "EPSG:4326")
+    ll, ll_transform, _ = _read(tmp_path / "ll.mask.tif")
+    assert abs(ll.shape[0] - 220) <= 2 and abs(ll.shape[1] - 220) <= 2  # 40 m less on each axis, as asked
+
+
+def test_a_polygon_aoi_reads_only_the_tiles_it_touches_and_leaves_outside_pixels_nodata(
+        tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    import shapely
+    from pyogrio.raw import write
+
+    from bigseg.io.readers import GdalReader
+
+    src = _cog(tmp_path / "scene.tif", 1200, 1000)
+    _predict(capsys, src, "-m", tiny_checkpoint, "-o", tmp_path / "whole.mask.tif")
+    whole, transform, _ = _read(tmp_path / "whole.mask.tif")
+    # a triangle in EPSG:4326 over the UTM raster: reprojected, its extent is the output's
+    from pyproj import Transformer
+
+    corners = [transform * (c, r) for c, r in ((200, 150), (900, 300), (400, 850))]
+    to_lonlat = Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True)
+    triangle = shapely.Polygon([to_lonlat.transform(x, y) for x, y in corners])
+    write(tmp_path / "aoi.gpkg", np.array([shapely.to_wkb(triangle)], dtype=object), {}, fields=[], crs="EPSG:4326",
+          geometry_type="Polygon", driver="GPKG")
+    reads = []
+    real = GdalReader._read_raw
+    monkeypatch.setattr(GdalReader, "_read_raw", lambda self, w: reads.append(w) or real(self, w))
+    _predict(capsys, src, "-m", tiny_checkpoint, "-o", tmp_path / "aoi.mask.tif", "--aoi", tmp_path / "aoi.gpkg")
+    read_aoi = sum(w.width * w.height for w in reads)
+    reads.clear()
+    _predict(capsys, src, "-m", tiny_checkpoint, "-o", tmp_path / "box.mask.tif", "--bbox",
+             ",".join(map(str, shapely.Polygon(corners).bounds)))
+    read_box = sum(w.width * w.height for w in reads)
+    part, part_transform, _ = _read(tmp_path / "aoi.mask.tif")
+    col0, row0 = round((part_transform.c - transform.c) / 0.5), round((transform.f - part_transform.f) / 0.5)
+    assert (col0, row0) == (200, 150) and part.shape == (700, 700)
+    utm = shapely.Polygon([((x - part_transform.c) / 0.5, (part_transform.f - y) / 0.5) for x, y in corners])
+    rows, cols = np.mgrid[0:700, 0:700] + 0.5
+    inside = shapely.contains_xy(utm, cols, rows)
+    assert (part[~shapely.contains_xy(utm.buffer(1), cols, rows)] == NODATA).all()  # outside: nodata
+    deep = shapely.contains_xy(utm.buffer(-40), cols, rows)
+    tolerance = _tiling_tolerance(capsys, src, tiny_checkpoint, whole, tmp_path)
+    assert (part[deep] == whole[150:850, 200:900][deep]).mean() >= tolerance - 0.03
+    assert (part[inside] != NODATA).mean() > 0.99
+    # the tiles that miss the triangle are never read: exactly their pixels fewer than for its box
+    from bigseg.tiling.geometry import TileGrid
+
+    assert _read(tmp_path / "box.mask.tif")[0].shape == part.shape
+    missed = [w for w in TileGrid(700, 700, 128, 32)
+              if not utm.intersects(shapely.box(w.col_off, w.row_off, w.col_end, w.row_end))]
+    assert missed and read_box - read_aoi == sum(w.width * w.height for w in missed)
+
+
+@pytest.mark.parametrize("args,line", [
+    (("--bbox", "1,2,3"), "--bbox takes minx,miny,maxx,maxy (four numbers), got '1,2,3'"),
+    (("--bbox", "3,2,1,4"), "--bbox must be minx,miny,maxx,maxy with min < max"),
+    (("--bbox", "0,0,1,1"), "the area of interest does not overlap the image"),
+    (("--bbox", "0,0,1,1", "--bbox-crs", "EPSG:999999"), "--bbox-crs is not a CRS pyproj knows"),
+    (("--bbox-crs", "EPSG:4326"), "--bbox-crs needs --bbox"),
+    (("--aoi", "nowhere.gpkg"), "area of interest not found: nowhere.gpkg"),
+    (("--bbox", "0,0,1,1", "--aoi", "a.gpkg"), "--bbox and --aoi both give an area of interest"),
+])
+def test_a_wrong_area_of_interest_is_one_line(tmp_path, tiny_checkpoint, capsys, monkeypatch, args, line):
+    monkeypatch.chdir(tmp_path)
+    src = _cog(tmp_path / "scene.tif", 300, 300)
+    code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "-o", tmp_path / "o", "--device", "cpu", *args)
+    assert code == 1 and line in err and "Traceback" not in err, err
+    assert not (tmp_path / "o" / "scene.mask.tif").exists()
+
+
+def test_an_area_of_interest_needs_a_georeferenced_input(tmp_path, tiny_checkpoint, capsys):
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "photo.png"), np.random.default_rng(0).integers(0, 255, (80, 90, 3), np.uint8))
+    code, _, err = run_cli(capsys, "predict", tmp_path / "photo.png", "-m", tiny_checkpoint, "-o", tmp_path / "o",
+                           "--device", "cpu", "--bbox", "0,0,10,10")
+    assert code == 1 and "photo.png has no georeferencing (CRS and transform): an area of interest needs" in err

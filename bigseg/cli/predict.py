@@ -11,6 +11,7 @@ import typer
 from bigseg.cli import options as O
 from bigseg.cli.render import TileProgress, failure_line, note, print_plans
 from bigseg.crf.params import parse_crf
+from bigseg.io.area import AreaOptions, parse_bbox
 from bigseg.io.bands import parse_bands, parse_value_range
 from bigseg.io.kinds import check_kinds
 from bigseg.io.outputs import WriteOptions
@@ -35,6 +36,11 @@ def predict(
     bands: O.Bands = None,
     value_range: O.ValueRange = None,
     reader: str = typer.Option("auto", metavar="NAME", help="auto, gdal, tifffile or opencv."),
+    bbox: str | None = typer.Option(None, "--bbox", metavar="MINX,MINY,MAXX,MAXY",
+                                    help="Predict only this box (in the raster's CRS, or --bbox-crs)."),
+    bbox_crs: str | None = typer.Option(None, "--bbox-crs", metavar="CRS", help="The CRS of --bbox, e.g. EPSG:4326."),
+    aoi: str | None = typer.Option(None, "--aoi", metavar="FILE",
+                                   help="Predict only inside these polygons (any vector file; outside: nodata)."),
     scales: O.Scales = "1",
     flip: O.Flip = False,
     crf: O.Crf = None,
@@ -66,7 +72,8 @@ def predict(
     estimate: bool = typer.Option(False, "--estimate", help="With --dry-run: time a short warm-up to estimate the run time."),
 ) -> None:
     """Segment images of any size into class masks, tile by tile, in bounded memory."""
-    read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader)
+    area = AreaOptions(parse_bbox(bbox), bbox_crs, aoi)
+    read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader, area if area.given else None)
     write = WriteOptions(probs, overlay, cog, seams, areas,
                          _vector_options(vector, vector_classes, min_area, simplify, connectivity),
                          tuple(O.parse_names(also) or ()))

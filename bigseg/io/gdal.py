@@ -19,10 +19,11 @@ except ImportError:  # Windows
 GDAL_CACHE_MB = 64  # GDAL's default is 5% of RAM, which would make memory grow with image size
 
 
-def gdal_env(threads: int = 1):
+def gdal_env(threads: int = 1, remote: bool = False):
     """A rasterio environment: a bounded block cache, masks stored inside the TIFF, and with
     `threads` > 1 GDAL's worker threads: a windowed read decodes the blocks it spans in parallel
-    (GeoTIFF, GDAL >= 3.6) and a GeoTIFF's blocks are compressed in parallel as they are written."""
+    (GeoTIFF, GDAL >= 3.6) and a GeoTIFF's blocks are compressed in parallel as they are written.
+    `remote`: the settings of remote inputs too (`bigseg.io.remote.REMOTE_GDAL`)."""
     import rasterio
 
     mb = int(os.environ.get("GDAL_CACHEMAX", GDAL_CACHE_MB))
@@ -35,6 +36,10 @@ def gdal_env(threads: int = 1):
     }
     if threads > 1:
         options["GDAL_NUM_THREADS"] = str(threads)
+    if remote:
+        from bigseg.io.remote import REMOTE_GDAL
+
+        options.update({k: os.environ.get(k, v) for k, v in REMOTE_GDAL.items()})  # the user's own settings win
     return rasterio.Env(**options)
 
 

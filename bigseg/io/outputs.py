@@ -46,7 +46,7 @@ def output_kind(path: Path) -> str | None:
     for part, kind in _infixes():
         if part in path.name:
             return kind
-    if path.suffix.lower() in (".tif", ".tiff"):
+    if path.suffix.lower() in (".tif", ".tiff") and isinstance(path, Path):  # a remote file is not opened to ask
         import warnings
 
         import rasterio
@@ -63,8 +63,9 @@ def output_kind(path: Path) -> str | None:
 
 
 def mask_path(src: Path, relative: Path, folder: Path) -> Path:
-    """`<folder>/<relative stem>.mask.png` for PNG/JPEG-like inputs, `.mask.tif` for rasters."""
-    ext = ".png" if src.suffix.lower() in IMAGE_SUFFIXES else ".tif"
+    """`<folder>/<relative stem>.mask.png` for local PNG/JPEG-like inputs, `.mask.tif` for rasters
+    and for anything remote (read by GDAL)."""
+    ext = ".png" if src.suffix.lower() in IMAGE_SUFFIXES and isinstance(src, Path) else ".tif"
     return folder / relative.parent / f"{relative.stem}.mask{ext}"
 
 
@@ -75,7 +76,7 @@ def names_one_file(out: Path) -> bool:
 
 def check_mask_file(src: Path, out: Path) -> None:
     """A mask file name given for `src` must be writable in its format and not the input itself."""
-    if out.suffix.lower() == ".png" and src.suffix.lower() not in IMAGE_SUFFIXES:
+    if out.suffix.lower() == ".png" and (src.suffix.lower() not in IMAGE_SUFFIXES or not isinstance(src, Path)):
         raise InputError(f"{out}: {src.name} is written as a GeoTIFF (it keeps georeferencing "
                          f"and streams); use a .tif name", param="out")
     if out.resolve() == src.resolve():

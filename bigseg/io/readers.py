@@ -20,6 +20,7 @@ from bigseg.errors import InputError, RasterFormatError, first_line
 from bigseg.tiling.geometry import Georef, Window
 from bigseg.io import bands as B
 from bigseg.io import exif
+from bigseg.io.remote import RemotePath, is_remote, remote_failure
 
 CHECK_PIXELS = 64e6  # 8-bit rasters up to this size are sampled at opening only to find damaged blocks early
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -29,11 +30,13 @@ RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2", ".ntf", ".gtif"}
 @dataclass(frozen=True)
 class ReadOptions:
     """How a raster becomes model input: 1-based `bands` in order, a fixed `value_range` for
-    non-8-bit data, and the reader `engine` (auto, gdal, tifffile or opencv)."""
+    non-8-bit data, the reader `engine` (auto, gdal, tifffile or opencv), and an `area` of interest
+    (`bigseg.io.area`: only its extent is read, pixels outside it are nodata)."""
 
     bands: tuple[int, ...] | None = None
     value_range: tuple[float, float] | None = None
     engine: str = "auto"
+    area: Any = None  # AreaOptions
 
 
 
@@ -72,6 +75,12 @@ class Reader:
         (False when that cannot be known cheaply: then `read` tells)."""
         return False
 
+    def identity(self) -> dict[str, Any]:
+        """What identifies the input's content for a resumed job: a local file's path, size and
+        modification time."""
+        st = Path(self.path).stat()
+        return {"input": str(Path(self.path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
     @property
     def _lock(self) -> threading.Lock:
         lock = self.__dict__.get("_read_lock")
@@ -107,8 +116,10 @@ class GdalReader(Reader):
         try:
             with warnings.catch_warnings():  # a plain TIFF is a fine input; its output has no georeference either
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                self.ds = rasterio.open(path)
+                self.ds = rasterio.open(str(path))
         except rasterio.errors.RasterioIOError as e:
+            if isinstance(path, RemotePath):
+                raise RasterFormatError(remote_failure(path, e)) from None
             raise RasterFormatError(f"{path}: not a readable raster ({first_line(e)})") from None
         try:
             self._describe(path, wanted, bands, value_range)
@@ -128,6 +139,22 @@ class GdalReader(Reader):
         # blocks present in the window, from the summed-area table: O(1) per window
         return present[i1, j1] - present[i0, j1] - present[i1, j0] + present[i0, j0] == 0
 
+    def identity(self) -> dict[str, Any]:
+        """A remote file's identity: its URL, grid, bands and the digest of its first block (one
+        small range request): a file replaced since an interrupted job is then not resumed into."""
+        if not isinstance(self.path, RemotePath):
+            return super().identity()
+        import hashlib
+
+        from rasterio.windows import Window as RWindow
+
+        ds = self.ds
+        bh, bw = ds.block_shapes[0]
+        with self._lock:
+            first = ds.read(1, window=RWindow(0, 0, min(bw, ds.width), min(bh, ds.height)))
+        return {"input": str(self.path), "size": [ds.width, ds.height, ds.count], "dtypes": list(ds.dtypes),
+                "transform": list(ds.transform)[:6], "crs": str(ds.crs), "first_block": hashlib.sha256(first).hexdigest()}
+
     def _sparse_map(self, path: Path, alpha: int | None) -> None:
         """Which blocks of the bands that decide validity are present in the file (the TIFF's
         block byte counts, read once with tifffile), when absent blocks read as invalid: the alpha
@@ -137,7 +164,7 @@ class GdalReader(Reader):
 
         self._present = None
         ds = self.ds
-        if ds.driver != "GTiff":
+        if ds.driver != "GTiff" or isinstance(path, RemotePath):  # the block map is read locally only
             return
         if alpha is not None:
             bands = [alpha]
@@ -341,6 +368,10 @@ class OpenCVReader(Reader):
 def open_raster(path: str | Path, wanted_bands: int = 3, bands: tuple[int, ...] | None = None,
                 value_range: tuple[float, float] | None = None, engine: str = "auto") -> Reader:
     """Open `path` with the right reader. `engine`: auto, gdal, tifffile or opencv."""
+    if is_remote(path):
+        if engine not in ("auto", "gdal"):
+            raise InputError(f"reads local files; {path} is remote, read by GDAL (--reader gdal)", param="reader")
+        return GdalReader(RemotePath(str(path)), wanted_bands, bands, value_range)
     path = Path(path)
     if not path.exists():
         raise InputError(f"input not found: {path}")
@@ -394,5 +425,14 @@ def beyond_opencv(path: Path) -> bool:
 
 
 def open_input(path: str | Path, wanted_bands: int, options: ReadOptions) -> Reader:
-    """`open_raster` with a job's read options."""
-    return open_raster(path, wanted_bands, options.bands, options.value_range, options.engine)
+    """`open_raster` with a job's read options, seen through its area of interest if any."""
+    reader = open_raster(path, wanted_bands, options.bands, options.value_range, options.engine)
+    if options.area is None or not options.area.given:
+        return reader
+    from bigseg.io.area import ClippedReader, area_geometry
+
+    try:
+        return ClippedReader(reader, area_geometry(options.area, reader.georef, str(path)), options.area.describe())
+    except BaseException:
+        reader.close()
+        raise

@@ -2,7 +2,8 @@
 that the output folders can be written before any work starts. bigseg's own outputs (masks,
 probabilities, overlays, partial files: by name, or by the tag bigseg writes into its GeoTIFFs)
 are never inputs, whether named one by one, by a glob or in a folder; hidden files in a folder
-are passed over."""
+are passed over. URLs and GDAL's /vsi paths are inputs as files are (`bigseg.io.remote`), and a
+text file of inputs (`.txt`, one path or URL per line) is a batch of them."""
 from __future__ import annotations
 
 import glob
@@ -13,13 +14,14 @@ from pathlib import Path
 from bigseg.errors import InputError, OutputError
 from bigseg.io.outputs import check_mask_file, mask_path, names_one_file, output_kind
 from bigseg.io.readers import IMAGE_SUFFIXES, RASTER_SUFFIXES
+from bigseg.io.remote import RemotePath, is_remote
 
 INPUT_SUFFIXES = IMAGE_SUFFIXES | RASTER_SUFFIXES
 
 
 @dataclass
 class Job:
-    input: Path
+    input: Path | RemotePath
     output: Path
 
 
@@ -58,7 +60,12 @@ def expand_inputs(inputs: list[str], recursive: bool
             ignored.append(Failure(str(p), f"{p}: skipped, {kind} bigseg wrote (not segmented again)"))
         return kind is None
 
-    for item in inputs:
+    for item in listed(inputs):
+        if is_remote(item):
+            remote = RemotePath(item)
+            if keep(remote):
+                found.append((remote, Path(remote.name or "remote")))
+            continue
         path = Path(item).expanduser()
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
@@ -83,6 +90,23 @@ def expand_inputs(inputs: list[str], recursive: bool
         else:
             failures.append(Failure(item, f"input not found: {item}"))
     return found, failures, ignored
+
+
+def listed(inputs: list[str]) -> list[str]:
+    """`inputs` with each text file of inputs (`NAME.txt`) replaced by its lines: one path or URL
+    per line, blank lines and `#` comments skipped, relative paths taken from the list's folder."""
+    out = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not is_remote(item) and path.suffix.lower() == ".txt" and path.is_file():
+            for line in path.read_text(errors="replace").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    out.append(line if is_remote(line) or Path(line).expanduser().is_absolute()
+                               else str(path.parent / line))
+        else:
+            out.append(item)
+    return out
 
 
 def plan_jobs(found: list[tuple[Path, Path]], out: Path | None) -> tuple[list[Job], list[Failure]]:

@@ -17,6 +17,7 @@ from bigseg.tiling.geometry import Window
 from bigseg.io.gdal import gdal_env
 from bigseg.io.outputs import OutputSet, WriteOptions, writes_png
 from bigseg.io.readers import IMAGE_SUFFIXES, Reader, ReadOptions, beyond_opencv
+from bigseg.io.remote import is_remote
 from bigseg.infer.predictor import Predictor
 from bigseg.run import journal
 from bigseg.run.inputs import open_for_model
@@ -63,10 +64,11 @@ class PredictResult:
         return self.width * self.height / 1e6
 
 
-def fingerprint(predictor: Predictor, src: Path, dst: Path, options: JobOptions, **extra: Any) -> str:
+def fingerprint(predictor: Predictor, reader: Reader, dst: Path, options: JobOptions, **extra: Any) -> str:
     """The resume fingerprint: the input's identity and everything that shapes `dst`'s content."""
-    return journal.fingerprint(src, {**predictor.fingerprint(), "read": vars(options.read),
-                                     "write": options.write.shaping(), "output": dst.name, **extra})
+    return journal.fingerprint(reader.path, {**predictor.fingerprint(), "read": vars(options.read),
+                                             "write": options.write.shaping(), "output": dst.name, **extra},
+                               reader.identity())
 
 
 def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions = JobOptions(),
@@ -88,7 +90,7 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
         torch.cuda.reset_peak_memory_stats(predictor.device)
     card = predictor.card
     with _environment(src, dst, options, predictor.on_gpu), open_for_model(src, card, options.read) as reader:
-        fp = fingerprint(predictor, src, dst, options)
+        fp = fingerprint(predictor, reader, dst, options)
         resumable = not writes_png(reader.kind, dst)
         rows_done, notes = _resume_point(dst, fp, reader.height, resumable)
         outputs, rows_done = _open_outputs(dst, reader, predictor, options.write, rows_done, notes)
@@ -122,6 +124,8 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
 def _environment(src: Path, dst: Path, options: JobOptions, on_gpu: bool):
     """GDAL's settings for the job (`bigseg.io.gdal`); none for a photograph OpenCV reads and writes,
     which then never loads GDAL (a quicker start for small images)."""
+    if is_remote(src):
+        return gdal_env(options.threads_for(on_gpu), remote=True)
     photo = src.suffix.lower() in IMAGE_SUFFIXES and dst.suffix.lower() == ".png" and options.read.engine in (
         "auto", "opencv") and not beyond_opencv(src)
     return contextlib.nullcontext() if photo else gdal_env(options.threads_for(on_gpu))

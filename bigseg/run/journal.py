@@ -25,11 +25,13 @@ def journal_path(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.journal.json")
 
 
-def fingerprint(src: Path, settings: dict[str, Any]) -> str:
-    """Input identity (resolved path, size, modification time) + settings + format version."""
-    st = src.stat()
-    blob = json.dumps({"input": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                       "settings": settings, "version": VERSION}, sort_keys=True, default=str)
+def fingerprint(src: Path, settings: dict[str, Any], identity: dict[str, Any] | None = None) -> str:
+    """Input identity (by default the resolved path, size, modification time; a reader's own
+    `identity()` for remote files) + settings + format version."""
+    if identity is None:
+        st = src.stat()
+        identity = {"input": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    blob = json.dumps({**identity, "settings": settings, "version": VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

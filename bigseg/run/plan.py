@@ -46,6 +46,7 @@ from bigseg.infer.choose import MAX_PIXELS, warm_choice
 from bigseg.tiling.geometry import TileGrid, stitcher_peak_pixels
 from bigseg.io.gdal import gdal_env
 from bigseg.io.outputs import describe
+from bigseg.io.remote import is_remote
 from bigseg.io.writers import BLOCK
 from bigseg.models import create_model
 from bigseg.infer.predictor import Predictor
@@ -199,7 +200,7 @@ def memory_estimate(predictor: Predictor, width: int, height: int, bands: int, p
 
 def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, estimate: bool = False) -> Plan:
     """Open `src` (metadata and the rescale statistics only) and describe the job."""
-    with gdal_env(options.threads_for(predictor.on_gpu)), \
+    with gdal_env(options.threads_for(predictor.on_gpu), remote=is_remote(src)), \
             open_for_model(src, predictor.card, options.read) as reader:
         grid = predictor.grid(reader.width, reader.height)
         plan = Plan(

@@ -23,6 +23,7 @@ from bigseg.errors import BigsegError
 from bigseg.tiling.geometry import Window
 from bigseg.io.gdal import gdal_env
 from bigseg.io.outputs import OutputSet, part_path
+from bigseg.io.remote import is_remote
 from bigseg.run.discover import Job
 from bigseg.run.file_job import (
     JobOptions,
@@ -71,8 +72,8 @@ def predict_part(predictor: Predictor, src: Path, dst: Path, options: JobOptions
     """Write part `part` of `parts` of `src`'s outputs; False when a finished one was kept."""
     ckpt = predictor.card
     probs = options.write.probs
-    with gdal_env(options.threads_for(predictor.on_gpu)), open_for_model(src, ckpt, options.read) as reader:
-        fp = fingerprint(predictor, src, dst, options, parts=parts)
+    with gdal_env(options.threads_for(predictor.on_gpu), remote=is_remote(src)), open_for_model(src, ckpt, options.read) as reader:
+        fp = fingerprint(predictor, reader, dst, options, parts=parts)
         grid = predictor.grid(reader.width, reader.height)
         rows = part_rows(grid.row_starts, reader.height, parts)[part]
         paths = [part_path(dst, part, parts)] + ([part_path(dst, part, parts, "probs")] if probs else [])
@@ -91,7 +92,7 @@ def assemble(predictor: Predictor, src: Path, dst: Path, options: JobOptions, pa
     from rasterio.windows import Window as RWindow
 
     ckpt = predictor.card
-    with gdal_env(options.threads_for(predictor.on_gpu)), open_for_model(src, ckpt, options.read) as reader:
+    with gdal_env(options.threads_for(predictor.on_gpu), remote=is_remote(src)), open_for_model(src, ckpt, options.read) as reader:
         grid = predictor.grid(reader.width, reader.height)
         spans = part_rows(grid.row_starts, reader.height, parts)
         outputs = OutputSet.create(dst, reader.kind, reader.width, reader.height, reader.georef, ckpt.classes,

@@ -567,3 +567,41 @@ def test_an_area_of_interest_needs_a_georeferenced_input(tmp_path, tiny_checkpoi
     code, _, err = run_cli(capsys, "predict", tmp_path / "photo.png", "-m", tiny_checkpoint, "-o", tmp_path / "o",
                            "--device", "cpu", "--bbox", "0,0,10,10")
     assert code == 1 and "photo.png has no georeferencing (CRS and transform): an area of interest needs" in err
+
+
+def _stac_item(path: Path, href: str, key: str = "visual", item_id: str = "scene-2024") -> Path:
+    """A STAC item (written with pystac) whose asset `key` points at `href`."""
+    import datetime
+
+    import pystac
+
+    item = pystac.Item(item_id, {"type": "Point", "coordinates": [15.0, 36.1]}, [14.9, 36.0, 15.1, 36.2],
+                       datetime.datetime(2024, 6, 1), {})
+    item.add_asset("thumbnail", pystac.Asset("thumb.png", media_type=pystac.MediaType.PNG, roles=["thumbnail"]))
+    item.add_asset(key, pystac.Asset(href, media_type=pystac.MediaType.COG, roles=["data"]))
+    item.set_self_href(str(path))
+    path.write_text(json.dumps(item.to_dict(include_self_link=False, transform_hrefs=False)))
+    return path
+
+
+def test_a_stac_item_predicts_its_asset_named_by_the_item_id(tmp_path, tiny_checkpoint, capsys):
+    pytest.importorskip("pystac")
+    from tests.http_server import serve
+
+    (tmp_path / "served").mkdir()
+    cog = _cog(tmp_path / "served" / "scene.tif")
+    _predict(capsys, cog, "-m", tiny_checkpoint, "-o", tmp_path / "local.mask.tif")
+    local = _read(tmp_path / "local.mask.tif")
+    _stac_item(tmp_path / "served" / "item.json", "./scene.tif")  # relative to the item, as catalogues write it
+    _stac_item(tmp_path / "served" / "rgb.json", "./scene.tif", key="image", item_id="two")
+    with serve(tmp_path / "served") as (url, _):
+        _predict(capsys, f"{url}/item.json", "-m", tiny_checkpoint, "-o", tmp_path / "out")  # the item remote
+        _predict(capsys, _stac_item(tmp_path / "local.json", f"{url}/scene.tif", item_id="three"), "-m",
+                 tiny_checkpoint, "-o", tmp_path / "out")  # a local item of a remote asset
+        code, _, err = run_cli(capsys, "predict", f"{url}/rgb.json", "-m", tiny_checkpoint, "-o", tmp_path / "out",
+                               "--device", "cpu", "--asset", "nir")
+        assert code == 1 and "has no asset 'nir'; it has thumbnail, image" in err
+        _predict(capsys, f"{url}/rgb.json", "-m", tiny_checkpoint, "-o", tmp_path / "out", "--asset", "image")
+    for name in ("scene-2024", "three", "two"):
+        got = _read(tmp_path / "out" / f"{name}.mask.tif")
+        assert np.array_equal(got[0], local[0]) and got[1:] == local[1:]

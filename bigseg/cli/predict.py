@@ -39,6 +39,8 @@ def predict(
     bbox: str | None = typer.Option(None, "--bbox", metavar="MINX,MINY,MAXX,MAXY",
                                     help="Predict only this box (in the raster's CRS, or --bbox-crs)."),
     bbox_crs: str | None = typer.Option(None, "--bbox-crs", metavar="CRS", help="The CRS of --bbox, e.g. EPSG:4326."),
+    asset: str | None = typer.Option(None, "--asset", metavar="NAME",
+                                     help="A STAC item input's asset (default: its visual one)."),
     aoi: str | None = typer.Option(None, "--aoi", metavar="FILE",
                                    help="Predict only inside these polygons (any vector file; outside: nodata)."),
     scales: O.Scales = "1",
@@ -73,7 +75,7 @@ def predict(
 ) -> None:
     """Segment images of any size into class masks, tile by tile, in bounded memory."""
     area = AreaOptions(parse_bbox(bbox), bbox_crs, aoi)
-    read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader, area if area.given else None)
+    read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader, area if area.given else None, asset)
     write = WriteOptions(probs, overlay, cog, seams, areas,
                          _vector_options(vector, vector_classes, min_area, simplify, connectivity),
                          tuple(O.parse_names(also) or ()))
@@ -82,7 +84,7 @@ def predict(
     O.check_threads(threads)
     rank = int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 speaks for everyone
     quiet = quiet or rank > 0
-    found = prepare(inputs, out, recursive)  # user mistakes surface before torch loads
+    found = prepare(inputs, out, recursive, asset)  # user mistakes surface before torch loads
     for skipped in found.ignored:
         if not quiet:
             note(f"note: {skipped.error}")

@@ -30,13 +30,15 @@ RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2", ".ntf", ".gtif"}
 @dataclass(frozen=True)
 class ReadOptions:
     """How a raster becomes model input: 1-based `bands` in order, a fixed `value_range` for
-    non-8-bit data, the reader `engine` (auto, gdal, tifffile or opencv), and an `area` of interest
-    (`bigseg.io.area`: only its extent is read, pixels outside it are nodata)."""
+    non-8-bit data, the reader `engine` (auto, gdal, tifffile or opencv), an `area` of interest
+    (`bigseg.io.area`: only its extent is read, pixels outside it are nodata), and the `asset` a
+    STAC item input stands for."""
 
     bands: tuple[int, ...] | None = None
     value_range: tuple[float, float] | None = None
     engine: str = "auto"
     area: Any = None  # AreaOptions
+    asset: str | None = None  # the asset of a STAC item input (`bigseg.io.stac`)
 
 
 

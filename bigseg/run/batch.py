@@ -20,7 +20,7 @@ def predict(predictor: Predictor, inputs: list[str], out: Path | None = None, *,
             on_event: Events = lambda kind, payload: None) -> Summary:
     """Predict every input (files, folders, globs) into `out` (a folder, or a file for one input);
     see `run_jobs` for the events."""
-    found = prepare(inputs, out, recursive)
+    found = prepare(inputs, out, recursive, options.read.asset)
     return run_predict(predictor, found.jobs, found.failed, found.ignored, overwrite=overwrite, options=options,
                        on_event=on_event)
 

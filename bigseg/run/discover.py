@@ -2,8 +2,9 @@
 that the output folders can be written before any work starts. bigseg's own outputs (masks,
 probabilities, overlays, partial files: by name, or by the tag bigseg writes into its GeoTIFFs)
 are never inputs, whether named one by one, by a glob or in a folder; hidden files in a folder
-are passed over. URLs and GDAL's /vsi paths are inputs as files are (`bigseg.io.remote`), and a
-text file of inputs (`.txt`, one path or URL per line) is a batch of them."""
+are passed over. URLs and GDAL's /vsi paths are inputs as files are (`bigseg.io.remote`), a STAC
+item stands for one of its assets (`bigseg.io.stac`), and a text file of inputs (`.txt`, one path
+or URL per line) is a batch of them."""
 from __future__ import annotations
 
 import glob
@@ -15,6 +16,7 @@ from bigseg.errors import InputError, OutputError
 from bigseg.io.outputs import check_mask_file, mask_path, names_one_file, output_kind
 from bigseg.io.readers import IMAGE_SUFFIXES, RASTER_SUFFIXES
 from bigseg.io.remote import RemotePath, is_remote
+from bigseg.io.stac import is_stac_item, stac_asset
 
 INPUT_SUFFIXES = IMAGE_SUFFIXES | RASTER_SUFFIXES
 
@@ -46,10 +48,11 @@ class Found:
     ignored: list[Failure] = field(default_factory=list)
 
 
-def expand_inputs(inputs: list[str], recursive: bool
+def expand_inputs(inputs: list[str], recursive: bool, asset: str | None = None
                   ) -> tuple[list[tuple[Path, Path]], list[Failure], list[Failure]]:
     """(file, relative name for the output) pairs, in a stable order; the inputs that name nothing;
-    bigseg's outputs among them (never segmented again)."""
+    bigseg's outputs among them (never segmented again). A STAC item stands for its `asset` (or
+    its visual one), named by the item's id."""
     found: list[tuple[Path, Path]] = []
     failures: list[Failure] = []
     ignored: list[Failure] = []
@@ -61,6 +64,15 @@ def expand_inputs(inputs: list[str], recursive: bool
         return kind is None
 
     for item in listed(inputs):
+        if is_stac_item(item) and (is_remote(item) or Path(item).expanduser().is_file()):
+            try:
+                href, item_id = stac_asset(item, asset)
+            except InputError as e:
+                failures.append(Failure(item, str(e), e.param, e.reason))
+                continue
+            src = RemotePath(href) if is_remote(href) else Path(href)
+            found.append((src, Path(f"{item_id}{src.suffix or '.tif'}")))
+            continue
         if is_remote(item):
             remote = RemotePath(item)
             if keep(remote):
@@ -129,16 +141,16 @@ def plan_jobs(found: list[tuple[Path, Path]], out: Path | None) -> tuple[list[Jo
     return jobs, failures
 
 
-def find_jobs(inputs: list[str], out: Path | None, recursive: bool) -> Found:
+def find_jobs(inputs: list[str], out: Path | None, recursive: bool, asset: str | None = None) -> Found:
     """`expand_inputs` then `plan_jobs`."""
-    found, failed, ignored = expand_inputs(inputs, recursive)
+    found, failed, ignored = expand_inputs(inputs, recursive, asset)
     jobs, more = plan_jobs(found, out)
     return Found(jobs, failed + more, ignored)
 
 
-def prepare(inputs: list[str], out: Path | None, recursive: bool) -> Found:
+def prepare(inputs: list[str], out: Path | None, recursive: bool, asset: str | None = None) -> Found:
     """`find_jobs`, then check that every output folder can be written (OutputError if not)."""
-    found = find_jobs(inputs, out, recursive)
+    found = find_jobs(inputs, out, recursive, asset)
     for folder in sorted({job.output.parent for job in found.jobs}):
         check_writable(folder)
     return found

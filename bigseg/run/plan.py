@@ -285,7 +285,7 @@ def dry_run(predictor: Predictor, inputs: list[str], out: Path | None, *, recurs
             options: JobOptions = JobOptions(), estimate: bool = False) -> tuple[list[Plan], list[Failure]]:
     """The plan of every job without running the model (except a short timed warm-up with
     `estimate`); unreadable inputs are failures, as in a real run."""
-    found = find_jobs(inputs, out, recursive)
+    found = find_jobs(inputs, out, recursive, options.read.asset)
     failed = found.failed
     plans = []
     for job in found.jobs:

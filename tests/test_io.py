@@ -605,3 +605,81 @@ def test_a_stac_item_predicts_its_asset_named_by_the_item_id(tmp_path, tiny_chec
     for name in ("scene-2024", "three", "two"):
         got = _read(tmp_path / "out" / f"{name}.mask.tif")
         assert np.array_equal(got[0], local[0]) and got[1:] == local[1:]
+
+
+def _with_pixel_size(checkpoint: Path, metres: float, out: Path) -> Path:
+    from bigseg.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    ckpt.input = {**ckpt.input, "pixel_size": [metres, metres], "units": "metre"}
+    return save_checkpoint(ckpt, out)
+
+
+def test_a_raster_finer_than_the_model_is_predicted_at_the_models_pixel_size_and_written_on_its_own_grid(
+        tmp_path, tiny_checkpoint, capsys):
+    """Resampling a 0.5 m raster for a 1 m model equals predicting the downsampled raster and
+    upsampling its labels; `--output-grid model` writes the downsampled prediction itself."""
+    from bigseg.io.readers import resampled_view
+
+    model = _with_pixel_size(tiny_checkpoint, 1.0, tmp_path / "one-metre.pt")
+    src = _cog(tmp_path / "scene.tif", 400, 300)
+    code, _, err = run_cli(capsys, "predict", src, "-m", model, "-o", tmp_path / "out.mask.tif", "--device", "cpu",
+                           "--tile", "128", "--overlap", "32", "--probs", "--areas")
+    assert code == 0 and "read at the model's 1 metre pixels, resampled from the input's 0.5" in err, err
+    with rasterio.open(src) as ds, resampled_view(ds, 1.0) as view:  # what the model saw
+        profile = {**ds.profile, "driver": "GTiff", "width": view.width, "height": view.height,
+                   "transform": view.transform}
+        with rasterio.open(tmp_path / "down.tif", "w", **profile) as down:
+            down.write(view.read())
+        view.src_dataset.close()
+    _predict(capsys, tmp_path / "down.tif", "-m", model, "-o", tmp_path / "down.mask.tif", "--resolution", "native")
+    down, down_transform, _ = _read(tmp_path / "down.mask.tif")
+    out, out_transform, _ = _read(tmp_path / "out.mask.tif")
+    _, src_transform, _ = _read(src)
+    assert out.shape == (300, 400) and out_transform == src_transform and down.shape == (150, 200)
+    assert np.array_equal(out, np.repeat(np.repeat(down, 2, 0), 2, 1))
+    assert (tmp_path / "out.probs.tif").is_file() and (tmp_path / "out.areas.csv").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the hidden model-grid job is gone
+    _predict(capsys, src, "-m", model, "-o", tmp_path / "model.mask.tif", "--output-grid", "model")
+    same, same_transform, _ = _read(tmp_path / "model.mask.tif")
+    assert np.array_equal(same, down) and same_transform == down_transform
+    # within the tolerance of the model's pixel size, or with --resolution native: read as it is, with a warning
+    code, _, err = run_cli(capsys, "predict", src, "-m", model, "-o", tmp_path / "native.mask.tif", "--device", "cpu",
+                           "--resolution", "native")
+    assert code == 0 and "pixels are 0.5 metre, the model was trained on 1 metre" in err
+    assert _read(tmp_path / "native.mask.tif")[0].shape == (300, 400)
+
+
+def test_a_remote_cog_is_read_through_its_overviews_at_a_coarser_resolution(tmp_path, tiny_checkpoint, capsys):
+    from tests.http_server import serve
+
+    (tmp_path / "served").mkdir()
+    cog = _cog(tmp_path / "served" / "scene.tif", 1400, 1200)
+    with rasterio.open(cog) as ds:
+        assert ds.overviews(1)  # the COG driver wrote them
+    args = ("-m", tiny_checkpoint, "--resolution", "2", "--output-grid", "model")
+    _predict(capsys, cog, *args, "-o", tmp_path / "local.mask.tif")
+    with serve(tmp_path / "served") as (url, sent):
+        _predict(capsys, f"{url}/scene.tif", *args, "-o", tmp_path / "remote.mask.tif")
+    local, remote = _read(tmp_path / "local.mask.tif"), _read(tmp_path / "remote.mask.tif")
+    assert np.array_equal(local[0], remote[0]) and local[1:] == remote[1:] and local[0].shape == (300, 350)
+    assert sum(sent) < 0.4 * cog.stat().st_size  # the 2 m overview, not the 0.5 m pixels
+
+
+@pytest.mark.parametrize("args,line", [
+    (("--resolution", "fine"), "--resolution takes model, native or a pixel size in metres, got 'fine'"),
+    (("--resolution", "-1"), "--resolution takes model, native or a pixel size in metres, got '-1'"),
+    (("--output-grid", "mine"), "--output-grid takes input or model, got 'mine'"),
+    (("--resolution", "1", "--reader", "tifffile"), "--reader tifffile reads at the file's own resolution"),
+])
+def test_a_wrong_resolution_is_one_line(tmp_path, tiny_checkpoint, capsys, args, line):
+    src = _cog(tmp_path / "scene.tif", 200, 200)
+    code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "-o", tmp_path / "o", "--device", "cpu", *args)
+    assert code == 1 and line in err and "Traceback" not in err, err
+
+
+def test_a_pixel_size_in_metres_needs_a_projected_crs(tmp_path, tiny_checkpoint, capsys):
+    src = write_geotiff(tmp_path / "lonlat.tif", 64, 64, crs="EPSG:4326")
+    code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "-o", tmp_path / "o", "--device", "cpu",
+                           "--resolution", "2")
+    assert code == 1 and "is in degrees (a geographic CRS): a pixel size in metres needs a projected CRS" in err

@@ -564,14 +564,21 @@ def test_predict_reads_the_bands_the_model_was_trained_on_and_notes_another_pixe
     with open_for_model(data / "images" / "a.tif", ckpt, ReadOptions(bands=(1, 2, 3))) as reader:
         assert reader.plan.indexes == (1, 2, 3)  # the user's choice wins
     common = ["--model", model, "--device", "cpu", "--tile", "64"]
-    # the same scene at 2 m pixels: predicted, with a note saying what the model was trained on
+    # the same scene at 2 m pixels: read at the model's 0.5 m and written on its own grid, with a note;
+    # with --resolution native as it is, with a warning saying what the model was trained on
     with rasterio.open(data / "images" / "a.tif") as ds:
         profile, pixels = ds.profile, ds.read()
     profile.update(transform=from_origin(*ORIGIN, 2.0, 2.0))
     with rasterio.open(tmp_path / "coarse.tif", "w", **profile) as dst:
         dst.write(pixels)
     code, _, err = run_cli(capsys, "predict", tmp_path / "coarse.tif", "-o", tmp_path / "coarse.mask.tif", *common)
-    assert code == 0 and "pixels are 2 metre, the model was trained on 0.5 metre" in err and "--scales 4" in err
+    assert code == 0 and "read at the model's 0.5 metre pixels, resampled from the input's 2 metre" in err, err
+    with rasterio.open(tmp_path / "coarse.mask.tif") as ds:
+        assert (ds.width, ds.height) == (128, 96) and ds.transform.a == 2.0
+    code, _, err = run_cli(capsys, "predict", tmp_path / "coarse.tif", "-o", tmp_path / "native.mask.tif", *common,
+                           "--resolution", "native")
+    assert code == 0 and "pixels are 2 metre, the model was trained on 0.5 metre" in err
+    assert "--resolution model reads it at the model's pixel size" in err
 
 
 def test_the_batchnorm_probe_scores_a_model_with_recomputed_statistics_and_leaves_its_file(tmp_path, capsys):

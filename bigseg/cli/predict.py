@@ -12,6 +12,7 @@ from bigseg.cli import options as O
 from bigseg.cli.render import TileProgress, failure_line, note, print_plans
 from bigseg.crf.params import parse_crf
 from bigseg.io.area import AreaOptions, parse_bbox
+from bigseg.run.inputs import parse_output_grid, parse_resolution
 from bigseg.io.bands import parse_bands, parse_value_range
 from bigseg.io.kinds import check_kinds
 from bigseg.io.outputs import WriteOptions
@@ -39,6 +40,11 @@ def predict(
     bbox: str | None = typer.Option(None, "--bbox", metavar="MINX,MINY,MAXX,MAXY",
                                     help="Predict only this box (in the raster's CRS, or --bbox-crs)."),
     bbox_crs: str | None = typer.Option(None, "--bbox-crs", metavar="CRS", help="The CRS of --bbox, e.g. EPSG:4326."),
+    resolution: str = typer.Option("model", "--resolution", metavar="model|native|METRES",
+                                   help="Ground pixel size to predict at: the model's (inputs far from it "
+                                        "are resampled, with a note), the input's own, or so many metres."),
+    output_grid: str = typer.Option("input", "--output-grid", metavar="input|model",
+                                    help="With --resolution resampling: write on the input's grid or the model's."),
     asset: str | None = typer.Option(None, "--asset", metavar="NAME",
                                      help="A STAC item input's asset (default: its visual one)."),
     aoi: str | None = typer.Option(None, "--aoi", metavar="FILE",
@@ -75,7 +81,8 @@ def predict(
 ) -> None:
     """Segment images of any size into class masks, tile by tile, in bounded memory."""
     area = AreaOptions(parse_bbox(bbox), bbox_crs, aoi)
-    read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader, area if area.given else None, asset)
+    read = ReadOptions(parse_bands(bands), parse_value_range(value_range), reader, area if area.given else None, asset,
+                       parse_resolution(resolution), parse_output_grid(output_grid))
     write = WriteOptions(probs, overlay, cog, seams, areas,
                          _vector_options(vector, vector_classes, min_area, simplify, connectivity),
                          tuple(O.parse_names(also) or ()))

@@ -8,6 +8,7 @@ mask: nodata values, alpha bands, internal/external masks and NaN all become `Fa
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -31,14 +32,22 @@ RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2", ".ntf", ".gtif"}
 class ReadOptions:
     """How a raster becomes model input: 1-based `bands` in order, a fixed `value_range` for
     non-8-bit data, the reader `engine` (auto, gdal, tifffile or opencv), an `area` of interest
-    (`bigseg.io.area`: only its extent is read, pixels outside it are nodata), and the `asset` a
-    STAC item input stands for."""
+    (`bigseg.io.area`: only its extent is read, pixels outside it are nodata), the `asset` a
+    STAC item input stands for, and the ground pixel size it is read at (`resolution`) with the
+    grid its outputs are written on (`output_grid`)."""
 
     bands: tuple[int, ...] | None = None
     value_range: tuple[float, float] | None = None
     engine: str = "auto"
     area: Any = None  # AreaOptions
     asset: str | None = None  # the asset of a STAC item input (`bigseg.io.stac`)
+    resolution: str | float = "model"  # model, native or a ground pixel size (`bigseg.run.inputs`)
+    output_grid: str = "input"  # the grid of a resampled job's outputs: input or model
+
+    def __post_init__(self):
+        if self.resolution not in ("model", "native") and self.engine not in ("auto", "gdal"):
+            raise InputError(f"{self.engine} reads at the file's own resolution; --resolution resamples through "
+                             f"GDAL (--reader gdal)", param="reader")
 
 
 
@@ -53,6 +62,7 @@ class Reader:
     georef: Georef | None = None
     notes: list[str] = field(default_factory=list)
     scale: Any = None
+    resampled: str | None = None  # read at another pixel size than the file's: the note that says so
 
     @property
     def channels(self) -> int:
@@ -110,11 +120,16 @@ def _finite(data: np.ndarray) -> np.ndarray:
 
 
 class GdalReader(Reader):
+    """Any raster GDAL opens, read in windows. `pixel_size`: seen on a grid of that ground pixel
+    size instead (the same CRS, origin and extent), resampled on the fly by GDAL's warper: averaged
+    when coarser (through the file's overviews where it has them), bilinear when finer."""
+
     def __init__(self, path: Path, wanted: int, bands: tuple[int, ...] | None,
-                 value_range: tuple[float, float] | None):
+                 value_range: tuple[float, float] | None, pixel_size: float | None = None):
         import rasterio
         from rasterio.errors import NotGeoreferencedWarning
 
+        self.source = None  # the file itself, when `ds` is a resampling view of it
         try:
             with warnings.catch_warnings():  # a plain TIFF is a fine input; its output has no georeference either
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -124,6 +139,8 @@ class GdalReader(Reader):
                 raise RasterFormatError(remote_failure(path, e)) from None
             raise RasterFormatError(f"{path}: not a readable raster ({first_line(e)})") from None
         try:
+            if pixel_size is not None:
+                self.source, self.ds = self.ds, resampled_view(self.ds, pixel_size)
             self._describe(path, wanted, bands, value_range)
         except BaseException:
             self.close()
@@ -264,7 +281,42 @@ class GdalReader(Reader):
         return data, valid & _finite(data)
 
     def close(self) -> None:
+        overview = getattr(self.ds, "src_dataset", None) if self.source is not None else None
         self.ds.close()
+        if self.source is not None:
+            self.source.close()
+        if overview is not None and overview is not self.source:
+            overview.close()
+
+
+def resampled_view(ds, pixel_size: float, resampling: str | None = None):
+    """`ds` on a grid of `pixel_size` (in its CRS's units; the same origin, the extent rounded up to
+    whole pixels) as a GDAL warped VRT: average when coarser, bilinear when finer (or `resampling`).
+    A coarser grid is warped from the finest of the file's overviews that is not coarser than it
+    (as gdalwarp does), so a remote COG is fetched at about the size asked for; the view's
+    `src_dataset` is then that overview, for the caller to close with the view."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    t = ds.transform
+    factor = pixel_size / abs(t.a)
+    width, height = max(1, math.ceil(ds.width / factor - 1e-9)), max(1, math.ceil(ds.height / factor - 1e-9))
+    how = Resampling[resampling] if resampling else (Resampling.average if factor > 1 else Resampling.bilinear)
+    source, level = ds, None
+    for i, f in enumerate(ds.overviews(1) if factor > 1 else []):
+        if f <= factor * (1 + 1e-6):
+            level = i
+    if level is not None:
+        source = rasterio.open(ds.name, OVERVIEW_LEVEL=level)
+    from rasterio.enums import ColorInterp
+
+    # a per-dataset mask (internal or external) becomes an alpha band of the view; an alpha band or
+    # nodata values are carried by the warper as they are
+    alpha = (source.nodata is None and ColorInterp.alpha not in source.colorinterp
+             and any(f.name == "per_dataset" for f in source.mask_flag_enums[0]))
+    return WarpedVRT(source, crs=ds.crs, transform=t * t.scale(factor), width=width, height=height,
+                     resampling=how, add_alpha=alpha)
 
 
 class TiffFileReader(Reader):
@@ -426,9 +478,17 @@ def beyond_opencv(path: Path) -> bool:
         return False
 
 
-def open_input(path: str | Path, wanted_bands: int, options: ReadOptions) -> Reader:
-    """`open_raster` with a job's read options, seen through its area of interest if any."""
-    reader = open_raster(path, wanted_bands, options.bands, options.value_range, options.engine)
+def open_input(path: str | Path, wanted_bands: int, options: ReadOptions, pixel_size: float | None = None) -> Reader:
+    """`open_raster` with a job's read options (with `pixel_size`: resampled to it by GDAL), seen
+    through its area of interest if any."""
+    if pixel_size is not None:
+        if options.engine not in ("auto", "gdal"):
+            raise InputError(f"{options.engine} reads at the file's own resolution; --resolution "
+                             f"resamples through GDAL (--reader gdal)", param="reader")
+        reader = GdalReader(RemotePath(str(path)) if is_remote(path) else Path(path), wanted_bands, options.bands,
+                            options.value_range, pixel_size)
+    else:
+        reader = open_raster(path, wanted_bands, options.bands, options.value_range, options.engine)
     if options.area is None or not options.area.given:
         return reader
     from bigseg.io.area import ClippedReader, area_geometry

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +19,7 @@ from bigseg.io.outputs import OutputSet, WriteOptions, writes_png
 from bigseg.io.readers import IMAGE_SUFFIXES, Reader, ReadOptions, beyond_opencv
 from bigseg.io.remote import is_remote
 from bigseg.infer.predictor import Predictor
-from bigseg.run import journal
+from bigseg.run import journal, regrid
 from bigseg.run.inputs import open_for_model
 from bigseg.runtime import check_stop, stop_handled
 from bigseg.tiling.stitch import PREFETCH_BATCHES
@@ -84,6 +84,8 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
     start = time.perf_counter()
     say = on_event or (lambda kind, payload: None)
     dst.parent.mkdir(parents=True, exist_ok=True)  # as the CLI and `predict()` do
+    if _regrids(predictor, src, dst, options):
+        return _predict_regridded(predictor, src, dst, options, say)
     if predictor.on_gpu:
         import torch
 
@@ -118,6 +120,31 @@ def predict_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions
     areas = outputs.outputs.get("areas")
     return PredictResult(src, outputs.written[0], reader.width, reader.height, len(grid), time.perf_counter() - start,
                          outputs.written[1:], notes + reader.notes + predictor.take_notes(), seams, gpu_peak,
+                         None if areas is None else areas.stats)
+
+
+def _regrids(predictor: Predictor, src: Path, dst: Path, options: JobOptions) -> bool:
+    """Whether the job reads its input at another pixel size and writes back on the input's grid."""
+    read, card = options.read, predictor.card
+    if read.output_grid != "input" or read.resolution == "native" or (
+            read.resolution == "model" and not card.input.get("pixel_size")):
+        return False
+    with _environment(src, dst, options, predictor.on_gpu), open_for_model(src, card, read) as reader:
+        return reader.resampled is not None
+
+
+def _predict_regridded(predictor: Predictor, src: Path, dst: Path, options: JobOptions,
+                       say: Callable[[str, Any], None]) -> PredictResult:
+    """The prediction on the model's grid (a hidden journaled job), then its outputs on the input's."""
+    start = time.perf_counter()
+    inner = replace(options, read=replace(options.read, output_grid="model"),
+                    write=WriteOptions(probs=options.write.probs, seams=options.write.seams))
+    model_grid = predict_file(predictor, src, regrid.model_grid_path(dst), inner, say)
+    with _environment(src, dst, options, predictor.on_gpu):
+        outputs, width, height = regrid.onto_input_grid(predictor, src, dst, options.read, options.write)
+    areas = outputs.outputs.get("areas")
+    return PredictResult(src, outputs.written[0], width, height, model_grid.tiles, time.perf_counter() - start,
+                         outputs.written[1:], model_grid.notes, model_grid.seams, model_grid.gpu_peak_mib,
                          None if areas is None else areas.stats)
 
 

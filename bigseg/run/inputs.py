@@ -1,13 +1,20 @@
 """An input opened for a model: the bands, value range and pixel size the model was trained on
 (stored in checkpoints trained on raster scenes) applied where the user chose none, and a note
-where the input is far from what the model knows."""
+where the input is far from what the model knows.
+
+Pixel size (`ReadOptions.resolution`): `model` (the default) reads an input whose ground pixels are
+more than `PIXEL_SIZE_TOLERANCE` times larger or smaller than the model's at the model's size,
+resampled on the fly by GDAL, with one note; `native` never resamples; a number resamples to that
+many metres. A model or input without a known pixel size is read as it is."""
 from __future__ import annotations
 
 from dataclasses import replace
+import math
 from pathlib import Path
 
 import numpy as np
 
+from bigseg.errors import InputError
 from bigseg.infer.card import ModelCard
 from bigseg.io.readers import Reader, ReadOptions, open_input
 
@@ -24,11 +31,65 @@ def open_for_model(src: Path, checkpoint: ModelCard, read: ReadOptions) -> Reade
     if read.value_range is None and trained.get("value_range"):
         read = replace(read, value_range=tuple(trained["value_range"]))
     reader = open_input(src, checkpoint.in_channels, read)
+    target, note = target_pixel(reader, trained, read.resolution)
+    if target is not None:
+        reader.close()
+        reader = open_input(src, checkpoint.in_channels, read, pixel_size=target)
+        reader.resampled = note
+        reader.notes.append(note)
     warnings = _differences(reader, trained, read.value_range is not None)
     if reader.plan.replicate > 1:  # the warning says it, and what follows from it
         reader.notes = [n for n in reader.notes if not n.startswith("single band repeated")]
     reader.notes.extend(warnings)
     return reader
+
+
+def parse_resolution(text: str) -> str | float:
+    """`model`, `native` or a ground pixel size in metres (above 0)."""
+    if text in ("model", "native"):
+        return text
+    try:
+        metres = float(text)
+    except ValueError:
+        metres = 0.0
+    if not metres > 0 or metres == float("inf"):
+        raise InputError(f"takes model, native or a pixel size in metres, got {text!r}", param="resolution")
+    return metres
+
+
+def parse_output_grid(text: str) -> str:
+    if text not in ("input", "model"):
+        raise InputError(f"takes input or model, got {text!r}", param="output_grid")
+    return text
+
+
+def target_pixel(reader: Reader, trained: dict, resolution: str | float) -> tuple[float | None, str | None]:
+    """The ground pixel size (in the CRS's units) to read `reader`'s input at, and the note that
+    says so; (None, None) to read it as it is."""
+    if resolution == "native":
+        return None, None
+    g = reader.georef
+    if g is None or not g.mapped:
+        if resolution != "model":
+            raise InputError(f"{reader.path} has no georeferencing (CRS and transform): --resolution needs "
+                             f"ground pixels; use --resolution native", param="resolution")
+        return None, None
+    px = abs(g.transform.a)
+    units = "degree" if g.crs.is_geographic else (g.crs.linear_units or "unknown")
+    if resolution != "model":
+        if g.crs.is_geographic:
+            raise InputError(f"{reader.path} is in degrees (a geographic CRS): a pixel size in metres needs a "
+                             f"projected CRS; reproject it first, or use --resolution model or native",
+                             param="resolution")
+        target = float(resolution) / float(g.crs.linear_units_factor[1])
+        if math.isclose(target, px, rel_tol=1e-6):
+            return None, None
+        return target, f"read at {float(resolution):.3g} m pixels (resampled from {px:.3g} {units}, --resolution)"
+    model_px, model_units = trained.get("pixel_size"), trained.get("units")
+    if not model_px or model_units != units or 1 / PIXEL_SIZE_TOLERANCE <= px / model_px[0] <= PIXEL_SIZE_TOLERANCE:
+        return None, None
+    return float(model_px[0]), (f"read at the model's {model_px[0]:.3g} {units} pixels, resampled from the input's "
+                                f"{px:.3g} {units} (--resolution native keeps them)")
 
 
 def _differences(reader: Reader, trained: dict, stretched_by_user: bool = False) -> list[str]:
@@ -48,11 +109,11 @@ def _differences(reader: Reader, trained: dict, stretched_by_user: bool = False)
                      f"LOW,HIGH that gives the input the look of its training images helps")
     model_px, units = trained.get("pixel_size"), trained.get("units")
     g = reader.georef
-    if model_px and g is not None and g.crs is not None and g.transform is not None:
+    if model_px and g is not None and g.crs is not None and g.transform is not None and not reader.resampled:
         px = abs(g.transform.a)
         here = "degree" if g.crs.is_geographic else (g.crs.linear_units or "unknown")
         if here == units and not (1 / PIXEL_SIZE_TOLERANCE <= px / model_px[0] <= PIXEL_SIZE_TOLERANCE):
             notes.append(f"warning: the input's pixels are {px:.3g} {units}, the model was trained on "
                          f"{model_px[0]:.3g} {units}: objects look {px / model_px[0]:.2g}x their trained size; "
-                         f"resample the input or try --scales {px / model_px[0]:.2g}")
+                         f"--resolution model reads it at the model's pixel size")
     return notes

@@ -33,7 +33,7 @@ from bigseg.train.data.split import block_split
 from bigseg.train.device_data import DeviceData
 from bigseg.train.transforms import Augment, augment, sample_rng
 from tests.cli_helpers import run_cli
-from tests.conftest import TINY, write_geotiff
+from tests.conftest import TINY, make_generic_dataset, write_geotiff
 
 
 # --- Raster scenes as training data: windows equal crops of the whole, labels warped and rasterised per
@@ -853,3 +853,22 @@ def test_training_on_scenes_held_on_the_device_equals_training_from_workers(tmp_
         assert code == 0, err
         losses.append([e["train_loss"] for e in json.loads((run / "log.json").read_text())])
     assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+def test_a_stated_pixel_size_is_recorded_for_imagery_without_one_and_refused_against_a_known_one(tmp_path, capsys):
+    from bigseg.checkpoint import load_checkpoint
+
+    folders = make_generic_dataset(tmp_path / "photos", n=4)
+    common = ("--device", "cpu", "--crop", "64", "--batch-size", "2", "--workers", "0", "--epochs", "1",
+              "--eval-every", "0", "--max-steps", "1", "--model-config", MODEL_CONFIG)
+    code, _, err = run_cli(capsys, "train", "--data", folders, "--run", tmp_path / "a", "--pixel-size", "0.3", *common)
+    assert code == 0, err
+    ckpt = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert ckpt.input["pixel_size"] == [0.3, 0.3] and ckpt.input["units"] == "metre"
+    scenes = tmp_path / "scenes"
+    learnable_scene(scenes, "a", 128, 96)
+    learnable_scene(scenes, "b", 128, 96, seed=1)
+    classes_csv(scenes / "classes.csv")
+    code, _, err = run_cli(capsys, "train", "--data", scenes, "--run", tmp_path / "b", "--pixel-size", "2", *common,
+                           "--windows-per-epoch", "2")
+    assert code == 1 and "--pixel-size 2 m, but the training imagery says its pixels are 0.5 metre" in err, err

@@ -39,6 +39,7 @@ REFUSED = [  # (settings, the line the command prints)
     (dict(max_steps=-1), "--max-steps must be 0 or more, got -1"),
     (dict(val_block=32), "--val-block must be at least 64 pixels, got 32"),
     (dict(val_buffer=-1), "--val-buffer must be 0 or more pixels, got -1"),
+    (dict(pixel_size=0.0), "--pixel-size must be a ground pixel size in metres above 0, got 0.0"),
 ]
 
 

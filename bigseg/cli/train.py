@@ -103,6 +103,9 @@ def train(
         None, metavar="N", help="Raster scenes: random windows an epoch (default: labelled pixels / crop^2)."),
     bands: O.Bands = None,
     value_range: O.ValueRange = None,
+    pixel_size: float | None = typer.Option(
+        None, "--pixel-size", metavar="METRES", help="The ground pixel size of imagery that does not say its own "
+        "(recorded in the model, so that predict reads inputs at it)."),
     class_field: O.ClassField = None,
     layer: O.Layer = None,
     val_scenes: O.ValScenes = None,
@@ -146,7 +149,8 @@ def train(
                           train_split=train_split, eval_every=eval_every, val_split=val_split,
                           val_scales=O.parse_scales(val_scales, "val_scales"), sync_bn=sync_bn, recompute_bn=recompute_bn,
                           max_steps=max_steps, windows_per_epoch=windows_per_epoch, bands=parse_bands(bands),
-                          value_range=parse_value_range(value_range), class_field=class_field, layer=layer,
+                          value_range=parse_value_range(value_range), pixel_size=pixel_size,
+                          class_field=class_field, layer=layer,
                           val_scenes=O.parse_names(val_scenes), val_block=val_block, val_buffer=val_buffer)
     from bigseg.runtime import keep_freed_memory
     from bigseg.train.loop import train as run_training

@@ -65,6 +65,7 @@ class TrainConfig:
     windows_per_epoch: int | None = None  # None: the training regions' labelled pixels / crop^2
     bands: tuple[int, ...] | None = None  # 1-based image bands (None: every image band)
     value_range: tuple[float, float] | None = None  # fixed LOW,HIGH -> 0..255 for non-8-bit imagery
+    pixel_size: float | None = None  # the ground pixel size (m) of imagery that does not say its own
     class_field: str | None = None  # vector labels: the attribute holding each polygon's class
     layer: str | None = None       # vector labels: the layer of a multi-layer file
     val_scenes: tuple[str, ...] = ()  # validation scenes by name (image stem); else the split rule

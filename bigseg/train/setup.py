@@ -81,6 +81,8 @@ def check_settings(cfg: TrainConfig) -> None:
     need(cfg.max_steps is None or cfg.max_steps >= 0, "max_steps", f"must be 0 or more, got {cfg.max_steps}")
     need(cfg.val_block >= 64, "val_block", f"must be at least 64 pixels, got {cfg.val_block}")
     need(cfg.val_buffer >= 0, "val_buffer", f"must be 0 or more pixels, got {cfg.val_buffer}")
+    need(cfg.pixel_size is None or 0 < cfg.pixel_size < math.inf, "pixel_size",
+         f"must be a ground pixel size in metres above 0, got {cfg.pixel_size}")
     with torch.device("meta"):  # the model's padding multiple, without allocating or drawing weights
         probe = create_model(cfg.arch, 2, 3, **cfg.arch_config)
     check_crops(cfg, getattr(probe, "output_multiple", 1))
@@ -162,8 +164,16 @@ def open_data(cfg: TrainConfig, world: int = 1) -> TrainingData:
 
 def input_description(train: DataSplit, cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint says of its input, for predict: the bands, the ground pixel size and the
-    label values of the classes (raster scenes); nothing for image folders (RGB photographs)."""
-    return train.source.input_description(train.regions, tuple(cfg.value_range) if cfg.value_range else None)
+    label values of the classes (raster scenes); nothing for image folders (RGB photographs) but
+    the pixel size `--pixel-size` states for imagery that does not say its own."""
+    described = train.source.input_description(train.regions, tuple(cfg.value_range) if cfg.value_range else None)
+    if cfg.pixel_size is None:
+        return described
+    known, units = described.get("pixel_size"), described.get("units")
+    if known and not (units == "metre" and math.isclose(known[0], cfg.pixel_size, rel_tol=0.01)):
+        raise TrainingError(f"{cfg.pixel_size:g} m, but the training imagery says its pixels are {known[0]:g} "
+                            f"{units}; --pixel-size is for imagery without a ground pixel size", param="pixel_size")
+    return {**described, "pixel_size": [cfg.pixel_size, cfg.pixel_size], "units": "metre"}
 
 
 def prepare(data: TrainingData, cfg: TrainConfig, net: nn.Module, computed_normalization: bool = True) -> dict[str, Any]:

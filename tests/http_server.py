@@ -14,12 +14,17 @@ from pathlib import Path
 
 class RangeHandler(SimpleHTTPRequestHandler):
     ranges = True
+    fail: int | None = None  # answer every request with this HTTP status
     sent: list[int]
 
     def log_message(self, *args):  # quiet
         pass
 
     def send_head(self):
+        if self.fail is not None:
+            self.sent.append(0)
+            self.send_error(self.fail)
+            return None
         path = self.translate_path(self.path)
         header = self.headers.get("Range")
         if not self.ranges or not header or not os.path.isfile(path):
@@ -59,10 +64,11 @@ class RangeHandler(SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(folder: Path, ranges: bool = True):
-    """(base URL, byte counts sent) of a server of `folder` while the block runs."""
+def serve(folder: Path, ranges: bool = True, fail: int | None = None):
+    """(base URL, byte counts sent: one entry per answer) of a server of `folder` while the block
+    runs; `fail`: answer everything with that status instead."""
     sent: list[int] = []
-    handler = type("Handler", (RangeHandler,), {"ranges": ranges, "sent": sent})
+    handler = type("Handler", (RangeHandler,), {"ranges": ranges, "fail": fail, "sent": sent})
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

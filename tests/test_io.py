@@ -683,3 +683,37 @@ def test_a_pixel_size_in_metres_needs_a_projected_crs(tmp_path, tiny_checkpoint,
     code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "-o", tmp_path / "o", "--device", "cpu",
                            "--resolution", "2")
     assert code == 1 and "is in degrees (a geographic CRS): a pixel size in metres needs a projected CRS" in err
+
+
+def test_an_interrupted_remote_job_resumes_and_equals_the_uninterrupted_one(tmp_path, tiny_checkpoint, capsys):
+    from bigseg.io.remote import RemotePath
+    from bigseg.run.file_job import JobOptions
+    from tests.conftest import interrupt_after
+    from tests.http_server import serve
+
+    (tmp_path / "served").mkdir()
+    cog = _cog(tmp_path / "served" / "scene.tif", 300, 1200)
+    ckpt = load_checkpoint(tiny_checkpoint)
+    whole = predict_file(Predictor(ckpt, "cpu", tile=64, overlap=16), cog, tmp_path / "w.tif")
+    with serve(tmp_path / "served") as (url, _):
+        src = RemotePath(f"{url}/scene.tif")
+        seg = Predictor(ckpt, "cpu", tile=64, overlap=16)
+        interrupt_after(seg, 20)
+        with pytest.raises(KeyboardInterrupt):
+            predict_file(seg, src, tmp_path / "r.tif", JobOptions(journal_seconds=0))
+        resumed = predict_file(Predictor(ckpt, "cpu", tile=64, overlap=16), src, tmp_path / "r.tif")
+    assert any("resuming" in n for n in resumed.notes), resumed.notes
+    assert np.array_equal(_read(whole.output)[0], _read(resumed.output)[0])
+
+
+def test_a_server_that_keeps_failing_is_retried_then_one_line(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    from tests.http_server import serve
+
+    monkeypatch.setenv("GDAL_HTTP_RETRY_DELAY", "0.05")  # the environment's own GDAL settings win
+    (tmp_path / "served").mkdir()
+    _cog(tmp_path / "served" / "scene.tif")
+    with serve(tmp_path / "served", fail=503) as (url, sent):
+        code, _, err = run_cli(capsys, "predict", f"{url}/scene.tif", "-m", tiny_checkpoint, "-o", tmp_path / "o",
+                               "--device", "cpu")
+    assert code == 1 and "scene.tif: cannot be read" in err and "retried 4 times" in err, err
+    assert len(sent) >= 5  # the first request and four retries

@@ -443,7 +443,8 @@ def test_a_named_engine_that_cannot_export_is_an_error_while_auto_falls_back_wit
 
 
 def test_an_input_far_from_the_models_imagery_is_warned_of_once(tmp_path, tiny_checkpoint, capsys):
-    """A 1-band uint16 0.5 m scene through a model of 8-bit RGB at 2 m: three warnings, each once."""
+    """A 1-band uint16 0.5 m scene through a model of 8-bit RGB at 2 m: read at 2 m with one note and
+    two warnings, each once; with --resolution native, three warnings."""
     from rasterio.transform import from_origin
 
     ckpt = load_checkpoint(tiny_checkpoint)
@@ -456,6 +457,11 @@ def test_an_input_far_from_the_models_imagery_is_warned_of_once(tmp_path, tiny_c
                        transform=from_origin(300000, 2770000, 0.5, 0.5)) as ds:
         ds.write(data)
     code, _, err = run_cli(capsys, "predict", src, "-m", model, "-o", tmp_path / "out", *FAST)
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert code == 0 and len(warnings) == 2 and "1 band" in warnings[0] and "uint16" in warnings[1], err
+    assert err.count("read at the model's 2 metre pixels, resampled from the input's 0.5 metre") == 1
+    code, _, err = run_cli(capsys, "predict", src, "-m", model, "-o", tmp_path / "native", *FAST,
+                           "--resolution", "native")
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert code == 0 and len(warnings) == 3, err
     assert "1 band" in warnings[0] and "uint16" in warnings[1] and "0.5 metre" in warnings[2]

@@ -14,7 +14,7 @@ from bigseg.errors import DatasetError, TrainingError
 from bigseg.train.data import open_split
 from bigseg.train.loop import train
 from tests.cli_helpers import run_cli
-from tests.conftest import CLASSES, make_camvid_dataset, make_generic_dataset, tiny_config
+from tests.conftest import CLASSES, TINY, make_camvid_dataset, make_generic_dataset, tiny_config
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -204,6 +204,9 @@ def test_init_starts_from_a_checkpoints_weights_with_a_new_schedule(tmp_path):
         other = make_generic_dataset(tmp_path / "other", n=4)
         (other / "classes.json").write_text(json.dumps({"classes": ["a", "b", "c", "d"]}))
         train(tiny_config(other, tmp_path / "c", eval_every=0, init=str(tmp_path / "a" / "final.pt")))
+    wider = {**TINY, "up_widths": [w * 2 for w in TINY["up_widths"]]}  # the same architecture, other widths
+    with pytest.raises(TrainingError, match="was built with another ladder-dn121 configuration"):
+        train(tiny_config(data, tmp_path / "d", eval_every=0, arch_config=wider, init=str(tmp_path / "a" / "final.pt")))
 
 
 def test_freeze_bn_keeps_the_init_models_batchnorm_statistics_while_the_weights_learn(tmp_path, capsys):

@@ -4,6 +4,7 @@ sampler, normalisation, class weights, the teacher's targets, an on-device copy)
 its optimisation. `loop.py` then only runs the steps."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 
 from bigseg import distributed as D
-from bigseg.checkpoint import Normalization, load_backbone_weights, load_checkpoint, pretrained_normalization
+from bigseg.checkpoint import (Normalization, load_backbone_weights, load_checkpoint, pretrained_normalization,
+                               weights_mismatch)
 from bigseg.infer.engines.torch import resolve_device, resolve_precision
 from bigseg.errors import Interrupted, TrainingError
 from bigseg.models import create_model
@@ -264,10 +266,12 @@ def load_init(net: nn.Module, cfg: TrainConfig, classes: list[str]) -> Normaliza
         raise TrainingError(f"init {cfg.init} is a {ckpt.arch} for {len(ckpt.classes)} classes "
                             f"({', '.join(ckpt.classes[:3])}, ...); this run trains a {cfg.arch} for "
                             f"{len(classes)} classes ({', '.join(classes[:3])}, ...)")
-    source = ckpt.build_model()
-    if source.config.to_dict() != net.config.to_dict() or ckpt.in_channels != net.in_channels:
+    same = json.dumps(ckpt.config, sort_keys=True, default=list) == json.dumps(net.config.to_dict(), sort_keys=True,
+                                                                               default=list)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    if not same or ckpt.in_channels != net.in_channels or weights_mismatch(net.state_dict(), state):
         raise TrainingError(f"init {cfg.init} was built with another {cfg.arch} configuration")
-    net.load_state_dict(source.state_dict())
+    net.load_state_dict(state)  # into the run's own network: no second model is built
     return ckpt.normalization
 
 

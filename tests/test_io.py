@@ -626,6 +626,10 @@ def test_a_raster_finer_than_the_model_is_predicted_at_the_models_pixel_size_and
     code, _, err = run_cli(capsys, "predict", src, "-m", model, "-o", tmp_path / "out.mask.tif", "--device", "cpu",
                            "--tile", "128", "--overlap", "32", "--probs", "--areas")
     assert code == 0 and "read at the model's 1 metre pixels, resampled from the input's 0.5" in err, err
+    code, out, err = run_cli(capsys, "predict", src, "-m", model, "-o", tmp_path / "plan.mask.tif", "--device", "cpu",
+                             "--dry-run", "--json")
+    plan = json.loads(out)[0]
+    assert code == 0 and (plan["width"], plan["height"]) == (200, 150) and "outputs on the input's grid, 400x300" in plan["notes"]
     with rasterio.open(src) as ds, resampled_view(ds, 1.0) as view:  # what the model saw
         profile = {**ds.profile, "driver": "GTiff", "width": view.width, "height": view.height,
                    "transform": view.transform}

@@ -203,6 +203,7 @@ def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, e
     with gdal_env(options.threads_for(predictor.on_gpu), remote=is_remote(src)), \
             open_for_model(src, predictor.card, options.read) as reader:
         grid = predictor.grid(reader.width, reader.height)
+        out_size = _output_size(predictor, src, reader, options)
         plan = Plan(
             input=str(src), output=str(dst), width=reader.width, height=reader.height,
             bands=predictor.card.in_channels, dtype=str(getattr(reader, "dtype", "uint8")),
@@ -212,7 +213,7 @@ def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, e
             blend=f"sin^2 ramp, zero weight within {predictor.overlap // 4} px of inner tile edges",
             device=predictor.device, precision=predictor.precision,
             notes=list(reader.notes),
-            outputs=describe(dst, reader.kind, reader.width, reader.height, predictor.num_classes, options.write))
+            outputs=describe(dst, reader.kind, *out_size, predictor.num_classes, options.write))
         plan.memory_mib = memory_estimate(predictor, reader.width, reader.height, plan.bands, options.write.probs)
         plan.model = predictor.card.source
         plan.engine = describe_engine(predictor, (min(predictor.tile, reader.height), min(predictor.tile, reader.width)),
@@ -221,6 +222,18 @@ def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, e
         if estimate:
             plan.estimate_seconds = _time_estimate(predictor, reader, grid)
     return plan
+
+
+def _output_size(predictor: Predictor, src: Path, reader, options: JobOptions) -> tuple[int, int]:
+    """The outputs' width and height: the input's grid when a job read at the model's pixel size
+    writes back on it (`bigseg.run.regrid`), else the grid predicted on."""
+    if not reader.resampled or options.read.output_grid != "input":
+        return reader.width, reader.height
+    from dataclasses import replace
+
+    with open_for_model(src, predictor.card, replace(options.read, resolution="native")) as native:
+        reader.notes.append(f"outputs on the input's grid, {native.width}x{native.height}")
+        return native.width, native.height
 
 
 def describe_engine(predictor: Predictor, shape: tuple[int, int], image: tuple[int, int] | None = None) -> str:

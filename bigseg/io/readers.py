@@ -481,10 +481,7 @@ def beyond_opencv(path: Path) -> bool:
 def open_input(path: str | Path, wanted_bands: int, options: ReadOptions, pixel_size: float | None = None) -> Reader:
     """`open_raster` with a job's read options (with `pixel_size`: resampled to it by GDAL), seen
     through its area of interest if any."""
-    if pixel_size is not None:
-        if options.engine not in ("auto", "gdal"):
-            raise InputError(f"{options.engine} reads at the file's own resolution; --resolution "
-                             f"resamples through GDAL (--reader gdal)", param="reader")
+    if pixel_size is not None:  # GDAL's warper resamples (ReadOptions refuses another reader with a size)
         reader = GdalReader(RemotePath(str(path)) if is_remote(path) else Path(path), wanted_bands, options.bands,
                             options.value_range, pixel_size)
     else:

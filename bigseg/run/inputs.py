@@ -32,7 +32,7 @@ def open_for_model(src: Path, checkpoint: ModelCard, read: ReadOptions) -> Reade
         read = replace(read, value_range=tuple(trained["value_range"]))
     reader = open_input(src, checkpoint.in_channels, read)
     target, note = target_pixel(reader, trained, read.resolution)
-    if target is not None:
+    if target is not None and read.engine in ("auto", "gdal"):  # another reader reads the file as it is
         reader.close()
         reader = open_input(src, checkpoint.in_channels, read, pixel_size=target)
         reader.resampled = note

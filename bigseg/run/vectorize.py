@@ -89,8 +89,7 @@ def from_mask(src: Path, mask: Path, write: WriteOptions) -> PredictResult:
     polygons, csv = vector_paths(mask, write.polygons or VectorOptions())
     done = vectorize_file(mask, polygons if write.polygons is not None else None, write.polygons or VectorOptions(),
                           csv if write.areas else None)
-    with gdal_env(), _open(mask) as ds:
-        width, height = ds.width, ds.height
+    width, height = done.areas.ground.width, done.areas.ground.height  # the mask is not opened again
     notes = ["the mask was there: polygons and areas from it"] + done.notes
     extras = [p for p in (done.output, done.areas_csv) if p is not None]
     return PredictResult(src, mask, width, height, 0, done.seconds, extras, notes,

@@ -1,7 +1,13 @@
 """Shared fixtures: a tiny ladder model, its checkpoint, and synthetic rasters made in tmp_path."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite runs as one worker per core (`-n auto`): a worker and the subprocesses it starts
+    # compute on one thread each, so workers do not fight over the cores with spinning threads
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import numpy as np
 import pytest

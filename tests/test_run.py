@@ -101,11 +101,23 @@ def test_an_interrupted_run_leaves_no_output(tmp_path, tiny_checkpoint, monkeypa
     assert files(out) == []
 
 
-def test_sigkill_then_rerun_equals_uninterrupted_bit_for_bit(tmp_path, tiny_checkpoint):
+def one_thread_here(capsys, *args) -> None:
+    """`bigseg predict` in this process on one thread, as the subprocesses it is compared with
+    (OMP_NUM_THREADS=1) compute: the reference run, without starting another Python."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, _, err = run_cli(capsys, "predict", *args)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+
+
+def test_sigkill_then_rerun_equals_uninterrupted_bit_for_bit(tmp_path, tiny_checkpoint, capsys):
     src = write_geotiff(tmp_path / "big.tif", 900, 1400, nodata=0)
-    env = {**os.environ, "BIGSEG_JOURNAL_SECONDS": "0"}
+    env = {**os.environ, "BIGSEG_JOURNAL_SECONDS": "0", "OMP_NUM_THREADS": "1"}
     whole = tmp_path / "whole.tif"
-    subprocess.run(predict_cmd(src, whole, tiny_checkpoint, "--probs"), env=env, check=True)
+    one_thread_here(capsys, *predict_cmd(src, whole, tiny_checkpoint, "--probs")[4:])
 
     dst = tmp_path / "resumed.tif"
     proc = subprocess.Popen(predict_cmd(src, dst, tiny_checkpoint, "--probs"), env=env)
@@ -409,9 +421,6 @@ def torchrun(args, port, env=None, nproc=2, script=None):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def single(args):
-    return subprocess.run([sys.executable, "-m", "bigseg", "predict", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def same_raster(a, b):
@@ -429,11 +438,11 @@ def test_part_rows_cut_at_tile_rows():
 
 
 @linux_only
-def test_one_raster_split_across_ranks_equals_one_process(tmp_path, tiny_checkpoint):
+def test_one_raster_split_across_ranks_equals_one_process(tmp_path, tiny_checkpoint, capsys):
     src = write_geotiff(tmp_path / "big.tif", 300, 420, nodata=0)
     common = ["--model", tiny_checkpoint, "--device", "cpu", "--tile", "64", "--overlap", "16", "--probs",
               "--overlay"]
-    assert single([src, "-o", tmp_path / "one.tif", *common]).returncode == 0
+    one_thread_here(capsys, src, "-o", tmp_path / "one.tif", *common)
     proc = torchrun([src, "-o", tmp_path / "two.tif", *common, "--json"], 29521)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
@@ -446,10 +455,10 @@ def test_one_raster_split_across_ranks_equals_one_process(tmp_path, tiny_checkpo
 
 
 @linux_only
-def test_a_dead_rank_leaves_its_part_and_the_rerun_redoes_only_that(tmp_path, tiny_checkpoint):
+def test_a_dead_rank_leaves_its_part_and_the_rerun_redoes_only_that(tmp_path, tiny_checkpoint, capsys):
     src = write_geotiff(tmp_path / "big.tif", 200, 300)
     common = ["--model", tiny_checkpoint, "--device", "cpu", "--tile", "64", "--overlap", "16"]
-    assert single([src, "-o", tmp_path / "one.tif", *common]).returncode == 0
+    one_thread_here(capsys, src, "-o", tmp_path / "one.tif", *common)
     # rank 1 dies (hard exit) before writing anything: torchrun fails the job, rank 0's part stays
     dying = tmp_path / "dying.py"
     dying.write_text(
@@ -481,13 +490,13 @@ def test_a_dead_rank_leaves_its_part_and_the_rerun_redoes_only_that(tmp_path, ti
 
 
 @linux_only
-def test_many_files_are_shared_round_robin(tmp_path, tiny_checkpoint):
+def test_many_files_are_shared_round_robin(tmp_path, tiny_checkpoint, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(3):
         write_geotiff(folder / f"f{i}.tif", 90, 70, seed=i)
     common = ["--model", tiny_checkpoint, "--device", "cpu", "--tile", "64", "--overlap", "16"]
-    assert single([folder, "-o", tmp_path / "one", *common]).returncode == 0
+    one_thread_here(capsys, folder, "-o", tmp_path / "one", *common)
     proc = torchrun([folder, "-o", tmp_path / "two", *common, "--json"], 29524)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(json.loads(proc.stdout)["done"]) == 3

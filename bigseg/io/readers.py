@@ -63,6 +63,7 @@ class Reader:
     notes: list[str] = field(default_factory=list)
     scale: Any = None
     resampled: str | None = None  # read at another pixel size than the file's: the note that says so
+    native_size: tuple[int, int] | None = None  # then the file's own width and height (within an area of interest)
 
     @property
     def channels(self) -> int:

@@ -33,9 +33,10 @@ def open_for_model(src: Path, checkpoint: ModelCard, read: ReadOptions) -> Reade
     reader = open_input(src, checkpoint.in_channels, read)
     target, note = target_pixel(reader, trained, read.resolution)
     if target is not None and read.engine in ("auto", "gdal"):  # another reader reads the file as it is
+        native = (reader.width, reader.height)
         reader.close()
         reader = open_input(src, checkpoint.in_channels, read, pixel_size=target)
-        reader.resampled = note
+        reader.resampled, reader.native_size = note, native
         reader.notes.append(note)
     warnings = _differences(reader, trained, read.value_range is not None)
     if reader.plan.replicate > 1:  # the warning says it, and what follows from it

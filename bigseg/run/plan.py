@@ -203,7 +203,7 @@ def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, e
     with gdal_env(options.threads_for(predictor.on_gpu), remote=is_remote(src)), \
             open_for_model(src, predictor.card, options.read) as reader:
         grid = predictor.grid(reader.width, reader.height)
-        out_size = _output_size(predictor, src, reader, options)
+        out_size = _output_size(reader, options)
         plan = Plan(
             input=str(src), output=str(dst), width=reader.width, height=reader.height,
             bands=predictor.card.in_channels, dtype=str(getattr(reader, "dtype", "uint8")),
@@ -224,16 +224,14 @@ def plan_file(predictor: Predictor, src: Path, dst: Path, options: JobOptions, e
     return plan
 
 
-def _output_size(predictor: Predictor, src: Path, reader, options: JobOptions) -> tuple[int, int]:
+def _output_size(reader, options: JobOptions) -> tuple[int, int]:
     """The outputs' width and height: the input's grid when a job read at the model's pixel size
     writes back on it (`bigseg.run.regrid`), else the grid predicted on."""
     if not reader.resampled or options.read.output_grid != "input":
         return reader.width, reader.height
-    from dataclasses import replace
-
-    with open_for_model(src, predictor.card, replace(options.read, resolution="native")) as native:
-        reader.notes.append(f"outputs on the input's grid, {native.width}x{native.height}")
-        return native.width, native.height
+    width, height = reader.native_size
+    reader.notes.append(f"outputs on the input's grid, {width}x{height}")
+    return width, height
 
 
 def describe_engine(predictor: Predictor, shape: tuple[int, int], image: tuple[int, int] | None = None) -> str:

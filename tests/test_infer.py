@@ -87,6 +87,46 @@ def test_multiscale_and_flip_average_probabilities(tiny_checkpoint, tmp_path, ca
         assert np.abs(p.read().astype(int).sum(0) - 255).max() <= 2
 
 
+def test_turns_average_the_eight_symmetries_so_a_turned_image_gives_the_turned_prediction(tiny_checkpoint, tmp_path,
+                                                                                          capsys):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    image = np.random.default_rng(5).uniform(0, 255, (3, 96, 128)).astype(np.float32)  # not square
+    model = ckpt.build_model().eval()
+    x = (torch.from_numpy(image)[None] - torch.tensor(ckpt.normalization.mean).view(1, -1, 1, 1)) / torch.tensor(
+        ckpt.normalization.std).view(1, -1, 1, 1)
+    expected = 0
+    with torch.no_grad():
+        for k in range(4):
+            for mirror in (False, True):
+                xv = torch.rot90(x, k, (2, 3))
+                y = model(xv.flip(-1) if mirror else xv)
+                expected = expected + torch.rot90(y.flip(-1) if mirror else y, -k, (2, 3)).softmax(1)
+    both = Predictor(ckpt, "cpu", "fp32", tile=256, flip=True, turns=True)
+    probs = both.scores(image)
+    np.testing.assert_allclose(probs, (expected / 8)[0].numpy(), atol=1e-5)
+    # averaged over the whole group, the prediction of a turned or mirrored image is the turned or
+    # mirrored prediction (what a model of imagery seen from above should give); without turns it is not
+    for k, mirror in ((1, False), (2, True), (3, False)):
+        moved = np.rot90(image, k, (1, 2))[..., ::-1] if mirror else np.rot90(image, k, (1, 2))
+        want = np.rot90(probs, k, (1, 2))[..., ::-1] if mirror else np.rot90(probs, k, (1, 2))
+        np.testing.assert_allclose(both.scores(np.ascontiguousarray(moved)), want, atol=1e-5)
+    plain = Predictor(ckpt, "cpu", "fp32", tile=256)
+    turned = plain.scores(np.ascontiguousarray(np.rot90(image, 1, (1, 2))))
+    assert np.abs(turned - np.rot90(plain.scores(image), 1, (1, 2))).max() > 1e-3
+    # turns alone: the four quarter turns; a resumed run does not mix them with a run without
+    alone = Predictor(ckpt, "cpu", "fp32", tile=256, turns=True)
+    assert alone.averages_probabilities and alone.fingerprint()["turns"] is True and "turns" not in plain.fingerprint()
+    assert np.allclose(alone.scores(image).sum(0), 1, atol=1e-5)
+
+    # from the CLI: predict tiles with them, eval reports them
+    src = write_geotiff(tmp_path / "turned.tif", 150, 130)
+    code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "-o", tmp_path / "o", "--rotate", "--flip",
+                           "--probs", *FAST)
+    assert code == 0, err
+    with rasterio.open(tmp_path / "o" / "turned.probs.tif") as p:
+        assert np.abs(p.read().astype(int).sum(0) - 255).max() <= 2
+
+
 def test_out_of_memory_halves_the_batch_with_the_same_output(tmp_path, tiny_checkpoint):
     import rasterio
     src = write_geotiff(tmp_path / "a.tif", 400, 300)
@@ -667,7 +707,7 @@ def test_the_exported_predictor_resumes_what_the_torch_one_began_and_refuses_wha
     assert type(light.engine).__name__ == "CachedEngine"  # the same predictor, over an engine without torch
     assert same(light.fingerprint()) == same(torch_side.fingerprint())  # one resume fingerprint
     assert light.overlap == torch_side.overlap and light.engine.runs((128, 128))
-    for refused in (dict(scales=(1.0, 1.5)), dict(flip=True), dict(compile=True), dict(engine="torch"),
+    for refused in (dict(scales=(1.0, 1.5)), dict(flip=True), dict(turns=True), dict(compile=True), dict(engine="torch"),
                     dict(device="cuda"), dict(precision="fp16")):
         assert warm_start(str(tiny_checkpoint), Settings(**{**settings, **refused})) is None, refused
     assert warm_start(str(tmp_path / "other.pt"), Settings(**settings)) is None

@@ -109,6 +109,8 @@ def test_the_landcover_gpu_schedule_runs_a_tiny_schedule_on_the_cpu(tmp_path):
     best = load_checkpoint(tmp_path / "best.pt")
     assert best.classes == ["water", "field", "road"] and best.arch == "swiftnet-lite2"
     assert "--backbone-weights imagenet" in (out / "train.log").read_text()
-    single, averaged = (json.loads((out / f).read_text()) for f in ("eval-val.json", "eval-val-ms.json"))
+    single, turned, averaged = (json.loads((out / f).read_text()) for f in ("eval-val.json", "eval-val-d4.json",
+                                                                           "eval-val-ms.json"))
     assert single["split"] == "val" and single["images"] == 1 and not single["flip"] and averaged["flip"]
+    assert turned["flip"] and turned["turns"] and turned["scales"] == [1.0] and not single["turns"]
     assert (out / "train.log").read_text().startswith("bigseg train --data")

@@ -78,7 +78,7 @@ def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactl
     full = train(tiny_config(data, tmp_path / "a", max_steps=4, **settings),
                  on_event=lambda kind, info: events.append((kind, info)))
     announced = [i for k, i in events if k == "teacher"]
-    assert announced == [{"images": 5, "of": 5, "teachers": 1, "scales": [1.0, 1.5], "flip": True,
+    assert announced == [{"images": 5, "of": 5, "teachers": 1, "scales": [1.0, 1.5], "flip": True, "turns": False,
                           "bytes": announced[0]["bytes"]}]
     steps = [i for k, i in events if k == "step"]
     assert len(steps) == 4 and all(i["distil"] > 0 for i in steps)
@@ -129,14 +129,17 @@ def test_training_with_a_teacher_keeps_its_targets_in_the_run_and_resumes_exactl
     train(tiny_config(data, tmp_path / "f", max_steps=1, **settings))
     assert len(list((tmp_path / "f" / "teacher").glob("*.npy"))) == 5
 
-    # kept at a quarter of the size each way: 16x less disk, made again for the new spec, and trained on
+    # kept at a quarter of the size each way: 16x less disk, made again for the new spec (turned
+    # passes averaged too), and trained on
     events.clear()
-    reduced = train(tiny_config(data, tmp_path / "f", max_steps=2, teacher_reduction=4, **settings),
+    reduced = train(tiny_config(data, tmp_path / "f", max_steps=2, teacher_reduction=4, teacher_turns=True, **settings),
                     on_event=lambda kind, info: events.append((kind, info)))
     files = sorted((tmp_path / "f" / "teacher").glob("*.npy"))
     assert len(files) == 5 and np.load(files[0]).shape == (20, 24, 3)
     assert sum(f.stat().st_size for f in files) == [i for k, i in events if k == "teacher"][0]["bytes"]
-    assert json.loads((tmp_path / "f" / "teacher" / "spec.json").read_text())["reduction"] == 4
+    spec = json.loads((tmp_path / "f" / "teacher" / "spec.json").read_text())
+    assert spec["reduction"] == 4 and spec["turns"] is True
+    assert [i["turns"] for k, i in events if k == "teacher"] == [True]
     assert len(reduced.losses) == 2 and all(i["distil"] > 0 for k, i in events if k == "step")
 
 

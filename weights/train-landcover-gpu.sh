@@ -7,7 +7,7 @@
 # photometric jitter and a colour cast. The number of epochs is fitted to the budget: a short
 # calibration run times one epoch first. The best model (by val mIoU on tile5) comes back in fp16,
 # split in pieces under 16 MiB, with the run's log and curves and `bigseg eval` reports of it on
-# tile5 (single scale; 0.75..1.5 with flips).
+# tile5 (single scale; single scale with the eight turns and mirrors; 0.75..1.5 with flips).
 #
 #   bash weights/train-landcover-gpu.sh OUT_DIR            # on the GPU machine, from the repository root
 #
@@ -85,7 +85,9 @@ split -b 15m -d "$work/best-fp16.pt" "$OUT/best-fp16.pt.part-"
 cp "$RUN/log.json" "$RUN/curves.png" "$OUT/"
 (cd "$OUT" && sha256sum best-fp16.pt.part-* > parts.sha256 && cat parts.sha256)
 
-# 4. the best model scored on the whole held-out tile: single scale, then scales and flips
+# 4. the best model scored on the whole held-out tile: single scale, its turns and mirrors, then scales and flips
 "$PYTHON" -m bigseg eval --data "$DATA" --model "$work/best-fp16.pt" "${dev[@]}" -o "$OUT/eval-val.json" -q
+"$PYTHON" -m bigseg eval --data "$DATA" --model "$work/best-fp16.pt" "${dev[@]}" --flip --rotate \
+    -o "$OUT/eval-val-d4.json" -q
 "$PYTHON" -m bigseg eval --data "$DATA" --model "$work/best-fp16.pt" "${dev[@]}" --scales 0.75,1,1.25,1.5 --flip \
     -o "$OUT/eval-val-ms.json" -q

@@ -30,6 +30,7 @@ def evaluate(
     precision: O.Precision = "auto",
     scales: O.Scales = "1",
     flip: O.Flip = False,
+    rotate: O.Rotate = False,
     crf: O.Crf = None,
     crf_params: O.CrfParams = None,
     threads: O.Threads = None,
@@ -76,13 +77,14 @@ def evaluate(
     set_threads(threads)
     keep_freed_memory()  # tiles of one shape: reuse their buffers instead of page-faulting afresh
     predictor = Predictor(checkpoint, device, precision, tile, overlap, batch_size, scale_factors, flip,
-                          crf_settings, engine=engine, on_note=lambda message: print(f"note: {message}", file=sys.stderr))
+                          crf_settings, engine=engine, on_note=lambda message: print(f"note: {message}", file=sys.stderr),
+                          turns=rotate)
     result = run_eval(predictor, subset)
     report = out or (Path(model).with_name(f"{Path(model).stem}.eval-{split}.json") if Path(model).is_file() else None)
     numbers = predictor.precision
     if report is not None:
         write_text(report, json.dumps({"model": model, "precision": numbers, "scales": list(predictor.scales),
-                                       "flip": flip, "crf": None if predictor.crf is None else vars(predictor.crf),
+                                       "flip": flip, "turns": rotate, "crf": None if predictor.crf is None else vars(predictor.crf),
                                        **result.to_dict()}, indent=1))
     s = result.scores
     if not quiet:

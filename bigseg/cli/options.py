@@ -21,6 +21,9 @@ Precision = Annotated[str, typer.Option(
     help="auto (bf16 on a GPU and on a CPU with bf16 units, e.g. AMX; fp32 elsewhere), fp32, bf16 or fp16.")]
 Scales = Annotated[str, typer.Option(metavar="S,...", help="Average softmax over these scales, e.g. 0.75,1,1.25,1.5.")]
 Flip = Annotated[bool, typer.Option("--flip", help="Also average over horizontally mirrored tiles.")]
+Rotate = Annotated[bool, typer.Option(
+    "--rotate", help="Also average over tiles turned by 90, 180 and 270 degrees (imagery seen from above, "
+                     "where no direction is up; with --flip, all eight turns and mirrors).")]
 Crf = Annotated[str | None, typer.Option(metavar="BACKEND", help="Refine with a dense CRF: lattice or window.")]
 CrfParams = Annotated[str | None, typer.Option(
     metavar="K=V,...", help="CRF settings, e.g. w1=4,theta_alpha=67,theta_beta=3,w2=3,theta_gamma=1,"

@@ -51,6 +51,7 @@ def predict(
                                    help="Predict only inside these polygons (any vector file; outside: nodata)."),
     scales: O.Scales = "1",
     flip: O.Flip = False,
+    rotate: O.Rotate = False,
     crf: O.Crf = None,
     crf_params: O.CrfParams = None,
     probs: bool = typer.Option(False, "--probs", help="Also write per-class probabilities (uint8, p*255)."),
@@ -115,7 +116,7 @@ def predict(
 
         device = distributed.device_for_rank(device, distributed.rank_from_env())
     settings = Settings(device, precision, tile, overlap, batch_size, scale_factors, flip, crf_settings, compile_model,
-                        engine, threads)
+                        engine, threads, rotate)
     # a model whose export is compiled and cached predicts without torch (a warm start in a second)
     predictor = open_predictor(model, settings, progress.note, warm=single, before_torch=lambda: _threads(threads))
     options = JobOptions(read, write, float(os.environ.get("BIGSEG_JOURNAL_SECONDS", "5")), io_threads)

@@ -213,7 +213,8 @@ class TrainProgress(_Display):
         elif kind == "teacher":
             who = "the teacher's" if info["teachers"] == 1 else f"the mean of {info['teachers']} teachers'"
             self.line(f"computing {who} targets for {info['images']} of {info['of']} images "
-                      f"(scales {', '.join(f'{s:g}' for s in info['scales'])}{', flipped too' if info['flip'] else ''}); "
+                      f"(scales {', '.join(f'{s:g}' for s in info['scales'])}{', flipped too' if info['flip'] else ''}"
+                      f"{', turned too' if info.get('turns') else ''}); "
                       f"about {info['bytes'] / 1e9:.2f} GB, kept in the run folder")
         elif kind == "teacher_image":
             if info["done"] == info["images"] or info["done"] % 25 == 0:

@@ -58,10 +58,12 @@ def train(
                                         "schedule)."),
     teacher: list[str] | None = typer.Option(
         None, metavar="MODEL", help="Distil this model (a shipped name or a .pt file): the student learns its "
-        "probabilities, averaged over --teacher-scales and flips, beside the labels. Repeat it to distil the "
+        "probabilities, averaged over --teacher-scales, flips (and turns), beside the labels. Repeat it to distil the "
         "mean of several models (an ensemble)."),
     teacher_scales: str = typer.Option("0.75,1,1.25,1.5", metavar="S,...", help="The teacher's scales (averaged)."),
     teacher_flip: bool = typer.Option(True, "--teacher-flip/--no-teacher-flip", help="Average the teacher's mirrored passes too."),
+    teacher_rotate: bool = typer.Option(False, "--teacher-rotate", help="Average the teacher's passes turned by 90, "
+                                        "180 and 270 degrees too (imagery seen from above)."),
     teacher_reduction: int = typer.Option(
         1, min=1, metavar="F", help="Keep the teacher's targets at 1/F of the image's width and height (F^2 times "
         "less disk; each crop resizes them back)."),
@@ -141,6 +143,7 @@ def train(
                           rare_class_sampling=rare_class_sampling, scene_balance=scene_balance, freeze_bn=freeze_bn,
                           aux_weight=aux_weight, init=str(init) if init else None, teacher=tuple(teacher or ()),
                           teacher_scales=O.parse_scales(teacher_scales, "teacher_scales"), teacher_flip=teacher_flip,
+                          teacher_turns=teacher_rotate,
                           teacher_reduction=teacher_reduction, distil=distil,
                           backbone_weights=backbone_weights or None,
                           grad_checkpoint=grad_checkpoint, channels_last=channels_last, compile=compile_model,

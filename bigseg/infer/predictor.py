@@ -59,9 +59,9 @@ class Predictor(Notes):
     def __init__(self, model: Any, device: str = "auto", precision: str = "auto", tile: int = DEFAULT_TILE,
                  overlap: int | None = None, batch_size: int = DEFAULT_BATCH, scales: tuple[float, ...] = (1.0,),
                  flip: bool = False, crf: Any = None, compile: bool = False, engine: str | None = None,
-                 on_note: Callable[[str], None] | None = None, threads: int | None = None):
+                 on_note: Callable[[str], None] | None = None, threads: int | None = None, turns: bool = False):
         settings = Settings(device, precision, tile, overlap, batch_size, tuple(scales), flip, crf, compile, engine,
-                            threads)
+                            threads, turns)
         self._start(settings, on_note)
         self._run(build_engine(model, settings, self.note))
 
@@ -111,6 +111,7 @@ class Predictor(Notes):
     batch_size = property(lambda self: self.settings.batch_size)
     scales = property(lambda self: self.settings.scales)
     flip = property(lambda self: self.settings.flip)
+    turns = property(lambda self: self.settings.turns)
     crf = property(lambda self: self.settings.crf)
 
     @property
@@ -124,6 +125,7 @@ class Predictor(Notes):
         card, s = self.card, self.settings
         return {"weights": card.weights, "arch": card.arch, "config": card.config, "classes": card.classes,
                 "tile": s.tile, "overlap": self.overlap, "scales": s.scales, "flip": s.flip,
+                **({"turns": True} if s.turns else {}),  # without: as fingerprints were before turns
                 "crf": None if s.crf is None else vars(s.crf), "precision": f"torch.{self.precision}",
                 "device": self.device.split(":")[0], "engine": self.engine.name}
 

@@ -1,5 +1,5 @@
 """What shapes an inference run, in one frozen value checked once where it is made (no torch):
-device, precision, tiles, batch, scales, flips, CRF, torch.compile, engine and threads."""
+device, precision, tiles, batch, scales, flips and turns, CRF, torch.compile, engine and threads."""
 from __future__ import annotations
 
 import os
@@ -39,6 +39,7 @@ class Settings:
     compile: bool = False
     engine: str | None = None
     threads: int | None = None
+    turns: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(self.scales))
@@ -58,10 +59,10 @@ class Settings:
 
     @property
     def averages_probabilities(self) -> bool:
-        """Several scales, flips or a CRF: tiles give probabilities instead of logits."""
-        return self.scales != (1.0,) or self.flip or self.crf is not None
+        """Several scales, flips, turns or a CRF: tiles give probabilities instead of logits."""
+        return self.scales != (1.0,) or self.flip or self.turns or self.crf is not None
 
     @property
     def plain(self) -> bool:
-        """One scale, no flip, no CRF, no torch.compile: what an exported model alone can run."""
+        """One scale, no flip or turn, no CRF, no torch.compile: what an exported model alone can run."""
         return not self.averages_probabilities and not self.compile

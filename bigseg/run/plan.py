@@ -172,8 +172,8 @@ def memory_estimate(predictor: Predictor, width: int, height: int, bands: int, p
     exported = runtime is not None
     overhead, runtime_mib = EXPORTED_MEMORY.get(runtime, (CPU_ACTIVATION_OVERHEAD, 0))
     inputs = 2 * b * bands * th * tw * 4
-    # one forward's output is the last live activation (counted there); averaging over scales or
-    # flips keeps a running sum and one prediction beside it
+    # one forward's output is the last live activation (counted there); averaging over scales,
+    # flips or turns keeps a running sum and one prediction beside it
     scores = 2 * b * c * th * tw * 4 if predictor.averages_probabilities else 0
     stitcher = stitcher_peak_pixels(grid) * (c + 1) * 4
     writer = writer_rows(grid) * width * (1 + (c + 1 if probs else 0))
@@ -256,7 +256,7 @@ def describe_engine(predictor: Predictor, shape: tuple[int, int], image: tuple[i
     timing = engine.cache.timing(padded, engine.machine, engine.runtimes)
     if timing is not None:
         times = ", ".join(f"{k} {v:.2f} s" for k, v in timing.items())
-        plain = predictor.scales == (1.0,) and not predictor.flip and predictor.crf is None
+        plain = not predictor.averages_probabilities
         small = image is not None and image[0] * image[1] <= MAX_PIXELS
         warm = warm_choice(timing, padded, len(predictor.grid(*image))) if plain and small else None
         if warm is not None:

@@ -45,6 +45,7 @@ class TrainConfig:
     teacher: str | tuple[str, ...] | None = None  # distil this model's (or these models' mean) averaged predictions
     teacher_scales: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5)
     teacher_flip: bool = True
+    teacher_turns: bool = False    # and its three quarter turns (imagery seen from above)
     teacher_reduction: int = 1     # keep the targets at 1/F of each side (F^2 less disk; resized back per crop)
     distil: float = 1.0            # weight of the soft cross-entropy against the teacher's probabilities
     threads: int | None = None     # intra-op threads (None: one per core)

@@ -232,7 +232,7 @@ def prepare_targets(cfg: TrainConfig, data: TrainingData, run_dir, device, d: D.
         return None
     try:
         return prepare_teacher(cfg.teacher, data.train, run_dir, device, cfg.teacher_scales, cfg.teacher_flip,
-                               cfg.val_tile, d, on_event, reduction=cfg.teacher_reduction)
+                               cfg.val_tile, d, on_event, reduction=cfg.teacher_reduction, turns=cfg.teacher_turns)
     except KeyboardInterrupt:
         stop_handled()
         raise Interrupted(f"interrupted while computing the teacher's targets: those done are kept in "

@@ -1,5 +1,5 @@
 """Distillation targets: a teacher model's class probabilities for every training image, averaged
-over scales and flips as `predict --scales ... --flip` averages them, so that one pass of the
+over scales, flips and turns as `predict --scales ... --flip --rotate` averages them, so that one pass of the
 student learns what several passes of the teacher see (knowledge distillation, Hinton et al. 2015;
 pixel-wise for segmentation, Liu et al. CVPR 2019). Several teachers (an ensemble) give the mean
 of their averaged probabilities, as Hinton et al. distil an ensemble into one model.
@@ -83,7 +83,8 @@ def _check_space(folder: Path, missing: list[int], data: DataSplit, classes: int
     return int(need)
 
 
-def _predictor(spec: str, data: DataSplit, device, scales: tuple[float, ...], flip: bool, tile: int) -> Predictor:
+def _predictor(spec: str, data: DataSplit, device, scales: tuple[float, ...], flip: bool, tile: int,
+               turns: bool = False) -> Predictor:
     """The predictor of one teacher, refused unless it predicts the training data's classes."""
     try:
         ckpt = resolve_model(spec)
@@ -97,13 +98,13 @@ def _predictor(spec: str, data: DataSplit, device, scales: tuple[float, ...], fl
         raise TrainingError(f"--teacher {spec} takes {ckpt.in_channels} bands; the training data has "
                             f"{data.source.channels}")
     return Predictor(ckpt, str(device), "fp32" if device.type == "cpu" else "auto", tile=tile,
-                     scales=tuple(scales), flip=flip, engine="torch")
+                     scales=tuple(scales), flip=flip, engine="torch", turns=turns)
 
 
 def _probabilities(predictor: Predictor, image: np.ndarray) -> np.ndarray:
-    """One teacher's (C, H, W) probabilities for a (3, H, W) image, averaged over its scales and flips."""
+    """One teacher's (C, H, W) probabilities for a (3, H, W) image, averaged over its scales, flips, turns."""
     probs = predictor.scores(image)
-    if not predictor.averages_probabilities:  # one scale, no flip: the model's logits
+    if not predictor.averages_probabilities:  # one scale, no flip or turn: the model's logits
         probs = torch.from_numpy(probs).softmax(0).numpy()
     return probs
 
@@ -111,14 +112,14 @@ def _probabilities(predictor: Predictor, image: np.ndarray) -> np.ndarray:
 def prepare_teacher(spec: str | tuple[str, ...], data: DataSplit, run_dir: Path, device, scales: tuple[float, ...],
                     flip: bool, tile: int, d: D.Rank = D.Rank(),
                     on_event: Callable[[str, dict], None] = lambda kind, info: None,
-                    reduction: int = 1) -> TeacherTargets:
+                    reduction: int = 1, turns: bool = False) -> TeacherTargets:
     """Make (or find) the targets of the teacher `spec` (or the mean of several) for every item of
     the training split `data` in `run_dir/teacher`, kept at 1/`reduction` of each side (the
     teacher's averaged probabilities are smooth: a model of output stride 4 predicts at a quarter
     of the size); under torchrun (`d`) the main process checks the folder's spec, then each
     process computes every world-th missing item, and all wait for the rest."""
     specs = (spec,) if isinstance(spec, str) else tuple(spec)
-    predictors = [_predictor(s, data, device, scales, flip, tile) for s in specs]
+    predictors = [_predictor(s, data, device, scales, flip, tile, turns) for s in specs]
     digests = [p.card.weights for p in predictors]
     for i, digest in enumerate(digests):
         if digest in digests[:i]:
@@ -129,6 +130,7 @@ def prepare_teacher(spec: str | tuple[str, ...], data: DataSplit, run_dir: Path,
               "scales": list(scales), "flip": flip, "tile": tile,
               "images": [str(Path(data.source.item_id(i))) for i in items],
               **({"reduction": reduction} if reduction != 1 else {}),  # full size: as specs were before it
+              **({"turns": True} if turns else {}),  # without: as specs were before turns
               **({} if data.source.extent(data.regions[0]) is None else
                  {"regions": [_region_spec(data, r) for r in data.regions]})}
     folder = Path(run_dir) / FOLDER
@@ -146,7 +148,7 @@ def prepare_teacher(spec: str | tuple[str, ...], data: DataSplit, run_dir: Path,
     if todo:
         need = _check_space(folder, missing, data, len(data.classes), reduction)
         on_event("teacher", {"images": len(todo), "of": len(items), "teachers": len(specs),
-                             "scales": list(scales), "flip": flip, "bytes": need})
+                             "scales": list(scales), "flip": flip, "turns": turns, "bytes": need})
     for n, item in enumerate(todo):
         check_stop()
         if data.source.extent(Region(item)) is None:  # an image read whole

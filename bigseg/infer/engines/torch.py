@@ -193,17 +193,17 @@ class TorchEngine:
         return scores
 
     def _scores(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits, or with several scales / flips the mean softmax over them (as in DeepLab and
+        """Logits, or with several scales / flips / turns the mean softmax over them (as in DeepLab and
         RefineNet testing); softmax probabilities when a CRF follows."""
         s = self.settings
         x = ((image - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
         autocast = (torch.autocast(self.torch_device.type, dtype=self.dtype)
                     if self.dtype is not torch.float32 else nullcontext())
         with torch.inference_mode(), autocast:
-            if s.scales == (1.0,) and not s.flip:
+            if s.scales == (1.0,) and not s.flip and not s.turns:
                 y = self.model(x).float()
                 return y.softmax(1) if s.crf is not None else y
-            return multi_scale_probabilities(self.model, x, s.scales, s.flip)
+            return multi_scale_probabilities(self.model, x, s.scales, s.flip, s.turns)
 
     def out_of_memory(self, error: BaseException) -> bool:
         """torch and ONNX Runtime report exhausted memory in their own types; on a GPU the cached
@@ -252,22 +252,33 @@ class OnHost:
         return None
 
 
-def multi_scale_probabilities(model: Callable, x: torch.Tensor, scales: tuple[float, ...], flip: bool) -> torch.Tensor:
-    """The mean softmax over scaled (and mirrored) copies of normalised `x`, each brought back to
-    x's size (DeepLab / RefineNet test-time averaging)."""
+def views(flip: bool, turns: bool) -> list[tuple[int, bool]]:
+    """The (quarter turns, mirrored) views averaged: the image alone; with `flip` its mirror image;
+    with `turns` the three quarter turns of each (with both, the eight symmetries of a square, the
+    usual test-time averaging of imagery seen from above, where no direction is up)."""
+    return [(k, m) for k in (range(4) if turns else (0,)) for m in ((False, True) if flip else (False,))]
+
+
+def multi_scale_probabilities(model: Callable, x: torch.Tensor, scales: tuple[float, ...], flip: bool,
+                              turns: bool = False) -> torch.Tensor:
+    """The mean softmax over scaled (mirrored, turned) copies of normalised `x`, each brought back
+    to x's size and orientation (DeepLab / RefineNet test-time averaging)."""
     h, w = x.shape[-2:]
-    total = None
+    total, seen = None, views(flip, turns)
     for s in scales:
         xs = x if s == 1 else F.interpolate(x, (max(1, round(h * s)), max(1, round(w * s))),
                                             mode="bilinear", align_corners=False)
-        for mirrored in ((False, True) if flip else (False,)):
-            y = model(xs.flip(-1) if mirrored else xs).float()
+        for k, mirrored in seen:
+            xv = torch.rot90(xs, k, (-2, -1)) if k else xs
+            xv = xv.flip(-1) if mirrored else xv
+            y = model(xv.contiguous(memory_format=torch.channels_last) if k else xv).float()
             y = y.flip(-1) if mirrored else y
+            y = torch.rot90(y, -k, (-2, -1)) if k else y
             if s != 1:
                 y = F.interpolate(y, (h, w), mode="bilinear", align_corners=False)
             p = y.softmax(1)
             total = p if total is None else total + p
-    return total / (len(scales) * (2 if flip else 1))
+    return total / (len(scales) * len(seen))
 
 
 def _exporter() -> bool:

@@ -682,11 +682,48 @@ def test_a_wrong_resolution_is_one_line(tmp_path, tiny_checkpoint, capsys, args,
     assert code == 1 and line in err and "Traceback" not in err, err
 
 
-def test_a_pixel_size_in_metres_needs_a_projected_crs(tmp_path, tiny_checkpoint, capsys):
-    src = write_geotiff(tmp_path / "lonlat.tif", 64, 64, crs="EPSG:4326")
+def _lonlat_or_mercator(path: Path, crs: str, pixel: float, width: int = 64) -> Path:
+    """A raster at 45 degrees north, longitude 10, with square pixels of `pixel` in `crs`'s units."""
+    from pyproj import Transformer
+    from rasterio.transform import from_origin
+
+    x, y = (10.0, 45.0) if crs == "EPSG:4326" else Transformer.from_crs(4326, crs, always_xy=True).transform(10, 45)
+    data = np.random.default_rng(0).integers(0, 255, (3, width, width), dtype=np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=width, count=3, dtype="uint8", crs=crs,
+                       transform=from_origin(x, y, pixel, pixel)) as ds:
+        ds.write(data)
+    return path
+
+
+def test_pixel_sizes_are_compared_on_the_ground_in_degrees_and_in_web_mercator(tmp_path, tiny_checkpoint, capsys):
+    """In a geographic CRS a pixel is measured on the ellipsoid; in Web Mercator a CRS metre is
+    1/cos(latitude) ground metres (at 45 degrees a 0.7 m CRS pixel is 0.495 m on the ground: twice
+    as fine as a 1 m model, no longer within its tolerance)."""
+    lonlat = _lonlat_or_mercator(tmp_path / "lonlat.tif", "EPSG:4326", 1e-5)  # 0.79 m across, 1.11 m down
+    code, out, err = run_cli(capsys, "predict", lonlat, "-m", tiny_checkpoint, "-o", tmp_path / "o", "--device", "cpu",
+                             "--resolution", "2", "--dry-run", "--json")
+    plan = json.loads(out)[0]
+    assert code == 0 and (plan["width"], plan["height"]) == (30, 30), (plan, err)  # 64 x 0.936 m / 2 m
+    assert any("read at 2 m pixels (resampled from 0.936 m (1e-05 degree in its CRS)" in n for n in plan["notes"])
+
+    model = _with_pixel_size(tiny_checkpoint, 1.0, tmp_path / "one-metre.pt")
+    mercator = _lonlat_or_mercator(tmp_path / "mercator.tif", "EPSG:3857", 0.7, width=128)
+    code, out, err = run_cli(capsys, "predict", mercator, "-m", model, "-o", tmp_path / "o", "--device", "cpu",
+                             "--dry-run", "--json")
+    plan = json.loads(out)[0]
+    assert code == 0 and (plan["width"], plan["height"]) == (64, 64), (plan, err)  # 128 x 0.495 m / 1 m
+    assert any("read at the model's 1 metre pixels, resampled from the input's 0.495 m (0.7 metre in its CRS)" in n
+               for n in plan["notes"]), plan["notes"]
+    code, _, err = run_cli(capsys, "predict", mercator, "-m", model, "-o", tmp_path / "native", "--device", "cpu",
+                           "--resolution", "native", "--tile", "128")
+    assert code == 0 and "the input's pixels are 0.495 m (0.7 metre in its CRS), the model was trained on 1 metre: " \
+                         "objects look 2x their trained size" in err, err
+
+    # coordinates that are not on the Earth cannot be measured in metres: one line
+    src = write_geotiff(tmp_path / "nowhere.tif", 64, 64, crs="EPSG:4326")  # longitude 500000
     code, _, err = run_cli(capsys, "predict", src, "-m", tiny_checkpoint, "-o", tmp_path / "o", "--device", "cpu",
                            "--resolution", "2")
-    assert code == 1 and "is in degrees (a geographic CRS): a pixel size in metres needs a projected CRS" in err
+    assert code == 1 and "pixels cannot be measured on the ground" in err and "Traceback" not in err, err
 
 
 def test_an_interrupted_remote_job_resumes_and_equals_the_uninterrupted_one(tmp_path, tiny_checkpoint, capsys):

@@ -872,3 +872,19 @@ def test_a_stated_pixel_size_is_recorded_for_imagery_without_one_and_refused_aga
     code, _, err = run_cli(capsys, "train", "--data", scenes, "--run", tmp_path / "b", "--pixel-size", "2", *common,
                            "--windows-per-epoch", "2")
     assert code == 1 and "--pixel-size 2 m, but the training imagery says its pixels are 0.5 metre" in err, err
+    # imagery in Web Mercator records its ground pixels (0.5 CRS metres at 33.8 degrees north: 0.416 m),
+    # as predict measures an input's
+    import math
+
+    from pyproj import Transformer
+
+    mercator = tmp_path / "mercator"
+    learnable_scene(mercator, "a", 128, 96, crs="EPSG:3857")
+    learnable_scene(mercator, "b", 128, 96, seed=1, crs="EPSG:3857")
+    classes_csv(mercator / "classes.csv")
+    code, _, err = run_cli(capsys, "train", "--data", mercator, "--run", tmp_path / "c", *common, "--windows-per-epoch", "2")
+    assert code == 0, err
+    _, lat = Transformer.from_crs(3857, 4326, always_xy=True).transform(500000 + 32, 4000000 - 24)  # the centre
+    recorded = load_checkpoint(tmp_path / "c" / "last.pt").input
+    assert recorded["units"] == "metre"
+    np.testing.assert_allclose(recorded["pixel_size"], 0.5 * math.cos(math.radians(lat)), rtol=1e-6)

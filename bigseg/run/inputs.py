@@ -5,7 +5,8 @@ where the input is far from what the model knows.
 Pixel size (`ReadOptions.resolution`): `model` (the default) reads an input whose ground pixels are
 more than `PIXEL_SIZE_TOLERANCE` times larger or smaller than the model's at the model's size,
 resampled on the fly by GDAL, with one note; `native` never resamples; a number resamples to that
-many metres. A model or input without a known pixel size is read as it is."""
+many metres. Pixel sizes are ground sizes at the input's centre (a Web Mercator or geographic
+grid's CRS units are not). A model or input without a known pixel size is read as it is."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -17,6 +18,7 @@ import numpy as np
 from bigseg.errors import InputError
 from bigseg.infer.card import ModelCard
 from bigseg.io.readers import Reader, ReadOptions, open_input
+from bigseg.vector.areas import Ground
 
 
 PIXEL_SIZE_TOLERANCE = 1.5  # a ground pixel this many times larger or smaller than the model's is noted
@@ -65,8 +67,10 @@ def parse_output_grid(text: str) -> str:
 
 
 def target_pixel(reader: Reader, trained: dict, resolution: str | float) -> tuple[float | None, str | None]:
-    """The ground pixel size (in the CRS's units) to read `reader`'s input at, and the note that
-    says so; (None, None) to read it as it is."""
+    """The pixel size (in the CRS's units) to read `reader`'s input at, and the note that says so;
+    (None, None) to read it as it is. Sizes are compared on the ground (`ground_pixel`): in Web
+    Mercator a CRS metre is 1/cos(latitude) ground metres, in a geographic CRS a degree is measured
+    on the ellipsoid."""
     if resolution == "native":
         return None, None
     g = reader.georef
@@ -75,22 +79,51 @@ def target_pixel(reader: Reader, trained: dict, resolution: str | float) -> tupl
             raise InputError(f"{reader.path} has no georeferencing (CRS and transform): --resolution needs "
                              f"ground pixels; use --resolution native", param="resolution")
         return None, None
-    px = abs(g.transform.a)
-    units = "degree" if g.crs.is_geographic else (g.crs.linear_units or "unknown")
+    px, ground = abs(g.transform.a), ground_pixel(reader)
     if resolution != "model":
-        if g.crs.is_geographic:
-            raise InputError(f"{reader.path} is in degrees (a geographic CRS): a pixel size in metres needs a "
-                             f"projected CRS; reproject it first, or use --resolution model or native",
-                             param="resolution")
-        target = float(resolution) / float(g.crs.linear_units_factor[1])
-        if math.isclose(target, px, rel_tol=1e-6):
+        if ground is None:
+            raise InputError(f"{reader.path}'s pixels cannot be measured on the ground (its CRS has no unit of "
+                             f"length, or its coordinates are not on the Earth): --resolution in metres needs "
+                             f"them; use --resolution model or native", param="resolution")
+        wanted = float(resolution)
+        if math.isclose(wanted, ground, rel_tol=1e-6):
             return None, None
-        return target, f"read at {float(resolution):.3g} m pixels (resampled from {px:.3g} {units}, --resolution)"
+        return px * wanted / ground, f"read at {wanted:.3g} m pixels (resampled from {_size(reader, ground)}, --resolution)"
     model_px, model_units = trained.get("pixel_size"), trained.get("units")
-    if not model_px or model_units != units or 1 / PIXEL_SIZE_TOLERANCE <= px / model_px[0] <= PIXEL_SIZE_TOLERANCE:
+    if not model_px:
         return None, None
-    return float(model_px[0]), (f"read at the model's {model_px[0]:.3g} {units} pixels, resampled from the input's "
-                                f"{px:.3g} {units} (--resolution native keeps them)")
+    units = _units(reader)
+    if model_units == "metre" and ground is not None:
+        here = ground
+    elif model_units == units:  # a model that recorded its pixels in another unit: compared in it
+        here = px
+    else:
+        return None, None
+    if 1 / PIXEL_SIZE_TOLERANCE <= here / model_px[0] <= PIXEL_SIZE_TOLERANCE:
+        return None, None
+    shown = _size(reader, ground) if model_units == "metre" else f"{px:.3g} {units}"
+    return (px * model_px[0] / here, f"read at the model's {model_px[0]:.3g} {model_units} pixels, resampled from "
+                                     f"the input's {shown} (--resolution native keeps them)")
+
+
+def ground_pixel(reader: Reader) -> float | None:
+    """The input's ground pixel size in metres at its centre (the mean of across and down, as a
+    square pixel would have), or None where its CRS has no length (`vector.areas.Ground`)."""
+    sizes = Ground(reader.georef, reader.width, reader.height).pixel_metres()
+    return None if sizes is None else math.sqrt(sizes[0] * sizes[1])
+
+
+def _units(reader: Reader) -> str:
+    crs = reader.georef.crs
+    return "degree" if crs.is_geographic else (crs.linear_units or "unknown")
+
+
+def _size(reader: Reader, ground: float) -> str:
+    """`0.5 metre`, or `0.0707 m (0.1 metre in its CRS)` where the CRS's unit is not a ground metre."""
+    px, units = abs(reader.georef.transform.a), _units(reader)
+    if units == "metre" and math.isclose(px, ground, rel_tol=0.005):
+        return f"{px:.3g} metre"
+    return f"{ground:.3g} m ({px:.3g} {units} in its CRS)"
 
 
 def _differences(reader: Reader, trained: dict, stretched_by_user: bool = False) -> list[str]:
@@ -110,11 +143,13 @@ def _differences(reader: Reader, trained: dict, stretched_by_user: bool = False)
                      f"LOW,HIGH that gives the input the look of its training images helps")
     model_px, units = trained.get("pixel_size"), trained.get("units")
     g = reader.georef
-    if model_px and g is not None and g.crs is not None and g.transform is not None and not reader.resampled:
-        px = abs(g.transform.a)
-        here = "degree" if g.crs.is_geographic else (g.crs.linear_units or "unknown")
-        if here == units and not (1 / PIXEL_SIZE_TOLERANCE <= px / model_px[0] <= PIXEL_SIZE_TOLERANCE):
-            notes.append(f"warning: the input's pixels are {px:.3g} {units}, the model was trained on "
-                         f"{model_px[0]:.3g} {units}: objects look {px / model_px[0]:.2g}x their trained size; "
+    if model_px and g is not None and g.mapped and not reader.resampled:
+        ground = ground_pixel(reader) if units == "metre" else None
+        px, here = abs(g.transform.a), _units(reader)
+        size, shown = (ground, _size(reader, ground)) if ground is not None else (px, f"{px:.3g} {here}")
+        if (ground is not None or here == units) and not (
+                1 / PIXEL_SIZE_TOLERANCE <= size / model_px[0] <= PIXEL_SIZE_TOLERANCE):
+            notes.append(f"warning: the input's pixels are {shown}, the model was trained on "
+                         f"{model_px[0]:.3g} {units}: objects look {model_px[0] / size:.2g}x their trained size; "
                          f"--resolution model reads it at the model's pixel size")
     return notes

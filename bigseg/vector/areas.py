@@ -123,6 +123,36 @@ class Ground:
         except Exception:  # a CRS without a known unit: taken as metres
             return 1.0
 
+    def pixel_metres(self) -> tuple[float, float] | None:
+        """A pixel's ground size in metres (across, down) at the grid's centre, measured as areas
+        are (`method`): the CRS's pixel size in metres where the map's scale is near true; divided
+        by the projection's parallel and meridional scale there where it is not (Web Mercator's
+        1/cos(latitude)); on the ellipsoid across and down one pixel in a geographic CRS. None
+        without georeferencing, in a projected CRS whose unit is not a length, or at coordinates
+        that are not on the Earth."""
+        if not self.georeferenced:
+            return None
+        t = self.transform
+        across, down = float(np.hypot(t.a, t.d)), float(np.hypot(t.b, t.e))
+        cx, cy = self.width / 2, self.height / 2
+        if self.geographic:
+            x, y = t.c + t.a * cx + t.b * cy, t.f + t.d * cx + t.e * cy
+            geod = self.geod()
+            sizes = float(geod.inv(x, y, x + t.a, y + t.d)[2]), float(geod.inv(x, y, x + t.b, y + t.e)[2])
+            return sizes if all(np.isfinite(sizes)) and min(sizes) > 0 and abs(y) <= 90 else None  # on the Earth
+        try:
+            m = float(self.crs.linear_units_factor[1])
+        except Exception:  # a CRS without a known linear unit
+            return None
+        if self.method == "planar":
+            return across * m, down * m
+        factors = self._factors(np.array([cx]), np.array([cy]))
+        along, meridian = (np.nan, np.nan) if factors is None else (
+            float(np.ravel(factors.parallel_scale)[0]), float(np.ravel(factors.meridional_scale)[0]))
+        if not (np.isfinite(along) and np.isfinite(meridian) and along > 0 and meridian > 0):
+            return across * m, down * m
+        return across * m / along, down * m / meridian
+
     def geod(self):
         from pyproj import CRS, Geod
 

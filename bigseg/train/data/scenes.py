@@ -19,6 +19,7 @@ from bigseg.errors import BigsegError, DatasetError
 from bigseg.tiling.geometry import Window
 from bigseg.io.categories import category_names
 from bigseg.io.readers import Reader, open_raster
+from bigseg.vector.areas import Ground
 from bigseg.train.data.classes import IGNORE, ClassTable, table_from_values
 from bigseg.train.data.labels import (
     VECTOR_SUFFIXES,
@@ -64,7 +65,7 @@ class ReadSettings:
 @dataclass
 class SceneInfo:
     """What opening a scene's image told: its grid, whether its data is 8-bit used as stored,
-    its ground pixel size and the unit of that size."""
+    its ground pixel size (metres, measured on the ground where the CRS allows) and its unit."""
 
     grid: Grid
     eight_bit: bool
@@ -272,10 +273,11 @@ def _info(reader: Reader) -> SceneInfo:
     g = reader.georef
     grid = Grid(reader.width, reader.height, g.crs if g else None, g.transform if g and g.crs else None)
     pixel, units = None, None
-    if grid.georeferenced:
+    if grid.georeferenced:  # on the ground where the CRS allows (Web Mercator's or degrees are not)
+        ground = Ground(g, reader.width, reader.height).pixel_metres()
         t = grid.transform
-        pixel = (abs(t.a), abs(t.e))
-        units = "degree" if grid.crs.is_geographic else (grid.crs.linear_units or "unknown")
+        pixel, units = (ground, "metre") if ground is not None else (
+            (abs(t.a), abs(t.e)), grid.crs.linear_units or "unknown")
     return SceneInfo(grid, reader.dtype == np.uint8 and reader.scale is None, pixel, units, tuple(reader.plan.indexes))
 
 

@@ -94,21 +94,20 @@ def target_pixel(reader: Reader, trained: dict, resolution: str | float) -> tupl
         return None, None
     units = _units(reader)
     if model_units == "metre" and ground is not None:
-        here = ground
+        here, shown = ground, _size(reader, ground)
     elif model_units == units:  # a model that recorded its pixels in another unit: compared in it
-        here = px
+        here, shown = px, f"{px:.3g} {units}"
     else:
         return None, None
     if 1 / PIXEL_SIZE_TOLERANCE <= here / model_px[0] <= PIXEL_SIZE_TOLERANCE:
         return None, None
-    shown = _size(reader, ground) if model_units == "metre" else f"{px:.3g} {units}"
     return (px * model_px[0] / here, f"read at the model's {model_px[0]:.3g} {model_units} pixels, resampled from "
                                      f"the input's {shown} (--resolution native keeps them)")
 
 
 def ground_pixel(reader: Reader) -> float | None:
     """The input's ground pixel size in metres at its centre (the mean of across and down, as a
-    square pixel would have), or None where its CRS has no length (`vector.areas.Ground`)."""
+    square pixel would have), or None where it cannot be measured (`vector.areas.Ground`)."""
     sizes = Ground(reader.georef, reader.width, reader.height).pixel_metres()
     return None if sizes is None else math.sqrt(sizes[0] * sizes[1])
 

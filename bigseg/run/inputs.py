@@ -33,14 +33,16 @@ def open_for_model(src: Path, checkpoint: ModelCard, read: ReadOptions) -> Reade
     if read.value_range is None and trained.get("value_range"):
         read = replace(read, value_range=tuple(trained["value_range"]))
     reader = open_input(src, checkpoint.in_channels, read)
-    target, note = target_pixel(reader, trained, read.resolution)
+    measured = trained.get("pixel_size") or read.resolution not in ("model", "native")
+    ground = ground_pixel(reader) if measured else None  # once: pyproj's transformer is made for it
+    target, note = target_pixel(reader, trained, read.resolution, ground)
     if target is not None and read.engine in ("auto", "gdal"):  # another reader reads the file as it is
         native = (reader.width, reader.height)
         reader.close()
         reader = open_input(src, checkpoint.in_channels, read, pixel_size=target)
         reader.resampled, reader.native_size = note, native
         reader.notes.append(note)
-    warnings = _differences(reader, trained, read.value_range is not None)
+    warnings = _differences(reader, trained, read.value_range is not None, ground)
     if reader.plan.replicate > 1:  # the warning says it, and what follows from it
         reader.notes = [n for n in reader.notes if not n.startswith("single band repeated")]
     reader.notes.extend(warnings)
@@ -66,9 +68,11 @@ def parse_output_grid(text: str) -> str:
     return text
 
 
-def target_pixel(reader: Reader, trained: dict, resolution: str | float) -> tuple[float | None, str | None]:
+def target_pixel(reader: Reader, trained: dict, resolution: str | float,
+                 ground: float | None) -> tuple[float | None, str | None]:
     """The pixel size (in the CRS's units) to read `reader`'s input at, and the note that says so;
-    (None, None) to read it as it is. Sizes are compared on the ground (`ground_pixel`): in Web
+    (None, None) to read it as it is. Sizes are compared on the ground (`ground`, the input's
+    ground pixel in metres from `ground_pixel`; None where it cannot be measured): in Web
     Mercator a CRS metre is 1/cos(latitude) ground metres, in a geographic CRS a degree is measured
     on the ellipsoid."""
     if resolution == "native":
@@ -79,7 +83,7 @@ def target_pixel(reader: Reader, trained: dict, resolution: str | float) -> tupl
             raise InputError(f"{reader.path} has no georeferencing (CRS and transform): --resolution needs "
                              f"ground pixels; use --resolution native", param="resolution")
         return None, None
-    px, ground = abs(g.transform.a), ground_pixel(reader)
+    px = abs(g.transform.a)
     if resolution != "model":
         if ground is None:
             raise InputError(f"{reader.path}'s pixels cannot be measured on the ground (its CRS has no unit of "
@@ -89,20 +93,29 @@ def target_pixel(reader: Reader, trained: dict, resolution: str | float) -> tupl
         if math.isclose(wanted, ground, rel_tol=1e-6):
             return None, None
         return px * wanted / ground, f"read at {wanted:.3g} m pixels (resampled from {_size(reader, ground)}, --resolution)"
-    model_px, model_units = trained.get("pixel_size"), trained.get("units")
-    if not model_px:
+    compared = _against_model(reader, trained, ground)
+    if compared is None or not _far(compared[0], trained["pixel_size"][0]):
         return None, None
-    units = _units(reader)
+    (here, shown), model_px = compared, trained["pixel_size"][0]
+    return (px * model_px / here, f"read at the model's {model_px:.3g} {trained['units']} pixels, resampled from "
+                                  f"the input's {shown} (--resolution native keeps them)")
+
+
+def _against_model(reader: Reader, trained: dict, ground: float | None) -> tuple[float, str] | None:
+    """The input's pixel size measured as the model's recorded one is (ground metres; a model that
+    recorded another unit: in it) and how to say it; None where the two cannot be compared."""
+    if not trained.get("pixel_size"):
+        return None
+    px, units, model_units = abs(reader.georef.transform.a), _units(reader), trained.get("units")
     if model_units == "metre" and ground is not None:
-        here, shown = ground, _size(reader, ground)
-    elif model_units == units:  # a model that recorded its pixels in another unit: compared in it
-        here, shown = px, f"{px:.3g} {units}"
-    else:
-        return None, None
-    if 1 / PIXEL_SIZE_TOLERANCE <= here / model_px[0] <= PIXEL_SIZE_TOLERANCE:
-        return None, None
-    return (px * model_px[0] / here, f"read at the model's {model_px[0]:.3g} {model_units} pixels, resampled from "
-                                     f"the input's {shown} (--resolution native keeps them)")
+        return ground, _size(reader, ground)
+    if model_units == units:
+        return px, f"{px:.3g} {units}"
+    return None
+
+
+def _far(size: float, model_px: float) -> bool:
+    return not 1 / PIXEL_SIZE_TOLERANCE <= size / model_px <= PIXEL_SIZE_TOLERANCE
 
 
 def ground_pixel(reader: Reader) -> float | None:
@@ -125,7 +138,8 @@ def _size(reader: Reader, ground: float) -> str:
     return f"{ground:.3g} m ({px:.3g} {units} in its CRS)"
 
 
-def _differences(reader: Reader, trained: dict, stretched_by_user: bool = False) -> list[str]:
+def _differences(reader: Reader, trained: dict, stretched_by_user: bool = False,
+                 ground: float | None = None) -> list[str]:
     """Warnings (said once per file, starting `warning:`) where the input is far from the imagery
     the model learned from: a single band repeated into a colour model, values that are not 8-bit
     for a model of 8-bit imagery, ground pixels of another size."""
@@ -140,15 +154,11 @@ def _differences(reader: Reader, trained: dict, stretched_by_user: bool = False)
         notes.append(f"warning: the input's values are {reader.dtype}, stretched to 0..255 {how}; the model "
                      f"learned from 8-bit imagery, so colours may not match what it knows: a --value-range "
                      f"LOW,HIGH that gives the input the look of its training images helps")
-    model_px, units = trained.get("pixel_size"), trained.get("units")
     g = reader.georef
-    if model_px and g is not None and g.mapped and not reader.resampled:
-        ground = ground_pixel(reader) if units == "metre" else None
-        px, here = abs(g.transform.a), _units(reader)
-        size, shown = (ground, _size(reader, ground)) if ground is not None else (px, f"{px:.3g} {here}")
-        if (ground is not None or here == units) and not (
-                1 / PIXEL_SIZE_TOLERANCE <= size / model_px[0] <= PIXEL_SIZE_TOLERANCE):
-            notes.append(f"warning: the input's pixels are {shown}, the model was trained on "
-                         f"{model_px[0]:.3g} {units}: objects look {model_px[0] / size:.2g}x their trained size; "
-                         f"--resolution model reads it at the model's pixel size")
+    compared = _against_model(reader, trained, ground) if g is not None and g.mapped and not reader.resampled else None
+    if compared is not None and _far(compared[0], trained["pixel_size"][0]):
+        (size, shown), model_px = compared, trained["pixel_size"][0]
+        notes.append(f"warning: the input's pixels are {shown}, the model was trained on "
+                     f"{model_px:.3g} {trained['units']}: objects look {model_px / size:.2g}x their trained size; "
+                     f"--resolution model reads it at the model's pixel size")
     return notes
